@@ -1,0 +1,122 @@
+"""The front door: `compile_deepcache` and `list_branches` wire the stages together, nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .branches import find_branches
+from .config import DeepCacheConfig
+from .dispatch import DeepCacheUNet
+from .macs import count_macs
+from .partition import split_at_branch
+from .presets import example_call
+from .trace import CallFlattener, trace_unet
+
+__all__ = ["compile_deepcache", "list_branches", "BranchInfo"]
+
+
+def compile_deepcache(
+    unet: nn.Module,
+    branch: int,
+    interval: int | None = None,
+    *,
+    schedule: str | Sequence[int] = "uniform",
+    num_inference_steps: int | None = None,
+    center: int = 15,
+    power: float = 1.4,
+    always_full_first: int = 0,
+    always_full_last: int = 0,
+    backend: str = "eager",
+    backend_options: dict[str, Any] | None = None,
+    calls_per_step: int = 1,
+    max_signatures: int = 4,
+) -> DeepCacheUNet:
+    """Wraps `unet` so that it runs DeepCache; use it as `pipe.unet`.
+
+    Graphs are traced lazily, one pair per input signature, on the first call with that signature (or
+    ahead of time with `dc.prepare(**call)`). The U-Net itself is never modified.
+
+    Args:
+        unet: a diffusers U-Net (UNet2DConditionModel, UNet2DModel, ...), in eval mode.
+        branch: the deepest skip recomputed on shallow steps; `list_branches(unet)` lists the valid ones.
+        interval: N of the 1:N schedule (default 3). Not used with an explicit list of full steps.
+        schedule: "uniform", "nonuniform", or an explicit list of full steps starting at 0.
+        num_inference_steps: total steps; needed by "nonuniform" and `always_full_last`.
+        center: the nonuniform schedule's center step.
+        power: the nonuniform schedule's power.
+        always_full_first: the first this-many steps are always full.
+        always_full_last: the last this-many steps are always full.
+        backend: "eager" or "inductor".
+        backend_options: passed to the backend (inductor: mode, fullgraph, dynamic, options, freezing).
+        calls_per_step: 2 for pipelines that call the U-Net twice per step (conditional, unconditional).
+        max_signatures: how many input signatures keep a compiled pair.
+
+    Example:
+        >>> pipe.unet = compile_deepcache(pipe.unet, branch=1, interval=5)
+        >>> image = pipe(prompt, num_inference_steps=50).images[0]
+    """
+    config = DeepCacheConfig(
+        branch=branch,
+        schedule=DeepCacheConfig.make_schedule(
+            schedule, interval, num_inference_steps, center, power, always_full_first, always_full_last
+        ),
+        backend=backend,
+        backend_options=dict(backend_options or {}),
+        calls_per_step=calls_per_step,
+        max_signatures=max_signatures,
+    )
+    return DeepCacheUNet(unet, config)
+
+
+@dataclass(frozen=True)
+class BranchInfo:
+    """One row of `list_branches`.
+
+    Attributes:
+        index: the branch number to pass as `branch=`.
+        skip_from: the module producing the skip tensor.
+        consumed_by: the up layer that consumes it.
+        cache_shape: shape of the cached tensor for the example call.
+        full_macs: MACs of a full step.
+        shallow_macs: MACs of a shallow step at this branch.
+    """
+
+    index: int
+    skip_from: str
+    consumed_by: str
+    cache_shape: tuple[int, ...]
+    full_macs: int
+    shallow_macs: int
+
+    @property
+    def mac_share(self) -> float:
+        """The shallow step's share of a full step's MACs."""
+        return self.shallow_macs / self.full_macs
+
+
+def list_branches(unet: nn.Module, *args, **kwargs) -> list[BranchInfo]:
+    """Lists the skip branches of `unet` with the shallow step's MAC share, for one example call.
+
+    Without arguments, a batch-1 call at the config's sample size is used (`presets.example_call`).
+
+    Example:
+        >>> for b in list_branches(unet):
+        ...     print(b.index, b.consumed_by, f"{b.mac_share:.1%}")
+    """
+    if not args and not kwargs:
+        kwargs = example_call(unet)
+    flatten = CallFlattener(unet)
+    traced = trace_unet(unet, flatten(args, kwargs), flatten.input_names(args, kwargs))
+    full_macs = count_macs(traced.gm, traced.example_inputs)
+    rows = []
+    for branch in find_branches(traced.gm):
+        split = split_at_branch(traced.gm, branch)
+        cache = torch.empty(branch.cache_shape, dtype=branch.cache_dtype, device=traced.example_inputs[0].device)
+        shallow_macs = count_macs(split.shallow, (*traced.example_inputs, cache))
+        rows.append(BranchInfo(branch.index, branch.producer_module, branch.consumer_module,
+                               branch.cache_shape, full_macs, shallow_macs))
+    return rows

@@ -1,0 +1,75 @@
+"""Frozen, validated configuration of a DeepCache U-Net."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .backends import available_backends
+from .schedule import Schedule
+
+__all__ = ["DeepCacheConfig", "DEFAULT_INTERVAL"]
+
+DEFAULT_INTERVAL = 3  # the reference README's choice
+
+
+@dataclass(frozen=True)
+class DeepCacheConfig:
+    """What to cut, when to run it, and how to compile it.
+
+    Attributes:
+        branch: the deepest skip recomputed on shallow steps (see `list_branches`).
+        schedule: which steps are full.
+        backend: "eager" or "inductor".
+        backend_options: passed to the backend (for inductor: mode, fullgraph, dynamic, options, freezing).
+        calls_per_step: U-Net calls per denoising step. 2 for pipelines that call the U-Net separately for the
+            conditional and unconditional halves: each call slot then keeps its own cache.
+        max_signatures: how many input signatures (shape/dtype/optional-input sets) keep a compiled pair.
+
+    Example:
+        >>> DeepCacheConfig(branch=1, schedule=Schedule("uniform", interval=5)).branch
+        1
+    """
+
+    branch: int
+    schedule: Schedule = field(default_factory=lambda: Schedule("uniform", interval=DEFAULT_INTERVAL))
+    backend: str = "eager"
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    calls_per_step: int = 1
+    max_signatures: int = 4
+
+    def __post_init__(self):
+        if not isinstance(self.branch, int) or isinstance(self.branch, bool) or self.branch < 0:
+            raise ValueError(
+                f"branch={self.branch!r} is invalid: it must be an integer >= 0 (0 = the outermost skip, "
+                "see list_branches(unet) for the valid range)"
+            )
+        if self.backend not in available_backends():
+            raise ValueError(f"backend={self.backend!r} is unknown: choose one of {available_backends()}")
+        if self.calls_per_step < 1:
+            raise ValueError(f"calls_per_step={self.calls_per_step} must be >= 1 (2 for separate CFG calls)")
+        if self.max_signatures < 1:
+            raise ValueError(f"max_signatures={self.max_signatures} must be >= 1")
+
+    @staticmethod
+    def make_schedule(
+        schedule: str | Sequence[int] = "uniform",
+        interval: int | None = None,
+        num_inference_steps: int | None = None,
+        center: int = 15,
+        power: float = 1.4,
+        always_full_first: int = 0,
+        always_full_last: int = 0,
+    ) -> Schedule:
+        """Builds a `Schedule` from `compile_deepcache`'s keywords (a list of ints means explicit full steps)."""
+        common = dict(
+            num_inference_steps=num_inference_steps,
+            always_full_first=always_full_first,
+            always_full_last=always_full_last,
+        )
+        if not isinstance(schedule, str):
+            if interval is not None:
+                raise ValueError("pass either interval=N or an explicit list of full steps, not both")
+            return Schedule("explicit", steps=tuple(schedule), **common)
+        interval = DEFAULT_INTERVAL if interval is None else interval
+        return Schedule(schedule, interval=interval, center=center, power=power, **common)

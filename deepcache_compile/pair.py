@@ -1,0 +1,80 @@
+"""One input signature -> a compiled (full, shallow) pair: trace, find branches, partition, compile."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .backends import get_backend
+from .branches import SkipBranch, find_branches
+from .config import DeepCacheConfig
+from .partition import SplitGraphs, split_at_branch
+from .trace import FlatCall, TracedUNet, trace_unet
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CompiledPair", "compile_pair", "select_branch"]
+
+
+@dataclass(frozen=True)
+class CompiledPair:
+    """The compiled full and shallow graphs of one input signature.
+
+    Attributes:
+        traced: the exported U-Net both graphs were cut from.
+        split: the graph modules before compilation.
+        full: compiled `(*inputs) -> (sample, cache)`.
+        shallow: compiled `(*inputs, cache) -> (sample,)`.
+    """
+
+    traced: TracedUNet
+    split: SplitGraphs
+    full: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    shallow: Callable[..., tuple[torch.Tensor]]
+
+    @property
+    def branch(self) -> SkipBranch:
+        return self.split.branch
+
+    def run_shallow(self, *inputs: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        """Runs the shallow graph after checking that `cache` fits it (the dispatcher skips this check)."""
+        shape, dtype = self.branch.cache_shape, self.branch.cache_dtype
+        if tuple(cache.shape) != shape or cache.dtype != dtype:
+            raise ValueError(
+                f"cache of shape {tuple(cache.shape)} and dtype {cache.dtype} does not match the shallow graph's "
+                f"cache input {shape}/{dtype} for branch {self.branch.index}: pass the cache returned by the full "
+                "graph for the same input signature"
+            )
+        return self.shallow(*inputs, cache)[0]
+
+
+def select_branch(branches: tuple[SkipBranch, ...], branch: int) -> SkipBranch:
+    if not 0 <= branch < len(branches):
+        raise ValueError(
+            f"branch={branch} is out of range for this U-Net: valid branches are 0..{len(branches) - 1} "
+            "(see list_branches(unet))"
+        )
+    return branches[branch]
+
+
+def compile_pair(unet: nn.Module, call: FlatCall, input_names: tuple[str, ...], config: DeepCacheConfig) -> CompiledPair:
+    """Traces `unet` for the signature of `call`, cuts it at `config.branch` and compiles both graphs.
+
+    Example:
+        >>> pair = compile_pair(unet, flat(args, kwargs), names, DeepCacheConfig(branch=1))
+        >>> sample, cache = pair.full(*flat(args, kwargs).tensors)
+    """
+    traced = trace_unet(unet, call, input_names)
+    branch = select_branch(find_branches(traced.gm), config.branch)
+    split = split_at_branch(traced.gm, branch)
+    backend = get_backend(config.backend)
+    inputs = traced.example_inputs
+    cache = torch.zeros(branch.cache_shape, dtype=branch.cache_dtype, device=inputs[0].device)
+    with torch.no_grad():
+        full = backend(split.full, inputs, config.backend_options)
+        shallow = backend(split.shallow, (*inputs, cache), config.backend_options)
+    return CompiledPair(traced=traced, split=split, full=full, shallow=shallow)

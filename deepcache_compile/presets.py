@@ -1,0 +1,101 @@
+"""Published U-Net configs (random weights give the real architecture and latency) and example calls.
+
+Nothing is downloaded: each preset is the config of a public checkpoint, typed in. `example_call` builds the
+keyword arguments a pipeline passes to that U-Net, derived from the U-Net's own config.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["PRESETS", "build_unet", "example_call"]
+
+_SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+_SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+
+PRESETS: dict[str, tuple[str, dict]] = {
+    # runwayml/stable-diffusion-v1-5 unet/config.json
+    "sd15": ("UNet2DConditionModel", dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), down_block_types=_SD_DOWN, up_block_types=_SD_UP,
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+    )),
+    # stabilityai/stable-diffusion-2-1 unet/config.json
+    "sd21": ("UNet2DConditionModel", dict(
+        sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), down_block_types=_SD_DOWN, up_block_types=_SD_UP,
+        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+        upcast_attention=True, norm_num_groups=32,
+    )),
+    # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+    "sdxl": ("UNet2DConditionModel", dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2048, attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+    )),
+    # google/ddpm-cifar10-32 unet/config.json
+    "ddpm-cifar10": ("UNet2DModel", dict(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+        block_out_channels=(128, 256, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        dropout=0.1, attention_head_dim=None, norm_num_groups=32,
+    )),
+    # SD 1.x block layout at 1/10 width: for tests and quick smoke runs.
+    "tiny-sd": ("UNet2DConditionModel", dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64, 64, 64), down_block_types=_SD_DOWN, up_block_types=_SD_UP,
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16,
+    )),
+}
+
+
+def build_unet(preset: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """Builds the U-Net of `preset` with seeded random weights, in eval mode.
+
+    Example:
+        >>> unet = build_unet("tiny-sd")
+        >>> unet.config.block_out_channels
+        (32, 64, 64, 64)
+    """
+    import diffusers
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is unknown: choose one of {sorted(PRESETS)}")
+    class_name, config = PRESETS[preset]
+    torch.manual_seed(seed)
+    return getattr(diffusers, class_name)(**config).to(dtype).eval()
+
+
+def example_call(unet: nn.Module, batch: int = 1, height: int | None = None, width: int | None = None,
+                 text_len: int = 77, seed: int = 0) -> dict:
+    """Keyword arguments of one pipeline-like call of `unet`; `height`/`width` are in U-Net pixels (latents).
+
+    Example:
+        >>> sorted(example_call(build_unet("sdxl"), height=32, width=32))
+        ['added_cond_kwargs', 'encoder_hidden_states', 'sample', 'timestep']
+    """
+    cfg = unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    height, width = height or size, width or size
+    param = next(unet.parameters())
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=param.device, dtype=param.dtype)
+
+    kwargs = dict(sample=randn(batch, cfg.in_channels, height, width), timestep=torch.tensor(500))
+    if getattr(cfg, "cross_attention_dim", None):
+        kwargs["encoder_hidden_states"] = randn(batch, text_len, cfg.cross_attention_dim)
+    if getattr(cfg, "addition_embed_type", None) == "text_time":
+        n_time = 6
+        text_dim = cfg.projection_class_embeddings_input_dim - n_time * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = dict(text_embeds=randn(batch, text_dim), time_ids=randn(batch, n_time))
+    if getattr(cfg, "num_class_embeds", None):
+        kwargs["class_labels"] = torch.arange(batch, device=param.device) % cfg.num_class_embeds
+    return kwargs

@@ -1,0 +1,169 @@
+"""Schedules: pure functions from (step index, total steps) to FULL or SHALLOW.
+
+Steps are U-Net calls within one generation (per call slot, see `DeepCacheConfig.calls_per_step`), counted
+from 0. Step 0 is always full. The non-uniform schedule reproduces the reference implementation exactly,
+complex powers included (DEEPCACHE.md).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Step", "Schedule", "uniform_full_steps", "nonuniform_full_steps"]
+
+KINDS = ("uniform", "nonuniform", "explicit")
+
+
+class Step(enum.Enum):
+    FULL = "full"
+    SHALLOW = "shallow"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which steps of a generation run the full U-Net.
+
+    Attributes:
+        kind: "uniform" (full at 0, N, 2N, ...), "nonuniform" (paper eq. 7) or "explicit" (`steps`).
+        interval: N of the 1:N schedule (uniform and nonuniform).
+        steps: the full steps of an explicit schedule; must start at 0.
+        num_inference_steps: the total T; required by "nonuniform" and by `always_full_last`.
+        center: the nonuniform schedule's center step c.
+        power: the nonuniform schedule's starting power p (> 1).
+        always_full_first: the first this-many steps are always full.
+        always_full_last: the last this-many steps are always full.
+
+    Example:
+        >>> Schedule("uniform", interval=5).full_steps(12)
+        [0, 5, 10]
+        >>> Schedule("nonuniform", interval=10, num_inference_steps=50).full_steps()
+        [0, 9, 17, 26, 37]
+    """
+
+    kind: str = "uniform"
+    interval: int = 3
+    steps: tuple[int, ...] = ()
+    num_inference_steps: int | None = None
+    center: int = 15
+    power: float = 1.4
+    always_full_first: int = 0
+    always_full_last: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
+        _validate(self)
+
+    @property
+    def needs_total(self) -> bool:
+        return self.kind == "nonuniform" or self.always_full_last > 0
+
+    def is_full(self, step: int, total: int | None = None) -> bool:
+        """True where `step` runs the full U-Net. `total` defaults to `num_inference_steps`."""
+        if step < 0:
+            raise ValueError(f"step={step} is negative: steps are counted from 0")
+        total = self._total(total)
+        if step < self.always_full_first or (total is not None and step >= total - self.always_full_last):
+            return True
+        if self.kind == "uniform":
+            return step % self.interval == 0
+        if self.kind == "explicit":
+            return step in _as_set(self.steps)
+        return step in _as_set(tuple(nonuniform_full_steps(total, self.interval, self.center, self.power)))
+
+    def step(self, step: int, total: int | None = None) -> Step:
+        return Step.FULL if self.is_full(step, total) else Step.SHALLOW
+
+    def full_steps(self, total: int | None = None) -> list[int]:
+        """The full-step indices of a generation of `total` steps."""
+        total = self._total(total)
+        if total is None:
+            raise ValueError("full_steps() needs the number of steps: pass total, e.g. full_steps(50)")
+        return [s for s in range(total) if self.is_full(s, total)]
+
+    def _total(self, total: int | None) -> int | None:
+        total = self.num_inference_steps if total is None else int(total)
+        if total is None and self.needs_total:
+            raise ValueError(
+                f"the {self.kind!r} schedule with always_full_last={self.always_full_last} needs the total number "
+                "of steps: pass num_inference_steps=... to compile_deepcache (or total= to this call)"
+            )
+        return total
+
+
+def _validate(s: Schedule) -> None:
+    if s.kind not in KINDS:
+        raise ValueError(f"schedule={s.kind!r} is not a schedule: use one of {KINDS} or a list of full steps")
+    if s.kind != "explicit" and (not isinstance(s.interval, int) or s.interval < 1):
+        raise ValueError(f"interval={s.interval!r} is invalid: it must be an integer >= 1 (1 = no caching)")
+    if s.num_inference_steps is not None and s.num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps={s.num_inference_steps} must be >= 1")
+    if s.always_full_first < 0 or s.always_full_last < 0:
+        raise ValueError("always_full_first and always_full_last must be >= 0")
+    if s.kind == "explicit":
+        _validate_explicit(s.steps, s.num_inference_steps)
+    if s.kind == "nonuniform":
+        if s.num_inference_steps is None:
+            raise ValueError(
+                "schedule='nonuniform' needs num_inference_steps=T (the paper's k = ceil(T/N) full steps are "
+                "placed over T steps): pass e.g. num_inference_steps=50"
+            )
+        if s.power <= 1:
+            raise ValueError(f"power={s.power} must be > 1 for the nonuniform schedule (the reference uses 1.4)")
+        if not 0 <= s.center < s.num_inference_steps:
+            raise ValueError(f"center={s.center} must lie in 0..{s.num_inference_steps - 1}")
+        nonuniform_full_steps(s.num_inference_steps, s.interval, s.center, s.power)  # raises if infeasible
+
+
+def _validate_explicit(steps: tuple[int, ...], total: int | None) -> None:
+    if not steps or steps[0] != 0:
+        raise ValueError(f"full steps {list(steps)} must start at 0: the first step has no cache to reuse")
+    if list(steps) != sorted(set(steps)):
+        raise ValueError(f"full steps {list(steps)} must be strictly increasing")
+    if total is not None and steps[-1] >= total:
+        raise ValueError(
+            f"full step {steps[-1]} is out of range for num_inference_steps={total}: valid steps are 0..{total - 1}"
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _as_set(steps: tuple[int, ...]) -> frozenset[int]:
+    return frozenset(steps)
+
+
+def uniform_full_steps(total: int, interval: int) -> list[int]:
+    """Full steps of the uniform 1:N schedule: 0, N, 2N, ..."""
+    return list(range(0, total, interval))
+
+
+@functools.lru_cache(maxsize=64)
+def nonuniform_full_steps(total: int, interval: int, center: int = 15, power: float = 1.4) -> list[int]:
+    """Full steps of the paper's non-uniform schedule, bit-for-bit the reference implementation.
+
+    `(-c) ** (1/p)` is complex in Python; the reference casts the complex powers to int32, which keeps the
+    real part truncated toward zero. A real-valued rewrite gives other steps, so the complex form is kept.
+
+    Example:
+        >>> nonuniform_full_steps(50, 5, 15, 1.4)
+        [0, 5, 9, 13, 17, 21, 26, 31, 37, 43]
+    """
+    k = math.ceil(total / interval)
+    p = power
+    while p > 1:
+        xs = np.linspace(complex(-center) ** (1 / p), (total - center) ** (1 / p), k + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            truncated = np.trunc((xs ** p).real).astype(np.int32)
+        idx = [0] + [int(x) + center for x in np.unique(truncated)[1:-1]]
+        if len(idx) == k:
+            return sorted(idx)
+        p -= 0.02
+    raise ValueError(
+        f"no non-uniform schedule with {k} full steps exists for num_inference_steps={total}, interval={interval}, "
+        f"center={center}: lower center or interval, or use schedule='uniform'"
+    )
