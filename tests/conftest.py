@@ -1,0 +1,88 @@
+"""Tiny U-Nets built from configs (seeded random weights) and helpers shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+from deepcache_compile.presets import build_unet, example_call
+
+torch.set_num_threads(2)
+
+_SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+_SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+
+TINY_CONFIGS = {
+    # SD 1.x block layout (12 skips), narrow.
+    "sd": (UNet2DConditionModel, dict(
+        sample_size=8, block_out_channels=(32, 64, 64, 64), layers_per_block=2, down_block_types=_SD_DOWN,
+        up_block_types=_SD_UP, cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16,
+    )),
+    # SD 2.1 features: linear projections, per-block head counts, upcast attention.
+    "sd21": (UNet2DConditionModel, dict(
+        sample_size=8, block_out_channels=(32, 64, 64, 64), layers_per_block=2, down_block_types=_SD_DOWN,
+        up_block_types=_SD_UP, cross_attention_dim=48, attention_head_dim=(2, 4, 4, 4),
+        use_linear_projection=True, upcast_attention=True, norm_num_groups=16,
+    )),
+    # SDXL narrowed in width: same block layout, transformer depths (1, 2, 10) and text_time conditions.
+    "sdxl": (UNet2DConditionModel, dict(
+        sample_size=8, block_out_channels=(32, 64, 128), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(1, 2, 4), transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=16,
+    )),
+    # DDPM CIFAR-10 layout, narrow.
+    "ddpm": (UNet2DModel, dict(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+    )),
+    # Class-conditional DDPM.
+    "ddpm-class": (UNet2DModel, dict(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, num_class_embeds=10,
+    )),
+}
+
+# Skips per architecture: 1 (conv_in) + layers_per_block per block + one per downsampler.
+EXPECTED_SKIPS = {"sd": 12, "sd21": 12, "sdxl": 9, "ddpm": 12, "ddpm-class": 4}
+
+
+def make_unet(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    cls, config = TINY_CONFIGS[name]
+    torch.manual_seed(0)
+    return cls(**config).to(dtype).eval()
+
+
+def make_call(unet: torch.nn.Module, batch: int = 1, seed: int = 0, **size) -> dict:
+    return example_call(unet, batch=batch, text_len=7, seed=seed, **size)
+
+
+def controlnet_residuals(unet, call: dict, seed: int = 1) -> dict:
+    """ControlNet-style extra inputs: one residual per skip and one for the mid block, shaped from a real run."""
+    shapes = []
+    hooks = [unet.conv_in.register_forward_hook(lambda m, i, o: shapes.append(o.shape))]
+    for block in unet.down_blocks:
+        for layer in (*block.resnets, *(block.downsamplers or [])):
+            hooks.append(layer.register_forward_hook(lambda m, i, o: shapes.append(o.shape)))
+    mid = []
+    hooks.append(unet.mid_block.register_forward_hook(lambda m, i, o: mid.append(o.shape)))
+    with torch.no_grad():
+        unet(**call)
+    for h in hooks:
+        h.remove()
+    gen = torch.Generator().manual_seed(seed)
+    return dict(
+        down_block_additional_residuals=tuple(torch.randn(s, generator=gen) for s in shapes),
+        mid_block_additional_residual=torch.randn(mid[0], generator=gen),
+    )
+
+
+@pytest.fixture(scope="session")
+def sd15_unet():
+    """The real SD 1.5 architecture (860M parameters, random weights); share it, it takes ~10 s to build."""
+    return build_unet("sd15")

@@ -1,0 +1,83 @@
+"""The core invariant: in eager fp32, shallow(inputs, full(inputs).cache) == full(inputs) == U-Net, bitwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepcache_compile.branches import find_branches
+from deepcache_compile.partition import split_at_branch
+from deepcache_compile.trace import CallFlattener, trace_unet
+
+from conftest import EXPECTED_SKIPS, controlnet_residuals, make_call, make_unet
+
+
+def _trace(unet, call):
+    flatten = CallFlattener(unet)
+    return trace_unet(unet, flatten((), call), flatten.input_names((), call))
+
+
+def _assert_exact_for_all_branches(unet, call):
+    traced = _trace(unet, call)
+    inputs = traced.example_inputs
+    with torch.no_grad():
+        expected = unet(**call, return_dict=False)[0]
+        branches = find_branches(traced.gm)
+        for branch in branches:
+            split = split_at_branch(traced.gm, branch)
+            sample, cache = split.full(*inputs)
+            assert torch.equal(sample, expected), f"full graph differs from the U-Net at branch {branch.index}"
+            assert tuple(cache.shape) == branch.cache_shape
+            (shallow,) = split.shallow(*inputs, cache)
+            assert torch.equal(shallow, expected), f"shallow graph differs at branch {branch.index}"
+    return branches
+
+
+@pytest.mark.parametrize("arch", ["sd", "sd21", "sdxl", "ddpm", "ddpm-class"])
+def test_shallow_equals_full_bitwise_for_every_branch(arch):
+    unet = make_unet(arch)
+    branches = _assert_exact_for_all_branches(unet, make_call(unet, batch=2))
+    assert len(branches) == EXPECTED_SKIPS[arch]
+
+
+def test_sd15_real_architecture_all_12_branches_bitwise(sd15_unet):
+    branches = _assert_exact_for_all_branches(sd15_unet, make_call(sd15_unet, height=8, width=8))
+    assert len(branches) == 12
+
+
+def test_controlnet_style_call_all_branches_bitwise():
+    unet = make_unet("sd")
+    call = make_call(unet)
+    call.update(controlnet_residuals(unet, call))
+    assert len(_assert_exact_for_all_branches(unet, call)) == 12
+
+
+def test_graphs_share_the_unets_parameters():
+    unet = make_unet("sd")
+    traced = _trace(unet, make_call(unet))
+    split = split_at_branch(traced.gm, find_branches(traced.gm)[1])
+    originals = {id(p) for p in unet.parameters()}
+    for gm in (split.full, split.shallow):
+        assert {id(p) for p in gm.parameters()} <= originals
+    assert len(list(split.shallow.parameters())) < len(list(split.full.parameters()))
+
+
+def test_shallow_graph_computes_nothing_deep():
+    unet = make_unet("sd")
+    traced = _trace(unet, make_call(unet))
+    split = split_at_branch(traced.gm, find_branches(traced.gm)[1])
+    stacks = [str(n.meta.get("nn_module_stack", {})) for n in split.shallow.graph.nodes]
+    for deep in ("mid_block", "down_blocks.1", "up_blocks.0", "up_blocks.1", "up_blocks.2"):
+        assert not any(deep in s for s in stacks), f"shallow graph still runs {deep}"
+    targets = [n.target for n in split.shallow.graph.nodes if n.op == "call_function"]
+    # The two attention layers above branch 1 (down_blocks.0.attentions.0, up_blocks.3.attentions.1/2) remain.
+    sdpa = [t for t in targets if t == torch.ops.aten.scaled_dot_product_attention.default]
+    assert 0 < len(sdpa) <= 6
+    assert torch.ops.aten._assert_tensor_metadata.default not in targets
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_unets_split_exactly(dtype):
+    unet = make_unet("sd", dtype)
+    branches = _assert_exact_for_all_branches(unet, make_call(unet))
+    assert all(b.cache_dtype == dtype for b in branches)
