@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import torch
 from torch import nn
 
 from .branches import find_branches
 from .config import DeepCacheConfig
 from .dispatch import DeepCacheUNet
-from .macs import count_macs
+from .macs import graph_macs, node_macs
 from .partition import split_at_branch
 from .presets import example_call
 from .trace import CallFlattener, trace_unet
@@ -111,12 +110,11 @@ def list_branches(unet: nn.Module, *args, **kwargs) -> list[BranchInfo]:
         kwargs = example_call(unet)
     flatten = CallFlattener(unet)
     traced = trace_unet(unet, flatten(args, kwargs), flatten.input_names(args, kwargs))
-    full_macs = count_macs(traced.gm, traced.example_inputs)
+    macs = node_macs(traced.gm, traced.example_inputs)
+    full_macs = sum(macs.values())
     rows = []
     for branch in find_branches(traced.gm):
-        split = split_at_branch(traced.gm, branch)
-        cache = torch.empty(branch.cache_shape, dtype=branch.cache_dtype, device=traced.example_inputs[0].device)
-        shallow_macs = count_macs(split.shallow, (*traced.example_inputs, cache))
+        shallow_macs = graph_macs(split_at_branch(traced.gm, branch).shallow, macs)
         rows.append(BranchInfo(branch.index, branch.producer_module, branch.consumer_module,
                                branch.cache_shape, full_macs, shallow_macs))
     return rows

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Hashable
 
@@ -171,10 +172,14 @@ def _positional(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _explain_export_failure(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    first = text[0] if text else type(err).__name__
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    sources = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', text) or re.findall(
+        r"File: (\S+):(\d+) in (\w+)", text)
+    user = [s for s in sources if "/torch/" not in s[0]]
+    where = f"\nIt failed at {user[-1][0]}:{user[-1][1]} in {user[-1][2]}()." if user else ""
     return (
-        f"torch.export could not trace this U-Net: {type(err).__name__}: {first}\n"
+        f"torch.export could not trace this U-Net: {type(err).__name__}: {first}{where}\n"
         "DeepCache needs one static graph per input signature. Common causes and fixes: a custom attention "
         "processor with Python-side state (call unet.set_default_attn_processor()), data-dependent control "
         "flow on tensor values in a custom module (rewrite it with torch.where / torch.cond), or a third-party "

@@ -86,3 +86,22 @@ def controlnet_residuals(unet, call: dict, seed: int = 1) -> dict:
 def sd15_unet():
     """The real SD 1.5 architecture (860M parameters, random weights); share it, it takes ~10 s to build."""
     return build_unet("sd15")
+
+
+def make_svd_unet_and_call():
+    """A narrow UNetSpatioTemporalConditionModel (SVD layout) and one call (batch 1, 3 frames)."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    torch.manual_seed(0)
+    unet = UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), cross_attention_dim=32,
+        num_attention_heads=(2, 4), addition_time_embed_dim=8, projection_class_embeddings_input_dim=24,
+        transformer_layers_per_block=1,
+    ).eval()
+    gen = torch.Generator().manual_seed(0)
+    call = dict(sample=torch.randn(1, 3, 8, 8, 8, generator=gen), timestep=torch.tensor(10.0),
+                encoder_hidden_states=torch.randn(1, 1, 32, generator=gen),
+                added_time_ids=torch.randn(1, 3, generator=gen))
+    return unet, call

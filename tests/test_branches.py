@@ -1,0 +1,73 @@
+"""Skip discovery from the graph and `list_branches` with FlopCounterMode MACs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepcache_compile import list_branches
+from deepcache_compile.macs import node_macs
+from deepcache_compile.presets import build_unet, example_call
+from deepcache_compile.trace import CallFlattener, trace_unet
+
+from conftest import EXPECTED_SKIPS, controlnet_residuals, make_call, make_svd_unet_and_call, make_unet
+from test_partition import _assert_exact_for_all_branches
+
+
+def test_sd15_at_512px_matches_the_papers_macs(sd15_unet):
+    call = example_call(sd15_unet)  # 64x64 latent = 512 px, batch 1
+    rows = list_branches(sd15_unet, **call)
+    assert [r.index for r in rows] == list(range(12))
+    # The paper's 338.83 G counts convolutions and linear layers, not the attention products.
+    flatten = CallFlattener(sd15_unet)
+    traced = trace_unet(sd15_unet, flatten((), call), flatten.input_names((), call))
+    macs = node_macs(traced.gm, traced.example_inputs)
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    attention = sum(macs[n.name] for n in traced.gm.graph.nodes if n.target == sdpa)
+    assert rows[0].full_macs - attention == pytest.approx(338.83e9, rel=0.002)
+    assert rows[0].full_macs == pytest.approx(401.6e9, rel=0.001)
+    # DEEPCACHE.md: about 7.9 %, 22.4 %, 38 %, 47 % for branches 0..3
+    for branch, share in {0: 0.079, 1: 0.224, 2: 0.38, 3: 0.47}.items():
+        assert rows[branch].mac_share == pytest.approx(share, abs=0.01)
+    shares = [r.mac_share for r in rows]
+    assert shares == sorted(shares) and shares[-1] < 1
+    assert rows[0].skip_from == "conv_in" and rows[0].consumed_by == "up_blocks.3.resnets.2"
+    assert rows[1].skip_from == "down_blocks.0.attentions.0" and rows[1].consumed_by == "up_blocks.3.resnets.1"
+    assert rows[3].skip_from == "down_blocks.0.downsamplers.0" and rows[3].cache_shape == (1, 640, 32, 32)
+
+
+@pytest.mark.parametrize("arch", ["sd", "ddpm"])  # sdxl: test_default_example_call_and_sdxl_layout
+def test_branch_counts(arch):
+    unet = make_unet(arch)
+    rows = list_branches(unet, **make_call(unet))
+    assert len(rows) == EXPECTED_SKIPS[arch]
+    assert rows[0].skip_from == "conv_in"
+
+
+def test_default_example_call_and_sdxl_layout():
+    rows = list_branches(make_unet("sdxl"))
+    assert len(rows) == 9
+    assert rows[8].consumed_by == "up_blocks.0.resnets.0" and rows[8].skip_from == "down_blocks.2.attentions.1"
+
+
+def test_controlnet_call_keeps_the_numbering():
+    unet = make_unet("sd")
+    call = make_call(unet)
+    plain = list_branches(unet, **call)
+    call.update(controlnet_residuals(unet, call))
+    with_residuals = list_branches(unet, **call)
+    assert [(r.index, r.consumed_by, r.cache_shape) for r in with_residuals] == \
+           [(r.index, r.consumed_by, r.cache_shape) for r in plain]
+
+
+def test_stable_video_diffusion_unet_splits_exactly():
+    unet, call = make_svd_unet_and_call()
+    branches = _assert_exact_for_all_branches(unet, call)
+    assert len(branches) == 4
+    assert branches[0].cache_shape == (3, 32, 8, 8)  # frames are folded into the batch
+
+
+def test_preset_builds_the_published_architecture():
+    with torch.device("meta"):  # the architecture only: no 2.6 B random weights to initialise
+        unet = build_unet("sdxl", dtype=torch.bfloat16)
+    assert unet.add_embedding.linear_1.in_features == 2816 and unet.dtype == torch.bfloat16
