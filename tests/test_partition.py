@@ -81,3 +81,11 @@ def test_half_precision_unets_split_exactly(dtype):
     unet = make_unet("sd", dtype)
     branches = _assert_exact_for_all_branches(unet, make_call(unet))
     assert all(b.cache_dtype == dtype for b in branches)
+
+
+def test_timestep_cond_input_lcm_style():
+    cls, config = __import__("conftest").TINY_CONFIGS["sd"]
+    torch.manual_seed(0)
+    unet = cls(**config, time_cond_proj_dim=8).eval()
+    call = {**make_call(unet), "timestep_cond": torch.randn(1, 8)}
+    assert len(_assert_exact_for_all_branches(unet, call)) == 12
