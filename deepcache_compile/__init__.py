@@ -4,9 +4,12 @@
     pipe.unet = compile_deepcache(pipe.unet, branch=1, interval=5)
 """
 
+__version__ = "0.1.0"
+
 from .api import BranchInfo, compile_deepcache, list_branches
 from .config import DeepCacheConfig
 from .dispatch import DeepCacheUNet
+from .engine import DeepCacheEngine, ManifestError, load_deepcache
 from .schedule import Schedule, Step
 
 __all__ = [
@@ -15,6 +18,9 @@ __all__ = [
     "BranchInfo",
     "DeepCacheConfig",
     "DeepCacheUNet",
+    "DeepCacheEngine",
+    "ManifestError",
+    "load_deepcache",
     "Schedule",
     "Step",
 ]

@@ -21,11 +21,12 @@ from torch import nn
 
 from .config import DeepCacheConfig
 from .pair import CompiledPair, compile_pair
+from .schedule import Schedule
 from .trace import CallFlattener, FlatCall
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DeepCacheUNet", "GenerationState"]
+__all__ = ["DeepCacheUNet", "GenerationState", "run_step"]
 
 
 class GenerationState:
@@ -59,6 +60,19 @@ class GenerationState:
         if cache is not None:
             self.caches[slot] = cache
         self.calls += 1
+
+
+def run_step(state: GenerationState, schedule: Schedule, call: FlatCall, full, shallow) -> torch.Tensor:
+    """Runs one U-Net call: full or shallow by the schedule, keeping the cache of the call's slot."""
+    step, slot = state.begin(call.signature, call.timestep)
+    cache = state.caches[slot]
+    with torch.no_grad():
+        if cache is None or schedule.is_full(step):
+            sample, cache = full(*call.tensors)
+        else:
+            (sample,), cache = shallow(*call.tensors, cache), None
+    state.end(slot, cache)
+    return sample
 
 
 def _timestep_mark(t: Any) -> tuple | None:
@@ -126,14 +140,7 @@ class DeepCacheUNet(nn.Module):
     def forward(self, *args, **kwargs):
         call = self._flatten(args, kwargs)
         pair = self._pair(call, args, kwargs)
-        step, slot = self._state.begin(call.signature, call.timestep)
-        cache = self._state.caches[slot]
-        with torch.no_grad():
-            if cache is None or self.deepcache_config.schedule.is_full(step):
-                sample, cache = pair.full(*call.tensors)
-            else:
-                (sample,), cache = pair.shallow(*call.tensors, cache), None
-        self._state.end(slot, cache)
+        sample = run_step(self._state, self.deepcache_config.schedule, call, pair.full, pair.shallow)
         if call.return_dict and self._output_type is not None:
             return self._output_type(sample=sample)
         return (sample,)
@@ -150,6 +157,16 @@ class DeepCacheUNet(nn.Module):
     def step(self) -> int:
         """Index of the next step within the current generation."""
         return self._state.calls // self._state.calls_per_step
+
+    def export(self, directory, format: str = "pt2", **options):
+        """Writes the pair as engine files plus `deepcache.json`; see `export.export_deepcache`.
+
+        Example:
+            >>> dc.export("engines/sd15-b1", format="onnx", example=call)
+        """
+        from .export import export_deepcache
+
+        return export_deepcache(self, directory, format, **options)
 
     def prepare(self, *args, **kwargs) -> CompiledPair:
         """Traces and compiles the pair for this call's signature now (ahead of the first denoising step)."""

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CallFlattener", "FlatCall", "TracedUNet", "UNetTraceError", "trace_unet"]
+__all__ = ["CallFlattener", "FlatCall", "TracedUNet", "UNetTraceError", "dynamic_dims", "trace_unet"]
 
 
 class UNetTraceError(RuntimeError):
@@ -125,16 +125,46 @@ class TracedUNet:
     Attributes:
         gm: positional GraphModule `(*inputs) -> (sample,)`; its parameters are the U-Net's own objects.
         input_names: one name per placeholder, e.g. `("sample", "timestep", "encoder_hidden_states")`.
-        example_inputs: the tensors it was traced with.
+        call: the flattened call it was traced with.
     """
 
     gm: fx.GraphModule
     input_names: tuple[str, ...]
-    example_inputs: tuple[torch.Tensor, ...]
+    call: FlatCall
+
+    @property
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.call.tensors
 
 
-def trace_unet(unet: nn.Module, call: FlatCall, input_names: tuple[str, ...]) -> TracedUNet:
-    """Exports `unet` for the signature of `call` (static shapes).
+def dynamic_dims(tensors: tuple[torch.Tensor, ...], batch: tuple[int, int], height: tuple[int, int],
+                 width: tuple[int, int], multiple: int) -> tuple[dict[int, Any] | None, ...]:
+    """`torch.export` dynamic shapes for a flat call (and, appended by the caller, a cache tensor).
+
+    Every tensor with the sample's batch gets the `batch` dimension; every rank>=4 tensor gets spatial
+    dimensions that are integer multiples of one base height and width symbol, `multiple` sample pixels each,
+    so ControlNet residuals and caches at 1/2, 1/4, ... of the sample's size stay tied to it.
+    """
+    sample = tensors[0]
+    b = torch.export.Dim("batch", min=batch[0], max=batch[1])
+    h = torch.export.Dim("height", min=height[0] // multiple, max=height[1] // multiple)
+    w = torch.export.Dim("width", min=width[0] // multiple, max=width[1] // multiple)
+    dims = []
+    for t in tensors:
+        spec: dict[int, Any] = {}
+        if t.dim() >= 1 and t.shape[0] == sample.shape[0]:
+            spec[0] = b
+        if t.dim() >= 4:
+            spec[t.dim() - 2] = h * (t.shape[-2] * multiple // sample.shape[-2])
+            spec[t.dim() - 1] = w * (t.shape[-1] * multiple // sample.shape[-1])
+        dims.append(spec or None)
+    return tuple(dims)
+
+
+def trace_unet(unet: nn.Module, call: FlatCall, input_names: tuple[str, ...], dynamic_shapes: tuple | None = None,
+               ) -> TracedUNet:
+    """Exports `unet` for the signature of `call`: static shapes, or symbolic ones given `dynamic_shapes`
+    (see `dynamic_dims`).
 
     Example:
         >>> flat = CallFlattener(unet)
@@ -148,14 +178,25 @@ def trace_unet(unet: nn.Module, call: FlatCall, input_names: tuple[str, ...]) ->
     was_training = unet.training
     unet.eval()
     try:
-        ep = torch.export.export(wrapper, call.tensors, strict=False)
+        ep = export_program(wrapper, call.tensors, (dynamic_shapes,) if dynamic_shapes else None)
     except Exception as err:  # torch.export raises many types; all mean the same to the user
         raise UNetTraceError(_explain_export_failure(err)) from err
     finally:
         unet.train(was_training)
     gm = _positional(ep.module())
     logger.info("traced %s: %d nodes, inputs %s", type(unet).__name__, len(gm.graph.nodes), input_names)
-    return TracedUNet(gm=gm, input_names=input_names, example_inputs=call.tensors)
+    return TracedUNet(gm=gm, input_names=input_names, call=call)
+
+
+def export_program(module: nn.Module, inputs: tuple, dynamic_shapes: tuple | None = None):
+    """`torch.export.export` (non-strict). With dynamic shapes, sizes 1 stay symbolic (`backed_size_oblivious`),
+    so one program serves batch 1 and batch 2 (CFG) alike."""
+    if dynamic_shapes is None:
+        return torch.export.export(module, inputs, strict=False)
+    from torch.fx.experimental import _config as fx_config
+
+    with fx_config.patch(backed_size_oblivious=True):
+        return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
 def _positional(gm: fx.GraphModule) -> fx.GraphModule:

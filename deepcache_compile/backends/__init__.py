@@ -25,6 +25,9 @@ class Backend(Protocol):
 _REGISTRY = {
     "eager": "deepcache_compile.backends.eager",
     "inductor": "deepcache_compile.backends.inductor",
+    "aoti": "deepcache_compile.backends.aoti",
+    "onnxruntime": "deepcache_compile.backends.onnxruntime",
+    "tensorrt": "deepcache_compile.backends.tensorrt",
 }
 
 
