@@ -33,6 +33,7 @@ def compile_deepcache(
     backend_options: dict[str, Any] | None = None,
     calls_per_step: int = 1,
     max_signatures: int = 4,
+    verify: bool = True,
 ) -> DeepCacheUNet:
     """Wraps `unet` so that it runs DeepCache; use it as `pipe.unet`.
 
@@ -53,6 +54,7 @@ def compile_deepcache(
         backend_options: passed to the backend (inductor: mode, fullgraph, dynamic, options, freezing).
         calls_per_step: 2 for pipelines that call the U-Net twice per step (conditional, unconditional).
         max_signatures: how many input signatures keep a compiled pair.
+        verify: check each compiled pair once against the eager graphs (one extra call of each, per signature).
 
     Example:
         >>> pipe.unet = compile_deepcache(pipe.unet, branch=1, interval=5)
@@ -67,6 +69,7 @@ def compile_deepcache(
         backend_options=dict(backend_options or {}),
         calls_per_step=calls_per_step,
         max_signatures=max_signatures,
+        verify=verify,
     )
     return DeepCacheUNet(unet, config)
 

@@ -25,6 +25,7 @@ class DeepCacheConfig:
         calls_per_step: U-Net calls per denoising step. 2 for pipelines that call the U-Net separately for the
             conditional and unconditional halves: each call slot then keeps its own cache.
         max_signatures: how many input signatures (shape/dtype/optional-input sets) keep a compiled pair.
+        verify: check each compiled pair once against the eager graphs (non-eager backends).
 
     Example:
         >>> DeepCacheConfig(branch=1, schedule=Schedule("uniform", interval=5)).branch
@@ -37,6 +38,7 @@ class DeepCacheConfig:
     backend_options: dict[str, Any] = field(default_factory=dict)
     calls_per_step: int = 1
     max_signatures: int = 4
+    verify: bool = True
 
     def __post_init__(self):
         if not isinstance(self.branch, int) or isinstance(self.branch, bool) or self.branch < 0:

@@ -77,4 +77,32 @@ def compile_pair(unet: nn.Module, call: FlatCall, input_names: tuple[str, ...], 
     with torch.no_grad():
         full = backend(split.full, inputs, config.backend_options)
         shallow = backend(split.shallow, (*inputs, cache), config.backend_options)
-    return CompiledPair(traced=traced, split=split, full=full, shallow=shallow)
+    pair = CompiledPair(traced=traced, split=split, full=full, shallow=shallow)
+    if config.backend != "eager" and config.verify:
+        verify_pair(pair, config.backend)
+    return pair
+
+
+# Per-call agreement a compiled graph must reach with the eager graph on the example inputs: rounding-level
+# differences pass, a miscompilation does not.
+_VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def verify_pair(pair: CompiledPair, backend: str) -> None:
+    """Runs both compiled graphs once against the eager graphs; raises RuntimeError on a mismatch.
+
+    Costs one eager and one compiled call of each graph, once per signature, outside the hot path.
+    """
+    inputs = pair.traced.example_inputs
+    with torch.no_grad():
+        expected, cache = pair.split.full(*inputs)
+        checks = (("full", pair.full(*inputs)[0], expected),
+                  ("shallow", pair.shallow(*inputs, cache)[0], pair.split.shallow(*inputs, cache)[0]))
+    for part, actual, reference in checks:
+        error = ((actual.float() - reference.float()).abs().max() / reference.float().abs().max().clamp_min(1e-6)).item()
+        if not error <= _VERIFY_TOLERANCE.get(reference.dtype, 1e-3):
+            raise RuntimeError(
+                f"the {backend} backend's {part} graph differs from the eager graph by {error:.3g} (relative max) "
+                f"for branch {pair.branch.index}: a miscompilation. Use another backend (inductor, onnxruntime), "
+                "or pass verify=False to compile_deepcache to skip this check"
+            )

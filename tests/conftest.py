@@ -34,6 +34,19 @@ TINY_CONFIGS = {
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=16,
     )),
+    # Two-block SD-style and SDXL-style U-Nets: for the slow paths (compilers, exporters).
+    "sd-mini": (UNet2DConditionModel, dict(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16,
+    )),
+    "sdxl-mini": (UNet2DConditionModel, dict(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(1, 2), transformer_layers_per_block=(1, 2),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=16,
+    )),
     # DDPM CIFAR-10 layout, narrow.
     "ddpm": (UNet2DModel, dict(
         sample_size=16, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(16, 32, 32, 32),
@@ -49,7 +62,7 @@ TINY_CONFIGS = {
 }
 
 # Skips per architecture: 1 (conv_in) + layers_per_block per block + one per downsampler.
-EXPECTED_SKIPS = {"sd": 12, "sd21": 12, "sdxl": 9, "ddpm": 12, "ddpm-class": 4}
+EXPECTED_SKIPS = {"sd": 12, "sd21": 12, "sdxl": 9, "sd-mini": 6, "sdxl-mini": 6, "ddpm": 12, "ddpm-class": 4}
 
 
 def make_unet(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -10,8 +10,9 @@ from deepcache_compile.backends import available_backends, get_backend
 
 from conftest import make_call, make_unet
 
-# Inductor fuses and reorders fp32 arithmetic (and folds weights with freezing): rounding-level differences.
-TOLERANCE = {("inductor", torch.float32): dict(rtol=1e-4, atol=1e-4)}
+# Per call (no loop amplification), fp32. Inductor, AOTInductor and ONNX Runtime fuse and reorder fp32
+# arithmetic (Inductor also folds weights with freezing): rounding-level differences.
+TOLERANCE = {(b, torch.float32): dict(rtol=1e-4, atol=1e-4) for b in ("inductor", "aoti", "onnxruntime")}
 
 
 def test_registry():
@@ -29,14 +30,42 @@ def test_bad_backend_options_are_refused():
         dc(**make_call(unet))
 
 
-@pytest.mark.parametrize("backend", ["inductor"])
-def test_compiled_loop_matches_eager(backend):
-    unet = make_unet("sd")
+@pytest.mark.parametrize("backend, arch", [("inductor", "sd-mini"), ("onnxruntime", "sd-mini"),
+                                           ("aoti", "sd-mini")])
+def test_compiled_calls_match_eager(backend, arch):
+    unet = make_unet(arch)
     call = make_call(unet, batch=2)
-    ehs = call["encoder_hidden_states"]
+    extra = {k: v for k, v in call.items() if k not in ("sample", "timestep")}
     compiled = compile_deepcache(unet, branch=1, interval=2, backend=backend)
     eager = compile_deepcache(unet, branch=1, interval=2)
     for t in (900, 800, 700, 600, 500):  # full, shallow, full, shallow, full
-        a = compiled(call["sample"], t, encoder_hidden_states=ehs).sample
-        b = eager(call["sample"], t, encoder_hidden_states=ehs).sample
+        a = compiled(call["sample"], t, **extra).sample
+        b = eager(call["sample"], t, **extra).sample
         torch.testing.assert_close(a, b, **TOLERANCE[(backend, torch.float32)])
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    from deepcache_compile.backends.onnxruntime import OrtRunner
+
+    with pytest.raises(ImportError, match=r"pip install 'deepcache_compile\[onnx\]'"):
+        OrtRunner("unused.onnx", torch.device("cpu"))
+
+
+def test_a_miscompiled_graph_is_caught_at_compile_time():
+    """AOTInductor (torch 2.13, CPU) miscompiles this shallow graph when the U-Net was traced before in the
+    same process; the compile-time check turns the silently wrong output into an error."""
+    unet = make_unet("ddpm-class")
+    call = make_call(unet, batch=2)
+    compile_deepcache(unet, branch=1).prepare(**call)
+    with pytest.raises(RuntimeError, match="aoti backend's shallow graph differs from the eager graph"):
+        compile_deepcache(unet, branch=1, backend="aoti").prepare(**call)

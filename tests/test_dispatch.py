@@ -23,8 +23,9 @@ def _ddim_loop(model_call, latents, steps=10):
     return latents
 
 
-@pytest.mark.parametrize("arch", ["sd", "sdxl"])
-@pytest.mark.parametrize("branch, interval", [(0, 3), (1, 5), (3, 2), (5, 4)], ids=lambda v: str(v))
+@pytest.mark.parametrize("arch, branch, interval", [
+    ("sd", 0, 3), ("sd", 1, 5), ("sd", 3, 2), ("sd", 5, 4), ("sd", 11, 2), ("sdxl", 1, 5), ("sdxl", 8, 3),
+], ids=lambda v: str(v))
 def test_ddim_loop_matches_eager_reference(arch, branch, interval):
     unet = make_unet(arch)
     call = make_call(unet, batch=2)

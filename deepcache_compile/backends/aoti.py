@@ -25,7 +25,8 @@ def package(program: torch.export.ExportedProgram, path: Path, inductor_configs:
 
 def load(path: Path, device: torch.device | str = "cpu"):
     """Loads an AOTInductor package: a callable `(*tensors) -> list[tensor]`."""
-    index = torch.device(device).index or 0
+    device = torch.device(device)
+    index = -1 if device.type == "cpu" else (device.index or 0)
     return torch._inductor.aoti_load_package(str(path), device_index=index)
 
 
