@@ -32,6 +32,17 @@ def _demo(args: argparse.Namespace) -> None:
                          min_run_time=args.min_run_time))
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from .benchmark import BenchOptions, markdown_table, run_benchmark
+
+    rows = run_benchmark(BenchOptions(
+        preset=args.preset, resolution=args.resolution, batch=args.batch, steps=args.steps, branch=args.branch,
+        intervals=tuple(args.interval), schedules=tuple(args.schedule), backends=tuple(args.backend),
+        baselines=tuple(args.baseline), repeats=args.repeats, out=args.out,
+    ))
+    print(markdown_table(rows))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="deepcache-compile", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the compiler does")
@@ -52,6 +63,21 @@ def main(argv: list[str] | None = None) -> None:
     branches.add_argument("--resolution", type=int, default=None, help="image pixels (default: the config's)")
     branches.add_argument("--batch", type=int, default=1)
     branches.set_defaults(func=_branches)
+
+    bench = sub.add_parser("bench", help="DDIM-loop latency: DeepCache vs eager, torch.compile and the reference")
+    bench.add_argument("--preset", default="sd15", choices=sorted(PRESETS))
+    bench.add_argument("--resolution", type=int, default=256, help="image size in pixels (latent = /8)")
+    bench.add_argument("--batch", type=int, default=2, help="U-Net batch (CFG doubles the prompt batch)")
+    bench.add_argument("--steps", type=int, default=10)
+    bench.add_argument("--branch", type=int, default=1)
+    bench.add_argument("--interval", type=int, nargs="+", default=[2, 3, 5, 10])
+    bench.add_argument("--schedule", nargs="+", default=["uniform", "nonuniform"], choices=["uniform", "nonuniform"])
+    bench.add_argument("--backend", nargs="+", default=["eager", "inductor"])
+    bench.add_argument("--baseline", nargs="*", default=["unet-eager", "unet-compile", "reference-helper"],
+                       choices=["unet-eager", "unet-compile", "reference-helper"])
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--out", default="bench/results")
+    bench.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")

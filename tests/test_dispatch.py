@@ -188,3 +188,30 @@ def test_the_user_unet_is_not_modified():
         dc(call["sample"], t, encoder_hidden_states=call["encoder_hidden_states"])
     assert unet.forward == forward and not unet.training
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+
+
+@pytest.mark.parametrize("branch", [0, 1, 4])
+def test_matches_the_pypi_reference_helper(branch):
+    """DEEPCACHE.md: branch=b equals DeepCacheSDHelper.set_params(cache_branch_id=b) for two-layer blocks."""
+    DeepCache = pytest.importorskip("DeepCache", reason="PyPI DeepCache (the reference helper) is not installed")
+    from types import SimpleNamespace
+
+    unet = make_unet("sd")
+    call = make_call(unet, batch=2)
+    ehs = call["encoder_hidden_states"]
+    dc = compile_deepcache(unet, branch=branch, interval=3)
+    ours = _ddim_loop(lambda x, t: dc(x, t, encoder_hidden_states=ehs).sample, call["sample"])
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(10)
+    helper = DeepCache.DeepCacheSDHelper(pipe=SimpleNamespace(unet=unet, scheduler=scheduler))
+    helper.set_params(cache_interval=3, cache_branch_id=branch)
+    helper.enable()
+    try:
+        latents = call["sample"]
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                latents = scheduler.step(unet(latents, t, encoder_hidden_states=ehs).sample, t, latents).prev_sample
+    finally:
+        helper.disable()
+    torch.testing.assert_close(ours, latents, rtol=1e-5, atol=1e-5)
