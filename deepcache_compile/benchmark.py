@@ -29,6 +29,7 @@ from torch.utils import benchmark
 from tqdm import tqdm
 
 from .api import compile_deepcache
+from .config import DeepCacheConfig
 from .macs import graph_macs, node_macs
 from .presets import build_unet, example_call
 
@@ -133,7 +134,7 @@ def run_benchmark(opts: BenchOptions) -> list[dict]:
         with torch.no_grad():
             _, cache = pair.full(*inputs)
             graphs[backend] = (_median_ms(lambda: pair.full(*inputs)), _median_ms(lambda: pair.shallow(*inputs, cache)))
-        candidates += _deepcache_candidates(unet, call, opts, backend)
+        candidates += _deepcache_candidates(dc, call, opts, backend)
         bar.update()
     macs = node_macs(pair.traced.gm, pair.traced.example_inputs)
     full_macs, shallow_macs = sum(macs.values()), graph_macs(pair.split.shallow, macs)
@@ -168,22 +169,22 @@ def _baselines(unet, call: dict, opts: BenchOptions) -> list[_Candidate]:
     return out
 
 
-def _deepcache_candidates(unet, call: dict, opts: BenchOptions, backend: str) -> list[_Candidate]:
+def _deepcache_candidates(dc, call: dict, opts: BenchOptions, backend: str) -> list[_Candidate]:
+    """One candidate per schedule and interval, all sharing `dc`'s compiled pair."""
     out = []
-    for schedule in opts.schedules:
+    for kind in opts.schedules:
         for interval in opts.intervals:
-            kwargs = dict(branch=opts.branch, interval=interval, backend=backend, schedule=schedule)
-            if schedule == "nonuniform":
-                kwargs.update(num_inference_steps=opts.steps, center=min(15, opts.steps // 3))
             try:
-                dc = compile_deepcache(unet, **kwargs)
+                schedule = DeepCacheConfig.make_schedule(
+                    kind, interval, num_inference_steps=opts.steps if kind == "nonuniform" else None,
+                    center=min(15, opts.steps // 3))
             except ValueError:  # no non-uniform schedule with ceil(T/N) full steps for this T and N
                 continue
-            dc.prepare(**call)
-            full = len(dc.full_steps(opts.steps))
-            out.append(_Candidate(f"deepcache {backend} {schedule} N={interval}",
-                                  (lambda d: lambda: _loop(d, call, opts.steps))(dc),
-                                  {"backend": backend, "schedule": schedule, "interval": interval, "full_steps": full}))
+            candidate = dc.with_schedule(schedule)
+            full = len(candidate.full_steps(opts.steps))
+            out.append(_Candidate(f"deepcache {backend} {kind} N={interval}",
+                                  (lambda d: lambda: _loop(d, call, opts.steps))(candidate),
+                                  {"backend": backend, "schedule": kind, "interval": interval, "full_steps": full}))
     return out
 
 

@@ -10,6 +10,7 @@ otherwise from the timestep's position in the scheduler's timestep tensor (diffu
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import typing
@@ -167,6 +168,16 @@ class DeepCacheUNet(nn.Module):
         from .export import export_deepcache
 
         return export_deepcache(self, directory, format, **options)
+
+    def with_schedule(self, schedule: Schedule) -> "DeepCacheUNet":
+        """A DeepCacheUNet with another schedule that shares this one's compiled pairs (no recompilation).
+
+        Example:
+            >>> dc10 = dc.with_schedule(Schedule("uniform", interval=10))
+        """
+        other = DeepCacheUNet(self.unet, dataclasses.replace(self.deepcache_config, schedule=schedule))
+        other._pairs = self._pairs
+        return other
 
     def prepare(self, *args, **kwargs) -> CompiledPair:
         """Traces and compiles the pair for this call's signature now (ahead of the first denoising step)."""
