@@ -38,7 +38,7 @@ def _bench(args: argparse.Namespace) -> None:
     rows = run_benchmark(BenchOptions(
         preset=args.preset, resolution=args.resolution, batch=args.batch, steps=args.steps, branch=args.branch,
         intervals=tuple(args.interval), schedules=tuple(args.schedule), backends=tuple(args.backend),
-        baselines=tuple(args.baseline), repeats=args.repeats, out=args.out,
+        baselines=tuple(args.baseline), repeats=args.repeats, out=args.out, min_run_time=args.min_run_time,
     ))
     print(markdown_table(rows))
 
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                        choices=["unet-eager", "unet-compile", "reference-helper"])
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--out", default="bench/results")
+    bench.add_argument("--min-run-time", type=float, default=6.0, help="seconds per per-graph measurement")
     bench.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)

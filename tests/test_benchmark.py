@@ -10,7 +10,7 @@ from deepcache_compile.cli import main
 
 def test_bench_writes_rows_table_and_plot(tmp_path, capsys):
     main(["bench", "--preset", "tiny-sd", "--resolution", "64", "--steps", "4", "--interval", "2", "3",
-          "--backend", "eager", "--baseline", "unet-eager", "reference-helper", "--repeats", "2",
+          "--backend", "eager", "--baseline", "unet-eager", "reference-helper", "--repeats", "2", "--min-run-time", "0.2",
           "--out", str(tmp_path)])
     stem = tmp_path / "tiny-sd_64px_b2_branch1"
     rows = json.loads(stem.with_suffix(".json").read_text())
