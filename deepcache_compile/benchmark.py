@@ -33,7 +33,7 @@ from .config import DeepCacheConfig
 from .macs import graph_macs, node_macs
 from .presets import build_unet, example_call
 
-__all__ = ["BenchOptions", "run_benchmark"]
+__all__ = ["BenchOptions", "run_benchmark", "ddim_loop", "median_ms"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,8 @@ def _machine() -> dict:
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-def _loop(model: Callable, call: dict, steps: int) -> None:
+def ddim_loop(model: Callable, call: dict, steps: int) -> torch.Tensor:
+    """A plain DDIM denoising loop of `steps` U-Net calls, as a pipeline runs it; returns the latents."""
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(steps)
     latents = call["sample"]
@@ -73,6 +74,7 @@ def _loop(model: Callable, call: dict, steps: int) -> None:
     with torch.no_grad():
         for t in scheduler.timesteps:
             latents = scheduler.step(model(latents, t, **extra).sample, t, latents).prev_sample
+    return latents
 
 
 def _reference_helper(unet, branch: int, interval: int, call: dict, steps: int):
@@ -103,7 +105,8 @@ def _reference_helper(unet, branch: int, interval: int, call: dict, steps: int):
     return loop
 
 
-def _median_ms(fn, min_run_time: float) -> float:
+def median_ms(fn, min_run_time: float) -> float:
+    """Median milliseconds of `fn()` after one warm-up call (torch.utils.benchmark)."""
     fn()  # warm-up: the first call after compiling allocates and initializes
     return benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
                            ).blocked_autorange(min_run_time=min_run_time).median * 1e3
@@ -142,8 +145,8 @@ def _run(opts: BenchOptions) -> list[dict]:
         inputs = pair.traced.example_inputs
         with torch.no_grad():
             _, cache = pair.full(*inputs)
-            graphs[backend] = (_median_ms(lambda: pair.full(*inputs), opts.min_run_time),
-                               _median_ms(lambda: pair.shallow(*inputs, cache), opts.min_run_time))
+            graphs[backend] = (median_ms(lambda: pair.full(*inputs), opts.min_run_time),
+                               median_ms(lambda: pair.shallow(*inputs, cache), opts.min_run_time))
         candidates += _deepcache_candidates(dc, call, opts, backend)
         bar.update()
     macs = node_macs(pair.traced.gm, pair.traced.example_inputs)
@@ -164,11 +167,11 @@ def _run(opts: BenchOptions) -> list[dict]:
 def _baselines(unet, call: dict, opts: BenchOptions) -> list[_Candidate]:
     out = []
     if "unet-eager" in opts.baselines:
-        out.append(_Candidate("unet-eager", lambda: _loop(unet, call, opts.steps), {"backend": "eager"}))
+        out.append(_Candidate("unet-eager", lambda: ddim_loop(unet, call, opts.steps), {"backend": "eager"}))
     if "unet-compile" in opts.baselines:
         compiled = torch.compile(unet)
-        _loop(compiled, call, opts.steps)  # compile, and warm up on the loop's own timesteps
-        out.append(_Candidate("unet-compile", lambda: _loop(compiled, call, opts.steps), {"backend": "inductor"}))
+        ddim_loop(compiled, call, opts.steps)  # compile, and warm up on the loop's own timesteps
+        out.append(_Candidate("unet-compile", lambda: ddim_loop(compiled, call, opts.steps), {"backend": "inductor"}))
     if "reference-helper" in opts.baselines:
         for interval in opts.intervals:
             loop = _reference_helper(unet, opts.branch, interval, call, opts.steps)
@@ -192,7 +195,7 @@ def _deepcache_candidates(dc, call: dict, opts: BenchOptions, backend: str) -> l
             candidate = dc.with_schedule(schedule)
             full = len(candidate.full_steps(opts.steps))
             out.append(_Candidate(f"deepcache {backend} {kind} N={interval}",
-                                  (lambda d: lambda: _loop(d, call, opts.steps))(candidate),
+                                  (lambda d: lambda: ddim_loop(d, call, opts.steps))(candidate),
                                   {"backend": backend, "schedule": kind, "interval": interval, "full_steps": full}))
     return out
 

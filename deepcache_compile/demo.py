@@ -13,10 +13,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler
-from torch.utils import benchmark
 
 from .api import compile_deepcache, list_branches
+from .benchmark import ddim_loop, median_ms
 from .presets import build_unet, example_call
 
 __all__ = ["DemoOptions", "run_demo"]
@@ -36,23 +35,6 @@ class DemoOptions:
     min_run_time: float = 2.0  # seconds per torch.utils.benchmark measurement
 
 
-def _median_ms(fn, min_run_time: float = 2.0) -> float:
-    timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
-def _ddim_loop(model, call: dict, steps: int) -> torch.Tensor:
-    scheduler = DDIMScheduler(num_train_timesteps=1000)
-    scheduler.set_timesteps(steps)
-    latents = call["sample"]
-    extra = {k: v for k, v in call.items() if k not in ("sample", "timestep")}
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            noise = model(latents, t, **extra).sample
-            latents = scheduler.step(noise, t, latents).prev_sample
-    return latents
-
-
 def _check_and_time_branches(unet, call: dict, opts: DemoOptions) -> None:
     with torch.no_grad():
         reference = unet(**call).sample
@@ -63,8 +45,8 @@ def _check_and_time_branches(unet, call: dict, opts: DemoOptions) -> None:
         with torch.no_grad():
             sample, cache = pair.full(*inputs)
             exact = torch.equal(sample, reference) and torch.equal(pair.run_shallow(*inputs, cache=cache), sample)
-            full_ms = _median_ms(lambda: pair.full(*inputs), opts.min_run_time)
-            shallow_ms = _median_ms(lambda: pair.shallow(*inputs, cache), opts.min_run_time)
+            full_ms = median_ms(lambda: pair.full(*inputs), opts.min_run_time)
+            shallow_ms = median_ms(lambda: pair.shallow(*inputs, cache), opts.min_run_time)
         print(f"{b:>6} {str(exact):>6} {full_ms:>9.1f} {shallow_ms:>11.1f} {full_ms / shallow_ms:>5.2f}x")
         if not exact:
             raise SystemExit(f"exactness check failed at branch {b}")
@@ -84,13 +66,12 @@ def _time_loops(unet, call: dict, opts: DemoOptions) -> None:
         if backend == "inductor":
             # The baseline a user would pick instead: torch.compile of the whole U-Net, with the same freezing.
             plain = torch.compile(unet, backend="inductor")
-            with torch._inductor.config.patch(freezing=True):
-                _ddim_loop(plain, call, 1)
+            ddim_loop(plain, call, opts.steps)
         base, fast = [], []
         for _ in range(opts.repeats):
             for times, model in ((base, plain), (fast, dc)):
                 start = time.perf_counter()
-                _ddim_loop(model, call, opts.steps)
+                ddim_loop(model, call, opts.steps)
                 times.append(time.perf_counter() - start)
         base_s, fast_s = sorted(base)[len(base) // 2], sorted(fast)[len(fast) // 2]
         print(f"{backend:>9} {compile_s:>10.1f} {base_s:>9.2f} {fast_s:>12.2f} {base_s / fast_s:>7.2f}x {n_full:>5}")
@@ -113,4 +94,5 @@ def run_demo(opts: DemoOptions = DemoOptions()) -> None:
     for row in list_branches(unet, **call):
         print(f"{row.index:>6} {row.skip_from:>32} {row.consumed_by:>24} {row.mac_share:>12.1%}")
     _check_and_time_branches(unet, call, opts)
-    _time_loops(unet, call, opts)
+    with torch._inductor.config.patch(freezing=True):  # baseline and backend compile alike, no recompiles
+        _time_loops(unet, call, opts)
