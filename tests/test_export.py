@@ -14,6 +14,7 @@ from diffusers import DDIMScheduler
 from safetensors.torch import save_file
 
 from deepcache_compile import ManifestError, compile_deepcache, load_deepcache
+from deepcache_compile.benchmark import ddim_loop
 
 from conftest import make_call, make_unet
 
@@ -23,17 +24,6 @@ from conftest import make_call, make_unet
 TOLERANCE = {"pt2": dict(rtol=1e-5, atol=1e-5), "onnx": dict(rtol=5e-4, atol=5e-4),
              "aoti": dict(rtol=5e-4, atol=5e-4)}
 INTERVAL, BRANCH = 3, 1
-
-
-def _ddim(model, call, steps=10):
-    scheduler = DDIMScheduler(num_train_timesteps=1000)
-    scheduler.set_timesteps(steps)
-    latents = call["sample"]
-    extra = {k: v for k, v in call.items() if k not in ("sample", "timestep")}
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            latents = scheduler.step(model(latents, t, **extra).sample, t, latents).prev_sample
-    return latents
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +51,7 @@ def test_loaded_pair_matches_eager_in_a_ddim_loop(exports, fmt, arch):
     engine = load_deepcache(directory)
     for batch, size in ((1, 16), (2, 24), (3, 8)):  # two resolutions, two batch sizes, one export
         call = make_call(dc.unet, batch=batch, height=size, width=size)
-        expected, actual = _ddim(dc, call), _ddim(engine, call)
+        expected, actual = ddim_loop(dc, call, 10), ddim_loop(engine, call, 10)
         torch.testing.assert_close(actual, expected, **TOLERANCE[fmt])
     assert engine.full_steps(10) == dc.full_steps(10)
 
@@ -84,7 +74,7 @@ def test_manifest_records_what_a_deployment_needs(exports):
 def test_fresh_process_loads_without_diffusers(exports, tmp_path):
     dc, directory = exports("pt2", "sd-mini")
     call = make_call(dc.unet, batch=2, height=16, width=16)
-    save_file({"sample": call["sample"], "ehs": call["encoder_hidden_states"], "expected": _ddim(dc, call)},
+    save_file({"sample": call["sample"], "ehs": call["encoder_hidden_states"], "expected": ddim_loop(dc, call, 10)},
               tmp_path / "io.safetensors")
     script = textwrap.dedent(f"""
         import sys, torch
@@ -190,4 +180,4 @@ def test_tensorrt_engine_matches_eager(tmp_path):
     call = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_call(unet, batch=2).items()}
     dc.export(tmp_path, format="tensorrt", example=call, batch=(1, 4), height=(8, 32), width=(8, 32))
     engine = load_deepcache(tmp_path, device="cuda")
-    torch.testing.assert_close(_ddim(engine, call), _ddim(dc, call), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ddim_loop(engine, call, 10), ddim_loop(dc, call, 10), rtol=1e-3, atol=1e-3)
