@@ -155,6 +155,7 @@ class DeepCacheEngine(nn.Module):
                                      for k, v in manifest["ranges"].items() if k != "units"})
         self._inputs = [(i["name"], getattr(torch, i["dtype"]), i["rank"]) for i in manifest["inputs"]]
         self._params = manifest["unet"]["forward_params"]
+        self._known = frozenset(name.split(".")[0] for name, _, _ in self._inputs)
         self._state = GenerationState(manifest["calls_per_step"])
         self._checked: set = set()
         features = manifest["unet"]["add_embedding_in_features"]
@@ -199,7 +200,7 @@ class DeepCacheEngine(nn.Module):
             if value.dim() != rank:
                 value = value.reshape(-1)[:1].reshape(()) if rank == 0 else value.expand(given["sample"].shape[0])
             tensors.append(value.to(device=self._device, dtype=dtype))
-        _refuse_extra(given, {n.split(".")[0] for n, _, _ in self._inputs})
+        _refuse_extra(given, self._known)
         return tuple(tensors)
 
 
