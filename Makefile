@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch==2.13.0 is the CPU build on this machine's disk; a bare `torch` would fetch a CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,onnx,bench]"
+	$(PY) -m pip install -q -e ".[test,onnx,bench,quality]"
 	touch $(STAMP)
 
 demo: $(STAMP)

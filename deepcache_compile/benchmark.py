@@ -65,9 +65,13 @@ def _machine() -> dict:
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-def ddim_loop(model: Callable, call: dict, steps: int) -> torch.Tensor:
-    """A plain DDIM denoising loop of `steps` U-Net calls, as a pipeline runs it; returns the latents."""
-    scheduler = DDIMScheduler(num_train_timesteps=1000)
+def ddim_loop(model: Callable, call: dict, steps: int, scheduler: DDIMScheduler | None = None) -> torch.Tensor:
+    """A plain DDIM denoising loop of `steps` U-Net calls, as a pipeline runs it; returns the latents.
+
+    `scheduler` gives the noise schedule (its config is copied, it is not mutated); default: DDIM over 1,000
+    linear-beta steps, Stable Diffusion's.
+    """
+    scheduler = DDIMScheduler.from_config(scheduler.config) if scheduler else DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(steps)
     latents = call["sample"]
     extra = {k: v for k, v in call.items() if k not in ("sample", "timestep")}

@@ -1,4 +1,4 @@
-"""Command line: `deepcache-compile demo` and `deepcache-compile branches` (also `python -m deepcache_compile`)."""
+"""Command line: `deepcache-compile demo|branches|bench|quality|analyze` (also `python -m deepcache_compile`)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,14 @@ def _branches(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import DemoOptions, run_demo
+    from .demo import DemoOptions, DigitsDemoOptions, run_demo, run_digits_demo
 
+    if args.preset == "digits":
+        run_digits_demo(DigitsDemoOptions(samples=args.samples, steps=args.steps or 50, branch=args.branch,
+                                          interval=args.interval, repeats=args.repeats, out=args.out))
+        return
     run_demo(DemoOptions(preset=args.preset, resolution=args.resolution, batch=args.batch,
-                         backends=tuple(args.backends), steps=args.steps, repeats=args.repeats,
+                         backends=tuple(args.backends), steps=args.steps or 10, repeats=args.repeats,
                          min_run_time=args.min_run_time))
 
 
@@ -43,16 +47,62 @@ def _bench(args: argparse.Namespace) -> None:
     print(markdown_table(rows))
 
 
+def _quality(args: argparse.Namespace) -> None:
+    from .quality import QualityOptions, evaluate_quality, quality_table, write_results
+
+    opts = QualityOptions(steps=tuple(args.steps), intervals=tuple(args.interval), branches=tuple(args.branch),
+                          schedules=tuple(args.schedule), samples=args.samples, seed=args.seed, out=args.out)
+    rows = evaluate_quality(opts)
+    print(quality_table(rows))
+    print(f"written to {write_results(rows, opts)}")
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from .analyze import feature_similarity, write_analysis
+
+    torch.manual_seed(args.seed)
+    if args.preset == "digits":
+        from .digits import load_digits_model
+
+        unet, scheduler = load_digits_model()
+        call = {"sample": torch.randn(args.batch, 1, 16, 16)}
+    else:
+        from .presets import build_unet, example_call
+
+        unet, scheduler = build_unet(args.preset), None
+        latent = args.resolution // 8 if args.resolution else None
+        call = example_call(unet, batch=args.batch, height=latent, width=latent)
+        call.pop("timestep", None)
+    sim = feature_similarity(unet, call, args.steps, scheduler, threshold=args.threshold)
+    branches = tuple(args.branch) if args.branch else tuple(sorted(sim.similarity))[:4]
+    record = write_analysis(sim, Path(args.out), branches)
+    print(f"{'branch':>6} {'shallow MACs':>13} {'adjacent sim':>13} {'steps > ' + str(args.threshold):>12}")
+    for b in sorted(sim.similarity):
+        adjacent = sim.similarity[b].diagonal(1).mean().item()
+        print(f"{b:>6} {sim.mac_share[b]:>12.1%} {adjacent:>13.3f} {sim.share_above(b).mean().item():>12.1%}")
+    print(f"\nsuggestion: {record['suggestion'].get('text', record['suggestion'].get('error'))}")
+    print(f"written: {args.out} and {Path(args.out).with_suffix('.json')}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="deepcache-compile", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the compiler does")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="exactness check and full vs DeepCache latency on a built-in U-Net")
-    demo.add_argument("--preset", default="sd15", choices=sorted(PRESETS))
-    demo.add_argument("--resolution", type=int, default=256, help="image size in pixels (latent = /8)")
-    demo.add_argument("--batch", type=int, default=1)
-    demo.add_argument("--steps", type=int, default=10)
+    demo = sub.add_parser("demo", help="digits with and without DeepCache on the trained model (default), or "
+                                       "exactness and latency on a built-in architecture (--preset sd15)")
+    demo.add_argument("--preset", default="digits", choices=["digits", *sorted(PRESETS)])
+    demo.add_argument("--samples", type=int, default=256, help="digits: how many digits to generate")
+    demo.add_argument("--branch", type=int, default=1, help="digits: the DeepCache branch")
+    demo.add_argument("--interval", type=int, default=5, help="digits: the DeepCache interval N")
+    demo.add_argument("--out", default="demo_out", help="digits: where the image grids go")
+    demo.add_argument("--resolution", type=int, default=256, help="architectures: image pixels (latent = /8)")
+    demo.add_argument("--batch", type=int, default=1, help="architectures: U-Net batch")
+    demo.add_argument("--steps", type=int, default=None, help="DDIM steps (digits: 50, architectures: 10)")
     demo.add_argument("--repeats", type=int, default=3)
     demo.add_argument("--min-run-time", type=float, default=2.0, help="seconds per per-graph measurement")
     demo.add_argument("--backends", nargs="+", default=["eager", "inductor"], choices=["eager", "inductor"])
@@ -79,6 +129,30 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--out", default="bench/results")
     bench.add_argument("--min-run-time", type=float, default=6.0, help="seconds per per-graph measurement")
     bench.set_defaults(func=_bench)
+
+    quality = sub.add_parser("quality", help="quality cost of DeepCache on the trained digits DDPM (Tables 2 and 4)")
+    from .quality import QualityOptions as Q
+
+    quality.add_argument("--steps", type=int, nargs="+", default=list(Q.steps))
+    quality.add_argument("--interval", type=int, nargs="+", default=list(Q.intervals))
+    quality.add_argument("--branch", type=int, nargs="+", default=list(Q.branches))
+    quality.add_argument("--schedule", nargs="+", default=list(Q.schedules), choices=["uniform", "nonuniform"])
+    quality.add_argument("--samples", type=int, default=Q.samples)
+    quality.add_argument("--seed", type=int, default=Q.seed)
+    quality.add_argument("--out", default=Q.out)
+    quality.set_defaults(func=_quality)
+
+    analyze = sub.add_parser("analyze", help="feature similarity across steps (paper Fig. 2), branch/interval hint")
+    analyze.add_argument("--preset", default="digits", choices=["digits", *sorted(PRESETS)],
+                         help="digits = the trained model; others are architectures with random weights")
+    analyze.add_argument("--steps", type=int, default=100)
+    analyze.add_argument("--batch", type=int, default=16)
+    analyze.add_argument("--resolution", type=int, default=None, help="architectures: image pixels (latent = /8)")
+    analyze.add_argument("--branch", type=int, nargs="*", default=None, help="branches to plot (default: 0..3)")
+    analyze.add_argument("--threshold", type=float, default=0.95)
+    analyze.add_argument("--seed", type=int, default=0)
+    analyze.add_argument("--out", default="bench/results/similarity_digits.png")
+    analyze.set_defaults(func=_analyze)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")

@@ -1,0 +1,247 @@
+"""What DeepCache costs in image quality, measured on the trained digits DDPM (the paper's Tables 2 and 4).
+
+For each DDIM step count T, the full model and DeepCache at every (branch, interval N, schedule) sample from
+the same initial noise (DDIM with eta = 0 is deterministic, so samples are paired by seed). Per configuration:
+- `fd`: Frechet distance between generated and real digits in the 128-d feature space of the shipped digit
+  classifier (an FID for digits; see `digits.DigitClassifier`). Reference points: real vs real and noise vs real;
+- `confidence`: the classifier's mean top-class probability on the samples;
+- `agreement`: share of samples the classifier puts in the same class as the full model's sample from the
+  same noise (an accuracy with the full model as the label);
+- `mse` / `psnr`: pixel error against the full model's samples (images in [0, 1], PSNR = 10 log10(1 / MSE)
+  over all pixels);
+- `mac_speedup`: T full steps over (F full + S shallow) steps in MACs (FlopCounterMode), and `seconds`, the
+  measured sampling time of that run (runs are sequential, so noisier than `bench/`'s interleaved timings).
+The same-throughput comparison (Table 4) runs plain DDIM with k = round(T / mac_speedup) steps next to each
+DeepCache row: the step count that costs the same MACs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .api import compile_deepcache, list_branches
+from .benchmark import ddim_loop
+from .config import DeepCacheConfig
+from .digits import ASSETS, digit_images, load_classifier, load_digits_model
+
+__all__ = ["Judge", "QualityOptions", "frechet_distance", "evaluate_quality", "quality_table", "save_grid", "psnr"]
+
+
+@dataclass(frozen=True)
+class QualityOptions:
+    steps: tuple[int, ...] = (100, 50)
+    intervals: tuple[int, ...] = (2, 3, 5, 10)
+    branches: tuple[int, ...] = (0, 2)
+    schedules: tuple[str, ...] = ("uniform", "nonuniform")
+    samples: int = 500
+    seed: int = 0
+    out: str = "bench/results/quality"
+    assets: str = str(ASSETS)  # the trained model and classifier (digits.save_assets)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets `(n, d)` (the FID formula).
+
+    Example:
+        >>> x = np.random.default_rng(0).normal(size=(1000, 8))
+        >>> round(frechet_distance(x, x), 6)
+        0.0
+    """
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(root).all():  # singular product: regularize as pytorch-fid does
+        eps = np.eye(len(cov_a)) * 1e-6
+        root = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root.real))
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(MSE, PSNR in dB) of images in [-1, 1], measured in [0, 1] units over all pixels."""
+    mse = ((images - reference) / 2).pow(2).mean().item()
+    return mse, (10 * math.log10(1 / mse) if mse > 0 else math.inf)
+
+
+class Judge:
+    """Classifier features and predictions for generated digits, against the real digits' features."""
+
+    def __init__(self, assets: Path = ASSETS):
+        self.classifier = load_classifier(assets)
+        real, _ = digit_images()
+        self.real = self.features(real)
+
+    def fd(self, images: torch.Tensor) -> float:
+        """Frechet distance of generated digits to all real digits."""
+        return frechet_distance(self.features(images), self.real)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        return self.classifier.features(images.clamp(-1, 1)).double().numpy()
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(images.clamp(-1, 1)).softmax(1)
+
+    def reference_rows(self, n: int, seed: int) -> list[dict]:
+        """FD of real digits (n held apart vs the rest) and of Gaussian noise: the floor and the ceiling."""
+        order = torch.randperm(len(self.real), generator=torch.Generator().manual_seed(seed)).numpy()
+        noise = torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed)).clamp(-1, 1)
+        return [{"name": f"real digits ({n} vs other {len(order) - n})",
+                 "fd": frechet_distance(self.real[order[:n]], self.real[order[n:]])},
+                {"name": "Gaussian noise", "fd": frechet_distance(self.features(noise), self.real)}]
+
+
+def _sample(model, scheduler, noise: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    images = ddim_loop(model, {"sample": noise}, steps, scheduler)
+    return images.clamp(-1, 1), time.perf_counter() - start
+
+
+def _score(judge: Judge, images: torch.Tensor, full: torch.Tensor | None, full_labels: torch.Tensor | None) -> dict:
+    probs = judge.probabilities(images)
+    row = {"fd": judge.fd(images),
+           "confidence": probs.max(1).values.mean().item()}
+    if full is not None:
+        row["mse"], row["psnr"] = psnr(images, full)
+        row["agreement"] = (probs.argmax(1) == full_labels).float().mean().item()
+    return row
+
+
+def evaluate_quality(opts: QualityOptions = QualityOptions()) -> list[dict]:
+    """Runs the evaluation grid on the trained digits model in `opts.assets`; returns one row per run.
+
+    Example:
+        >>> rows = evaluate_quality(QualityOptions(steps=(10,), intervals=(2,), branches=(0,), samples=16))
+    """
+    unet, scheduler = load_digits_model(Path(opts.assets))
+    judge = Judge(Path(opts.assets))
+    noise = torch.randn(opts.samples, 1, 16, 16, generator=torch.Generator().manual_seed(opts.seed))
+    shares = {b.index: b.mac_share for b in list_branches(unet, noise[:1], 0)}
+    compiled = {b: compile_deepcache(unet, branch=b) for b in opts.branches}
+    for dc in compiled.values():
+        dc.prepare(noise, torch.tensor(999))  # trace now, not inside a timed run
+    rows = [dict(r, kind="reference") for r in judge.reference_rows(opts.samples, opts.seed)]
+    plain_cache: dict[int, tuple[torch.Tensor, float]] = {}
+
+    def plain(k: int) -> tuple[torch.Tensor, float]:
+        if k not in plain_cache:
+            plain_cache[k] = _sample(unet, scheduler, noise, k)
+        return plain_cache[k]
+
+    configs = [(t, b, n, s) for t in opts.steps for b in opts.branches for n in opts.intervals for s in opts.schedules]
+    bar = tqdm(total=len(configs) + len(opts.steps), desc="quality", mininterval=5)
+    for steps in opts.steps:
+        full, seconds = plain(steps)
+        labels = judge.probabilities(full).argmax(1)
+        rows.append({"name": f"DDIM {steps}", "kind": "full", "steps": steps, "interval": 1, "mac_speedup": 1.0,
+                     "seconds": seconds, **_score(judge, full, None, None)})
+        bar.update()
+        for _, branch, interval, kind in [c for c in configs if c[0] == steps]:
+            try:
+                schedule = DeepCacheConfig.make_schedule(
+                    kind, interval, num_inference_steps=steps if kind == "nonuniform" else None)
+            except ValueError:  # no non-uniform schedule with ceil(T/N) full steps here
+                bar.update()
+                continue
+            dc = compiled[branch].with_schedule(schedule)
+            n_full = len(dc.full_steps(steps))
+            mac_speedup = steps / (n_full + (steps - n_full) * shares[branch])
+            images, seconds = _sample(dc, scheduler, noise, steps)
+            matched = max(1, round(steps / mac_speedup))
+            matched_images, matched_seconds = plain(matched)
+            rows.append({"name": f"DeepCache {kind} N={interval} b={branch}", "kind": "deepcache", "steps": steps,
+                         "branch": branch, "interval": interval, "schedule": kind, "full_steps": n_full,
+                         "shallow_mac_share": shares[branch], "mac_speedup": mac_speedup, "seconds": seconds,
+                         **_score(judge, images, full, labels), "matched_steps": matched,
+                         "matched_seconds": matched_seconds,
+                         **{f"matched_{k}": v for k, v in _score(judge, matched_images, full, labels).items()}})
+            bar.update()
+    bar.close()
+    return [dict(r, samples=opts.samples, seed=opts.seed) for r in rows]
+
+
+def quality_table(rows: list[dict]) -> str:
+    """A Markdown table like the paper's Table 2, with the Table 4 comparison (plain DDIM at equal MACs)."""
+    lines = ["| steps | configuration | full steps | MAC speedup | measured s | FD | confidence | agreement | "
+             "PSNR dB | same-MACs DDIM: steps, FD, PSNR dB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["kind"] == "reference":
+            lines.append(f"| | {r['name']} | | | | {r['fd']:.2f} | | | | |")
+        elif r["kind"] == "full":
+            lines.append(f"| {r['steps']} | {r['name']} (full model) | {r['steps']} | 1.00x | {r['seconds']:.1f} | "
+                         f"{r['fd']:.2f} | {r['confidence']:.3f} | 1 | inf | |")
+        else:
+            lines.append(
+                f"| {r['steps']} | {r['name']} | {r['full_steps']} | {r['mac_speedup']:.2f}x | {r['seconds']:.1f} | "
+                f"{r['fd']:.2f} | {r['confidence']:.3f} | {r['agreement']:.3f} | {r['psnr']:.1f} | "
+                f"{r['matched_steps']}, {r['matched_fd']:.2f}, {r['matched_psnr']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int = 16, scale: int = 4) -> None:
+    """Writes `(n, 1, h, w)` images in [-1, 1] as one PNG grid, each pixel `scale`x`scale`."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = math.ceil(n / columns)
+    canvas = torch.full((rows * (h + 1) + 1, columns * (w + 1) + 1), 0.5)
+    for i, image in enumerate(images[:, 0]):
+        r, c = divmod(i, columns)
+        canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = (image.clamp(-1, 1) + 1) / 2
+    pixels = (canvas * 255).round().to(torch.uint8).numpy()
+    Image.fromarray(pixels, mode="L").resize((pixels.shape[1] * scale, pixels.shape[0] * scale),
+                                             Image.NEAREST).save(path)
+
+
+def write_results(rows: list[dict], opts: QualityOptions) -> Path:
+    """Writes `quality.json`, `quality.md` and `quality.png` (FD and PSNR against N) under `opts.out`."""
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps({"options": asdict(opts), "rows": rows}, indent=2))
+    (out / "quality.md").write_text(quality_table(rows))
+    _plot(rows, out / "quality.png")
+    return out
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({r["steps"] for r in rows if r["kind"] == "deepcache"}, reverse=True)
+    fig, axes = plt.subplots(len(steps), 2, figsize=(10, 3.6 * len(steps)), squeeze=False)
+    for (ax_fd, ax_psnr), t in zip(axes, steps):
+        full = next(r for r in rows if r["kind"] == "full" and r["steps"] == t)
+        ax_fd.axhline(full["fd"], color="k", ls="--", label=f"full DDIM {t}")
+        series = {}
+        for r in rows:
+            if r["kind"] == "deepcache" and r["steps"] == t:
+                series.setdefault((r["branch"], r["schedule"]), []).append(r)
+        for (branch, kind), rs in sorted(series.items()):
+            rs.sort(key=lambda r: r["interval"])
+            style = "o-" if kind == "uniform" else "s--"
+            n = [r["interval"] for r in rs]
+            ax_fd.plot(n, [r["fd"] for r in rs], style, label=f"b={branch} {kind}")
+            ax_psnr.plot(n, [r["psnr"] for r in rs], style, label=f"b={branch} {kind}")
+        matched = sorted({(r["interval"], r["matched_fd"]) for r in rows if r["kind"] == "deepcache" and r["steps"] == t
+                          and r["schedule"] == "uniform" and r["branch"] == min(b for b, _ in series)})
+        ax_fd.plot([m[0] for m in matched], [m[1] for m in matched], "k:", label="plain DDIM, same MACs as lowest b")
+        ax_fd.set(xlabel="interval N", ylabel="Frechet distance (classifier features)", title=f"DDIM {t} steps")
+        ax_psnr.set(xlabel="interval N", ylabel="PSNR vs full model (dB)", title=f"DDIM {t} steps")
+        ax_fd.legend(fontsize=7)
+        ax_psnr.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,65 @@
+"""Feature-similarity analysis: the probe records DeepCache's cached tensors, and the suggestion rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepcache_compile.analyze import FeatureSimilarity, feature_similarity, probe_graph, suggest
+from deepcache_compile.branches import find_branches
+from deepcache_compile.digits import load_digits_model
+from deepcache_compile.partition import split_at_branch
+from deepcache_compile.trace import CallFlattener, trace_unet
+
+from conftest import make_call, make_unet
+
+
+def test_probe_returns_the_tensors_deepcache_caches():
+    unet = make_unet("sd-mini")
+    call = make_call(unet)
+    flatten = CallFlattener(unet)
+    traced = trace_unet(unet, flatten((), call), flatten.input_names((), call))
+    branches = find_branches(traced.gm)
+    with torch.no_grad():
+        sample, *caches = probe_graph(traced.gm, branches)(*traced.example_inputs)
+        for branch, cache in zip(branches, caches):
+            full_sample, full_cache = split_at_branch(traced.gm, branch).full(*traced.example_inputs)
+            assert torch.equal(cache, full_cache) and torch.equal(sample, full_sample)
+
+
+@pytest.fixture(scope="module")
+def digits_similarity():
+    unet, scheduler = load_digits_model()
+    return feature_similarity(unet, {"sample": torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))},
+                              steps=20, scheduler=scheduler)
+
+
+def test_similarity_matrices_are_cosine_similarities(digits_similarity):
+    sim = digits_similarity
+    assert sorted(sim.similarity) == list(range(9)) and len(sim.timesteps) == 20
+    for s in sim.similarity.values():
+        assert s.shape == (20, 20) and torch.allclose(s.diagonal(), torch.ones(20), atol=1e-5)
+        assert torch.allclose(s, s.T, atol=1e-6) and s.max() <= 1 + 1e-5
+    assert all(0 < share < 1 for share in sim.mac_share.values())
+    assert sim.staleness(0, 1) == 1.0  # interval 1: no shallow step
+    for b in sim.similarity:  # caching longer means staler features
+        assert sim.staleness(b, 2) >= sim.staleness(b, 5) >= sim.staleness(b, 10)
+
+
+def _synthetic(values: dict[int, float], shares: dict[int, float]) -> FeatureSimilarity:
+    """Similarity decaying by `values[b]` per step apart."""
+    steps = torch.arange(10.0)
+    distance = (steps[:, None] - steps[None, :]).abs()
+    return FeatureSimilarity(tuple(range(10)), {b: 1 - v * distance for b, v in values.items()}, shares)
+
+
+def test_suggestion_is_the_fastest_choice_above_the_threshold():
+    # Branch 0 (cheap) drifts 0.04 per step: N=2 keeps 0.96 (1.82x), N=3 only 0.94. Branch 1 (dearer) drifts
+    # 0.008: N=10 keeps 1 - 0.008 * mean(1..9) = 0.96 at 10 / (1 + 9 * 0.4) = 2.17x, the fastest that passes.
+    sim = _synthetic({0: 0.04, 1: 0.008}, {0: 0.1, 1: 0.4})
+    assert sim.staleness(0, 2) == pytest.approx(0.96) and sim.staleness(0, 3) == pytest.approx(0.94)
+    pick = suggest(sim, intervals=(2, 3, 5, 10))
+    assert (pick.branch, pick.interval) == (1, 10)
+    assert pick.staleness == pytest.approx(0.96) and pick.mac_speedup == pytest.approx(10 / 4.6)
+    with pytest.raises(ValueError, match="lower the threshold"):
+        suggest(_synthetic({0: 0.2}, {0: 0.1}))

@@ -1,0 +1,52 @@
+"""Quality metrics: the formulas against known values, and the evaluation grid on a reduced setting."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from deepcache_compile.quality import QualityOptions, evaluate_quality, frechet_distance, psnr, quality_table, write_results
+
+
+def test_frechet_distance_of_a_shift_is_the_squared_shift():
+    x = np.random.default_rng(0).normal(size=(2000, 16))
+    shift = np.arange(16) / 10
+    assert frechet_distance(x, x) == pytest.approx(0, abs=1e-6)
+    assert frechet_distance(x, x + shift) == pytest.approx((shift ** 2).sum(), rel=1e-6)
+
+
+def test_frechet_distance_of_scaled_gaussians():
+    x = np.random.default_rng(1).normal(size=(20000, 4))
+    # covariances C and 4C, means m and 2m: |m|^2 + tr C + 4 tr C - 2 tr(2C) = |m|^2 + tr C (about 4)
+    expected = (x.mean(0) ** 2).sum() + np.trace(np.cov(x, rowvar=False))
+    assert frechet_distance(x, 2 * x) == pytest.approx(expected, rel=1e-6) and 3.9 < expected < 4.1
+
+
+def test_psnr_in_unit_range():
+    a = torch.zeros(2, 1, 4, 4)
+    mse, db = psnr(a + 0.2, a)  # 0.2 in [-1, 1] units is 0.1 in [0, 1] units
+    assert mse == pytest.approx(0.01) and db == pytest.approx(20)
+    assert psnr(a, a)[1] == math.inf
+
+
+def test_reduced_evaluation_runs_and_is_sane(tmp_path):
+    opts = QualityOptions(steps=(10,), intervals=(2, 5), branches=(0,), schedules=("uniform",), samples=64,
+                          out=str(tmp_path))
+    rows = evaluate_quality(opts)
+    by_kind = {r["kind"]: r for r in rows}
+    real, noise = (r["fd"] for r in rows if r["kind"] == "reference")
+    full = by_kind["full"]
+    assert 0 <= real < full["fd"] < noise / 5  # the trained model is far closer to digits than noise
+    assert 0.5 < full["confidence"] <= 1
+    cached = [r for r in rows if r["kind"] == "deepcache"]
+    assert [r["interval"] for r in cached] == [2, 5]
+    for r in cached:
+        assert 1 < r["mac_speedup"] < 10 and r["matched_steps"] < 10
+        assert 10 < r["psnr"] < math.inf and 0 <= r["agreement"] <= 1 and math.isfinite(r["fd"])
+    assert cached[0]["psnr"] > cached[1]["psnr"]  # caching longer drifts further from the full model
+    out = write_results(rows, opts)
+    assert (out / "quality.png").stat().st_size > 1000
+    assert quality_table(rows).count("\n") == 2 + len(rows)
