@@ -93,12 +93,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the compiler does")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from .demo import DigitsDemoOptions
+
     demo = sub.add_parser("demo", help="digits with and without DeepCache on the trained model (default), or "
                                        "exactness and latency on a built-in architecture (--preset sd15)")
     demo.add_argument("--preset", default="digits", choices=["digits", *sorted(PRESETS)])
     demo.add_argument("--samples", type=int, default=256, help="digits: how many digits to generate")
-    demo.add_argument("--branch", type=int, default=1, help="digits: the DeepCache branch")
-    demo.add_argument("--interval", type=int, default=5, help="digits: the DeepCache interval N")
+    demo.add_argument("--branch", type=int, default=DigitsDemoOptions.branch, help="digits: the DeepCache branch")
+    demo.add_argument("--interval", type=int, default=DigitsDemoOptions.interval, help="digits: DeepCache's N")
     demo.add_argument("--out", default="demo_out", help="digits: where the image grids go")
     demo.add_argument("--resolution", type=int, default=256, help="architectures: image pixels (latent = /8)")
     demo.add_argument("--batch", type=int, default=1, help="architectures: U-Net batch")

@@ -167,7 +167,7 @@ def load_digits_model(folder: Path = ASSETS) -> tuple[UNet2DModel, DDIMScheduler
     """
     if not (folder / "unet" / "config.json").exists():
         raise FileNotFoundError(f"no trained digits model in {folder}: run `python bench/train_digits.py`")
-    return UNet2DModel.from_pretrained(folder / "unet").eval(), DDIMScheduler.from_pretrained(folder / "scheduler")
+    return UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False).eval(), DDIMScheduler.from_pretrained(folder / "scheduler")
 
 
 def load_classifier(folder: Path = ASSETS) -> DigitClassifier:

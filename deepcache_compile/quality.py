@@ -32,7 +32,8 @@ from .benchmark import ddim_loop
 from .config import DeepCacheConfig
 from .digits import ASSETS, digit_images, load_classifier, load_digits_model
 
-__all__ = ["Judge", "QualityOptions", "frechet_distance", "evaluate_quality", "quality_table", "save_grid", "psnr"]
+__all__ = ["Judge", "QualityOptions", "frechet_distance", "evaluate_quality", "quality_table", "summary_table",
+           "save_grid", "psnr", "write_results"]
 
 
 @dataclass(frozen=True)
@@ -117,56 +118,69 @@ def _score(judge: Judge, images: torch.Tensor, full: torch.Tensor | None, full_l
     return row
 
 
+class _Evaluation:
+    """The model, the judge, the shared noise, one DeepCacheUNet per branch and the plain-DDIM runs so far."""
+
+    def __init__(self, opts: QualityOptions):
+        self.unet, self.scheduler = load_digits_model(Path(opts.assets))
+        self.judge = Judge(Path(opts.assets))
+        self.noise = torch.randn(opts.samples, 1, 16, 16, generator=torch.Generator().manual_seed(opts.seed))
+        self.shares = {b.index: b.mac_share for b in list_branches(self.unet, self.noise[:1], 0)}
+        self.compiled = {b: compile_deepcache(self.unet, branch=b) for b in opts.branches}
+        for dc in self.compiled.values():
+            dc.prepare(self.noise, torch.tensor(999))  # trace now, not inside a timed run
+        self._plain: dict[int, tuple[torch.Tensor, float]] = {}
+
+    def plain(self, steps: int) -> tuple[torch.Tensor, float]:
+        """The full model's samples and sampling time at `steps` DDIM steps (each step count run once)."""
+        if steps not in self._plain:
+            self._plain[steps] = _sample(self.unet, self.scheduler, self.noise, steps)
+        return self._plain[steps]
+
+    def full_row(self, steps: int) -> dict:
+        images, seconds = self.plain(steps)
+        return {"name": f"DDIM {steps}", "kind": "full", "steps": steps, "interval": 1, "mac_speedup": 1.0,
+                "seconds": seconds, **_score(self.judge, images, None, None)}
+
+    def deepcache_row(self, steps: int, branch: int, interval: int, kind: str) -> dict | None:
+        """DeepCache at (branch, N, schedule) and plain DDIM at the same MACs, scored against the full model."""
+        try:
+            schedule = DeepCacheConfig.make_schedule(kind, interval,
+                                                     num_inference_steps=steps if kind == "nonuniform" else None)
+        except ValueError:  # no non-uniform schedule with ceil(T/N) full steps for this T
+            return None
+        dc = self.compiled[branch].with_schedule(schedule)
+        n_full = len(dc.full_steps(steps))
+        mac_speedup = steps / (n_full + (steps - n_full) * self.shares[branch])
+        images, seconds = _sample(dc, self.scheduler, self.noise, steps)
+        matched = max(1, round(steps / mac_speedup))
+        matched_images, matched_seconds = self.plain(matched)
+        full = self.plain(steps)[0]
+        labels = self.judge.probabilities(full).argmax(1)
+        return {"name": f"DeepCache {kind} N={interval} b={branch}", "kind": "deepcache", "steps": steps,
+                "branch": branch, "interval": interval, "schedule": kind, "full_steps": n_full,
+                "shallow_mac_share": self.shares[branch], "mac_speedup": mac_speedup, "seconds": seconds,
+                **_score(self.judge, images, full, labels), "matched_steps": matched, "matched_seconds": matched_seconds,
+                **{f"matched_{k}": v for k, v in _score(self.judge, matched_images, full, labels).items()}}
+
+
 def evaluate_quality(opts: QualityOptions = QualityOptions()) -> list[dict]:
     """Runs the evaluation grid on the trained digits model in `opts.assets`; returns one row per run.
 
     Example:
         >>> rows = evaluate_quality(QualityOptions(steps=(10,), intervals=(2,), branches=(0,), samples=16))
     """
-    unet, scheduler = load_digits_model(Path(opts.assets))
-    judge = Judge(Path(opts.assets))
-    noise = torch.randn(opts.samples, 1, 16, 16, generator=torch.Generator().manual_seed(opts.seed))
-    shares = {b.index: b.mac_share for b in list_branches(unet, noise[:1], 0)}
-    compiled = {b: compile_deepcache(unet, branch=b) for b in opts.branches}
-    for dc in compiled.values():
-        dc.prepare(noise, torch.tensor(999))  # trace now, not inside a timed run
-    rows = [dict(r, kind="reference") for r in judge.reference_rows(opts.samples, opts.seed)]
-    plain_cache: dict[int, tuple[torch.Tensor, float]] = {}
-
-    def plain(k: int) -> tuple[torch.Tensor, float]:
-        if k not in plain_cache:
-            plain_cache[k] = _sample(unet, scheduler, noise, k)
-        return plain_cache[k]
-
-    configs = [(t, b, n, s) for t in opts.steps for b in opts.branches for n in opts.intervals for s in opts.schedules]
-    bar = tqdm(total=len(configs) + len(opts.steps), desc="quality", mininterval=5)
-    for steps in opts.steps:
-        full, seconds = plain(steps)
-        labels = judge.probabilities(full).argmax(1)
-        rows.append({"name": f"DDIM {steps}", "kind": "full", "steps": steps, "interval": 1, "mac_speedup": 1.0,
-                     "seconds": seconds, **_score(judge, full, None, None)})
-        bar.update()
-        for _, branch, interval, kind in [c for c in configs if c[0] == steps]:
-            try:
-                schedule = DeepCacheConfig.make_schedule(
-                    kind, interval, num_inference_steps=steps if kind == "nonuniform" else None)
-            except ValueError:  # no non-uniform schedule with ceil(T/N) full steps here
-                bar.update()
-                continue
-            dc = compiled[branch].with_schedule(schedule)
-            n_full = len(dc.full_steps(steps))
-            mac_speedup = steps / (n_full + (steps - n_full) * shares[branch])
-            images, seconds = _sample(dc, scheduler, noise, steps)
-            matched = max(1, round(steps / mac_speedup))
-            matched_images, matched_seconds = plain(matched)
-            rows.append({"name": f"DeepCache {kind} N={interval} b={branch}", "kind": "deepcache", "steps": steps,
-                         "branch": branch, "interval": interval, "schedule": kind, "full_steps": n_full,
-                         "shallow_mac_share": shares[branch], "mac_speedup": mac_speedup, "seconds": seconds,
-                         **_score(judge, images, full, labels), "matched_steps": matched,
-                         "matched_seconds": matched_seconds,
-                         **{f"matched_{k}": v for k, v in _score(judge, matched_images, full, labels).items()}})
+    run = _Evaluation(opts)
+    rows = [dict(r, kind="reference") for r in run.judge.reference_rows(opts.samples, opts.seed)]
+    grid = [(b, n, s) for b in opts.branches for n in opts.intervals for s in opts.schedules]
+    with tqdm(total=len(opts.steps) * (1 + len(grid)), desc="quality", mininterval=5) as bar:
+        for steps in opts.steps:
+            rows.append(run.full_row(steps))
             bar.update()
-    bar.close()
+            for branch, interval, kind in grid:
+                row = run.deepcache_row(steps, branch, interval, kind)
+                rows += [row] if row else []
+                bar.update()
     return [dict(r, samples=opts.samples, seed=opts.seed) for r in rows]
 
 
@@ -189,6 +203,30 @@ def quality_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cell(row: dict | None, key: str, spec: str) -> str:
+    return format(row[key], spec) if row else "n/a"
+
+
+def summary_table(rows: list[dict]) -> str:
+    """The paper's Table 2 layout: per step count and branch, one line per N with both schedules side by side,
+    and the plain-DDIM run with the same MACs as the uniform schedule (Table 4)."""
+    lines = ["| DDIM steps | branch | N | MAC speedup (uniform) | FD uniform | FD non-uniform | PSNR dB uniform | "
+             "PSNR dB non-uniform | same MACs: plain DDIM steps, FD |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    cached = [r for r in rows if r["kind"] == "deepcache"]
+    for steps in sorted({r["steps"] for r in cached}, reverse=True):
+        full = next(r for r in rows if r["kind"] == "full" and r["steps"] == steps)
+        lines.append(f"| {steps} | full model | 1 | 1.00x | {full['fd']:.2f} | | | | |")
+        for branch in sorted({r["branch"] for r in cached}):
+            for n in sorted({r["interval"] for r in cached}):
+                pick = {r["schedule"]: r for r in cached if (r["steps"], r["branch"], r["interval"]) == (steps, branch, n)}
+                u, nu = pick.get("uniform"), pick.get("nonuniform")
+                if u is None:
+                    continue
+                lines.append(f"| {steps} | {branch} | {n} | {u['mac_speedup']:.2f}x | {u['fd']:.2f} | {_cell(nu, 'fd', '.2f')} | "
+                             f"{u['psnr']:.1f} | {_cell(nu, 'psnr', '.1f')} | {u['matched_steps']}, {u['matched_fd']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def save_grid(images: torch.Tensor, path: Path, columns: int = 16, scale: int = 4) -> None:
     """Writes `(n, 1, h, w)` images in [-1, 1] as one PNG grid, each pixel `scale`x`scale`."""
     from PIL import Image
@@ -205,11 +243,11 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 16, scale: int = 
 
 
 def write_results(rows: list[dict], opts: QualityOptions) -> Path:
-    """Writes `quality.json`, `quality.md` and `quality.png` (FD and PSNR against N) under `opts.out`."""
+    """Writes `quality.json`, `quality.md` (summary, then every row) and `quality.png` (FD and PSNR against N) under `opts.out`."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps({"options": asdict(opts), "rows": rows}, indent=2))
-    (out / "quality.md").write_text(quality_table(rows))
+    (out / "quality.md").write_text(summary_table(rows) + "\n" + quality_table(rows))
     _plot(rows, out / "quality.png")
     return out
 

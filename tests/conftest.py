@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 from deepcache_compile.presets import build_unet, example_call
 
-torch.set_num_threads(2)
+# Two cores: one process uses both; under pytest-xdist (`-n 2`) each worker uses one, so that the workers'
+# OpenMP threads never outnumber the cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 _SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")

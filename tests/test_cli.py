@@ -19,3 +19,17 @@ def test_demo_runs_end_to_end_on_the_tiny_preset(capsys):
     assert "exact" in out and "False" not in out
     loop = [line for line in out.splitlines() if line.strip().startswith("eager")]
     assert len(loop) == 1 and loop[0].split()[-1] == "1"  # one full step of 3 at N=5
+
+
+def test_digits_demo_generates_grids_and_prints_speed_and_quality(tmp_path, capsys):
+    main(["demo", "--samples", "16", "--steps", "10", "--repeats", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "speedup" in out and "PSNR" in out and "FD" in out
+    assert (tmp_path / "digits_full.png").stat().st_size > 500 and (tmp_path / "digits_deepcache.png").exists()
+
+
+def test_analyze_writes_the_heatmap_and_a_suggestion(tmp_path, capsys):
+    main(["analyze", "--steps", "10", "--batch", "2", "--branch", "0", "3", "--out", str(tmp_path / "sim.png")])
+    out = capsys.readouterr().out
+    assert "suggestion: branch=" in out or "no branch keeps" in out
+    assert (tmp_path / "sim.png").stat().st_size > 1000 and (tmp_path / "sim.json").exists()

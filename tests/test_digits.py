@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from deepcache_compile.digits import (ASSETS, TrainOptions, ddim_scheduler, digit_images, load_classifier,
+from deepcache_compile.digits import (ASSETS, TrainOptions, digit_images, load_classifier,
                                       load_digits_model, save_assets, train_classifier, train_ddpm)
 
 
@@ -21,7 +21,9 @@ def test_shipped_weights_load_with_from_pretrained():
     unet = UNet2DModel.from_pretrained(ASSETS / "unet")
     scheduler = DDIMScheduler.from_pretrained(ASSETS / "scheduler")
     assert unet.config.sample_size == 16 and unet.config.in_channels == 1
-    assert dict(scheduler.config) == dict(ddim_scheduler().config)  # the schedule it was trained with
+    trained_with = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")  # as in train_ddpm
+    assert torch.equal(scheduler.alphas_cumprod, trained_with.alphas_cumprod)
+    assert scheduler.config.prediction_type == "epsilon" and scheduler.config.clip_sample
     record = json.loads((ASSETS / "training.json").read_text())
     assert record["options"]["iterations"] >= 1000 and record["classifier_test_accuracy"] > 0.9
     assert (ASSETS / "loss.csv").read_text().count("\n") == record["options"]["iterations"] + 1

@@ -39,7 +39,9 @@ def test_reduced_evaluation_runs_and_is_sane(tmp_path):
     by_kind = {r["kind"]: r for r in rows}
     real, noise = (r["fd"] for r in rows if r["kind"] == "reference")
     full = by_kind["full"]
-    assert 0 <= real < full["fd"] < noise / 5  # the trained model is far closer to digits than noise
+    # The trained model is as close to the digits as 64 real digits are (both FDs carry the small-sample bias),
+    # and far closer than noise.
+    assert full["fd"] < 2 * real and full["fd"] < noise / 20
     assert 0.5 < full["confidence"] <= 1
     cached = [r for r in rows if r["kind"] == "deepcache"]
     assert [r["interval"] for r in cached] == [2, 5]
