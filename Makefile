@@ -17,7 +17,8 @@ demo: $(STAMP)
 	$(PY) -m deepcache_compile demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	# Two workers, one file each (module fixtures stay shared); tests/conftest.py gives each worker one thread.
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
