@@ -197,7 +197,7 @@ def write_analysis(sim: FeatureSimilarity, path: Path, branches: tuple[int, ...]
     except ValueError as err:
         suggestion = {"error": str(err)}
     record = {"timesteps": sim.timesteps, "threshold": sim.threshold, "mac_share": sim.mac_share,
-              "similarity": {b: s.tolist() for b, s in sim.similarity.items()},
+              "similarity": {b: s.double().round(decimals=5).tolist() for b, s in sim.similarity.items()},
               "share_above": {b: sim.share_above(b).tolist() for b in sim.similarity},
               "candidates": [c.__dict__ for c in candidates(sim)], "suggestion": suggestion}
     path.with_suffix(".json").write_text(json.dumps(record, indent=1))

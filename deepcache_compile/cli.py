@@ -51,7 +51,8 @@ def _quality(args: argparse.Namespace) -> None:
     from .quality import QualityOptions, evaluate_quality, quality_table, write_results
 
     opts = QualityOptions(steps=tuple(args.steps), intervals=tuple(args.interval), branches=tuple(args.branch),
-                          schedules=tuple(args.schedule), samples=args.samples, seed=args.seed, out=args.out)
+                          schedules=tuple(args.schedule), samples=args.samples, seed=args.seed,
+                          always_full_last=args.always_full_last, out=args.out)
     rows = evaluate_quality(opts)
     print(quality_table(rows))
     print(f"written to {write_results(rows, opts)}")
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     quality.add_argument("--schedule", nargs="+", default=list(Q.schedules), choices=["uniform", "nonuniform"])
     quality.add_argument("--samples", type=int, default=Q.samples)
     quality.add_argument("--seed", type=int, default=Q.seed)
+    quality.add_argument("--always-full-last", type=int, default=Q.always_full_last,
+                         help="the last this-many steps are full steps")
     quality.add_argument("--out", default=Q.out)
     quality.set_defaults(func=_quality)
 

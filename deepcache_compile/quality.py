@@ -44,6 +44,7 @@ class QualityOptions:
     schedules: tuple[str, ...] = ("uniform", "nonuniform")
     samples: int = 500
     seed: int = 0
+    always_full_last: int = 0  # the last this-many steps are full (all schedules)
     out: str = "bench/results/quality"
     assets: str = str(ASSETS)  # the trained model and classifier (digits.save_assets)
 
@@ -130,6 +131,7 @@ class _Evaluation:
         for dc in self.compiled.values():
             dc.prepare(self.noise, torch.tensor(999))  # trace now, not inside a timed run
         self._plain: dict[int, tuple[torch.Tensor, float]] = {}
+        self.always_full_last = opts.always_full_last
 
     def plain(self, steps: int) -> tuple[torch.Tensor, float]:
         """The full model's samples and sampling time at `steps` DDIM steps (each step count run once)."""
@@ -145,8 +147,8 @@ class _Evaluation:
     def deepcache_row(self, steps: int, branch: int, interval: int, kind: str) -> dict | None:
         """DeepCache at (branch, N, schedule) and plain DDIM at the same MACs, scored against the full model."""
         try:
-            schedule = DeepCacheConfig.make_schedule(kind, interval,
-                                                     num_inference_steps=steps if kind == "nonuniform" else None)
+            schedule = DeepCacheConfig.make_schedule(kind, interval, num_inference_steps=steps,
+                                                     always_full_last=self.always_full_last)
         except ValueError:  # no non-uniform schedule with ceil(T/N) full steps for this T
             return None
         dc = self.compiled[branch].with_schedule(schedule)
@@ -157,8 +159,10 @@ class _Evaluation:
         matched_images, matched_seconds = self.plain(matched)
         full = self.plain(steps)[0]
         labels = self.judge.probabilities(full).argmax(1)
-        return {"name": f"DeepCache {kind} N={interval} b={branch}", "kind": "deepcache", "steps": steps,
-                "branch": branch, "interval": interval, "schedule": kind, "full_steps": n_full,
+        last = f" +{self.always_full_last} full last" if self.always_full_last else ""
+        return {"name": f"DeepCache {kind}{last} N={interval} b={branch}", "kind": "deepcache", "steps": steps,
+                "branch": branch, "interval": interval, "schedule": kind, "always_full_last": self.always_full_last,
+                "full_steps": n_full,
                 "shallow_mac_share": self.shares[branch], "mac_speedup": mac_speedup, "seconds": seconds,
                 **_score(self.judge, images, full, labels), "matched_steps": matched, "matched_seconds": matched_seconds,
                 **{f"matched_{k}": v for k, v in _score(self.judge, matched_images, full, labels).items()}}
