@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
 from torch import fx
 
 from .branches import SkipBranch
