@@ -74,18 +74,16 @@ def run_digits_demo(opts: DigitsDemoOptions = DigitsDemoOptions()) -> dict:
 
 
 def _digits_figures(full: torch.Tensor, fast: torch.Tensor, times: dict, opts: DigitsDemoOptions) -> dict:
-    from .quality import Judge, psnr
+    from .quality import Judge
 
     judge = Judge()
     full_s, fast_s = (sorted(t)[len(t) // 2] for t in times.values())
-    p_full, p_fast = judge.probabilities(full), judge.probabilities(fast)
-    mse, db = psnr(fast, full)
-    return {"full_s": full_s, "deepcache_s": fast_s, "speedup": full_s / fast_s, "mse": mse, "psnr": db,
-            "fd_full": judge.fd(full), "fd_deepcache": judge.fd(fast),
-            "fd_real": judge.reference_rows(opts.samples, opts.seed)[0]["fd"],
-            "agreement": (p_fast.argmax(1) == p_full.argmax(1)).float().mean().item(),
-            "confidence_full": p_full.max(1).values.mean().item(),
-            "confidence_deepcache": p_fast.max(1).values.mean().item()}
+    full_scores, fast_scores = judge.score(full), judge.score(fast, full)
+    return {"full_s": full_s, "deepcache_s": fast_s, "speedup": full_s / fast_s,
+            "mse": fast_scores["mse"], "psnr": fast_scores["psnr"], "agreement": fast_scores["agreement"],
+            "fd_full": full_scores["fd"], "fd_deepcache": fast_scores["fd"],
+            "confidence_full": full_scores["confidence"], "confidence_deepcache": fast_scores["confidence"],
+            "fd_real": judge.reference_rows(opts.samples, opts.seed)[0]["fd"]}
 
 
 def _print_digits_figures(f: dict, opts: DigitsDemoOptions) -> None:

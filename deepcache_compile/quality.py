@@ -94,6 +94,16 @@ class Judge:
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(images.clamp(-1, 1)).softmax(1)
 
+    def score(self, images: torch.Tensor, full: torch.Tensor | None = None) -> dict:
+        """FD and confidence of `images`; with the full model's samples from the same noise, also MSE, PSNR and
+        `agreement` (the share classified as the same digit as the full model's sample)."""
+        probs = self.probabilities(images)
+        row = {"fd": self.fd(images), "confidence": probs.max(1).values.mean().item()}
+        if full is not None:
+            row["mse"], row["psnr"] = psnr(images, full)
+            row["agreement"] = (probs.argmax(1) == self.probabilities(full).argmax(1)).float().mean().item()
+        return row
+
     def reference_rows(self, n: int, seed: int) -> list[dict]:
         """FD of real digits (n held apart vs the rest) and of Gaussian noise: the floor and the ceiling."""
         order = torch.randperm(len(self.real), generator=torch.Generator().manual_seed(seed)).numpy()
@@ -107,16 +117,6 @@ def _sample(model, scheduler, noise: torch.Tensor, steps: int) -> tuple[torch.Te
     start = time.perf_counter()
     images = ddim_loop(model, {"sample": noise}, steps, scheduler)
     return images.clamp(-1, 1), time.perf_counter() - start
-
-
-def _score(judge: Judge, images: torch.Tensor, full: torch.Tensor | None, full_labels: torch.Tensor | None) -> dict:
-    probs = judge.probabilities(images)
-    row = {"fd": judge.fd(images),
-           "confidence": probs.max(1).values.mean().item()}
-    if full is not None:
-        row["mse"], row["psnr"] = psnr(images, full)
-        row["agreement"] = (probs.argmax(1) == full_labels).float().mean().item()
-    return row
 
 
 class _Evaluation:
@@ -142,7 +142,7 @@ class _Evaluation:
     def full_row(self, steps: int) -> dict:
         images, seconds = self.plain(steps)
         return {"name": f"DDIM {steps}", "kind": "full", "steps": steps, "interval": 1, "mac_speedup": 1.0,
-                "seconds": seconds, **_score(self.judge, images, None, None)}
+                "seconds": seconds, **self.judge.score(images)}
 
     def deepcache_row(self, steps: int, branch: int, interval: int, kind: str) -> dict | None:
         """DeepCache at (branch, N, schedule) and plain DDIM at the same MACs, scored against the full model."""
@@ -158,14 +158,13 @@ class _Evaluation:
         matched = max(1, round(steps / mac_speedup))
         matched_images, matched_seconds = self.plain(matched)
         full = self.plain(steps)[0]
-        labels = self.judge.probabilities(full).argmax(1)
         last = f" +{self.always_full_last} full last" if self.always_full_last else ""
         return {"name": f"DeepCache {kind}{last} N={interval} b={branch}", "kind": "deepcache", "steps": steps,
                 "branch": branch, "interval": interval, "schedule": kind, "always_full_last": self.always_full_last,
                 "full_steps": n_full,
                 "shallow_mac_share": self.shares[branch], "mac_speedup": mac_speedup, "seconds": seconds,
-                **_score(self.judge, images, full, labels), "matched_steps": matched, "matched_seconds": matched_seconds,
-                **{f"matched_{k}": v for k, v in _score(self.judge, matched_images, full, labels).items()}}
+                **self.judge.score(images, full), "matched_steps": matched, "matched_seconds": matched_seconds,
+                **{f"matched_{k}": v for k, v in self.judge.score(matched_images, full).items()}}
 
 
 def evaluate_quality(opts: QualityOptions = QualityOptions()) -> list[dict]:
