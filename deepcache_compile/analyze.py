@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import torch
 from torch import fx
 
-from .api import list_branches
+from .api import branch_infos
 from .benchmark import ddim_loop
 from .branches import SkipBranch, find_branches
 from .schedule import uniform_full_steps
@@ -100,28 +100,21 @@ def feature_similarity(unet, call: dict, steps: int, scheduler=None, threshold: 
     branches = find_branches(traced.gm)
     probe = probe_graph(traced.gm, branches)
     records: list[tuple[torch.Tensor, ...]] = []
+    timesteps: list[int] = []
 
     def model(sample, timestep, **kwargs):
         out, *caches = probe(*flatten((sample, timestep), kwargs).tensors)
         records.append(tuple(c.flatten(1).float() for c in caches))
+        timesteps.append(int(timestep))
         return SimpleNamespace(sample=out)
 
     ddim_loop(model, call, steps, scheduler)
-    shares = {b.index: b.mac_share for b in list_branches(unet, **first)}
+    shares = {b.index: b.mac_share for b in branch_infos(traced)}
     similarity = {}
     for b in branches:
         feats = torch.nn.functional.normalize(torch.stack([r[b.index] for r in records]), dim=2)  # (T, B, D)
         similarity[b.index] = torch.einsum("ibd,jbd->ij", feats, feats) / feats.shape[1]
-    timesteps = _timesteps(scheduler, steps)
-    return FeatureSimilarity(timesteps, similarity, shares, threshold)
-
-
-def _timesteps(scheduler, steps: int) -> tuple[int, ...]:
-    from diffusers import DDIMScheduler
-
-    s = DDIMScheduler.from_config(scheduler.config) if scheduler else DDIMScheduler(num_train_timesteps=1000)
-    s.set_timesteps(steps)
-    return tuple(int(t) for t in s.timesteps)
+    return FeatureSimilarity(tuple(timesteps), similarity, shares, threshold)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from .dispatch import DeepCacheUNet
 from .macs import graph_macs, node_macs
 from .partition import split_at_branch
 from .presets import example_call
-from .trace import CallFlattener, trace_unet
+from .trace import CallFlattener, TracedUNet, trace_unet
 
 __all__ = ["compile_deepcache", "list_branches", "BranchInfo"]
 
@@ -112,7 +112,11 @@ def list_branches(unet: nn.Module, *args, **kwargs) -> list[BranchInfo]:
     if not args and not kwargs:
         kwargs = example_call(unet)
     flatten = CallFlattener(unet)
-    traced = trace_unet(unet, flatten(args, kwargs), flatten.input_names(args, kwargs))
+    return branch_infos(trace_unet(unet, flatten(args, kwargs), flatten.input_names(args, kwargs)))
+
+
+def branch_infos(traced: TracedUNet) -> list[BranchInfo]:
+    """`list_branches` for a U-Net already traced with `trace_unet`."""
     macs = node_macs(traced.gm, traced.example_inputs)
     full_macs = sum(macs.values())
     rows = []
