@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from deepcache_compile import compile_deepcache
-from deepcache_compile.presets import build_unet, example_call
+from deepcache_compile.eval.presets import build_unet, example_call
 
 
 def _weight_bytes(gm) -> int:

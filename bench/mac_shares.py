@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from deepcache_compile import list_branches
-from deepcache_compile.presets import build_unet, example_call
+from deepcache_compile.eval.presets import build_unet, example_call
 
 OUT = Path(__file__).parent / "results"
 
@@ -27,14 +27,14 @@ def main() -> None:
             unet = build_unet(preset)
             call = example_call(unet)
         rows = list_branches(unet, **call)
-        table[preset] = [{"branch": r.index, "skip_from": r.skip_from, "consumed_by": r.consumed_by,
-                          "full_gmacs": r.full_macs / 1e9, "shallow_gmacs": r.shallow_macs / 1e9,
-                          "share": r.mac_share} for r in rows]
+        table[preset] = [{"branch": r.index, "producer_module": r.producer_module,
+                          "consumer_module": r.consumer_module, "full_gmacs": r.full_macs / 1e9,
+                          "shallow_gmacs": r.shallow_macs / 1e9, "share": r.mac_share} for r in rows]
     (OUT / "mac_shares.json").write_text(json.dumps(table, indent=2))
-    lines = ["| preset | branch | skip from | consumed by | shallow GMACs | share of full |", "| --- " * 6 + "|"]
+    lines = ["| preset | branch | producer module | consumer module | shallow GMACs | share of full |", "| --- " * 6 + "|"]
     for preset, rows in table.items():
-        lines += [f"| {preset} | {r['branch']} | {r['skip_from']} | {r['consumed_by']} | {r['shallow_gmacs']:.1f} "
-                  f"of {r['full_gmacs']:.1f} | {r['share']:.1%} |" for r in rows]
+        lines += [f"| {preset} | {r['branch']} | {r['producer_module']} | {r['consumer_module']} | "
+                  f"{r['shallow_gmacs']:.1f} of {r['full_gmacs']:.1f} | {r['share']:.1%} |" for r in rows]
     (OUT / "mac_shares.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 

@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from deepcache_compile.digits import ASSETS, TrainOptions, save_assets, train_classifier, train_ddpm, training_record
+from deepcache_compile.eval.digits import ASSETS, TrainOptions, save_assets, train_classifier, train_ddpm, training_record
 
 
 def plot_losses(losses: list[float], path: Path) -> None:

@@ -2,25 +2,43 @@
 
     from deepcache_compile import compile_deepcache, list_branches
     pipe.unet = compile_deepcache(pipe.unet, branch=1, interval=5)
+
+The names below are imported on first use, so `from deepcache_compile import load_deepcache` loads the engine
+runtime alone: no graph pass, no compiler, no diffusers.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .api import BranchInfo, compile_deepcache, list_branches
-from .config import DeepCacheConfig
-from .dispatch import DeepCacheUNet
-from .engine import DeepCacheEngine, ManifestError, load_deepcache
-from .schedule import Schedule, Step
+_EXPORTS = {
+    "compile_deepcache": ".api",
+    "list_branches": ".api",
+    "BranchInfo": ".api",
+    "DeepCacheConfig": ".config",
+    "DeepCacheUNet": ".runtime.dispatch",
+    "available_backends": ".runtime.backends",
+    "register_backend": ".runtime.backends",
+    "DeepCacheEngine": ".artifacts.engine",
+    "load_deepcache": ".artifacts.engine",
+    "ManifestError": ".artifacts.manifest",
+    "Schedule": ".schedule",
+    "Step": ".schedule",
+}
 
-__all__ = [
-    "compile_deepcache",
-    "list_branches",
-    "BranchInfo",
-    "DeepCacheConfig",
-    "DeepCacheUNet",
-    "DeepCacheEngine",
-    "ManifestError",
-    "load_deepcache",
-    "Schedule",
-    "Step",
-]
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'deepcache_compile' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+

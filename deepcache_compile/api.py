@@ -7,13 +7,14 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .branches import find_branches
+from .calls import CallFlattener, example_call
 from .config import DeepCacheConfig
-from .dispatch import DeepCacheUNet
-from .macs import graph_macs, node_macs
-from .partition import split_at_branch
-from .presets import example_call
-from .trace import CallFlattener, TracedUNet, trace_unet
+from .graph.branches import find_branches
+from .graph.macs import graph_macs, node_macs
+from .graph.partition import split_at_branch
+from .graph.trace import TracedUNet, trace_unet
+from .runtime.dispatch import DeepCacheUNet
+from .schedule import DEFAULT_CENTER, DEFAULT_POWER, make_schedule
 
 __all__ = ["compile_deepcache", "list_branches", "BranchInfo"]
 
@@ -25,8 +26,8 @@ def compile_deepcache(
     *,
     schedule: str | Sequence[int] = "uniform",
     num_inference_steps: int | None = None,
-    center: int = 15,
-    power: float = 1.4,
+    center: int = DEFAULT_CENTER,
+    power: float = DEFAULT_POWER,
     always_full_first: int = 0,
     always_full_last: int = 0,
     backend: str = "eager",
@@ -43,15 +44,18 @@ def compile_deepcache(
     Args:
         unet: a diffusers U-Net (UNet2DConditionModel, UNet2DModel, ...), in eval mode.
         branch: the deepest skip recomputed on shallow steps; `list_branches(unet)` lists the valid ones.
-        interval: N of the 1:N schedule (default 3). Not used with an explicit list of full steps.
+        interval: N of the 1:N schedule (default 3, `schedule.DEFAULT_INTERVAL`). Not used with an explicit
+            list of full steps.
         schedule: "uniform", "nonuniform", or an explicit list of full steps starting at 0.
         num_inference_steps: total steps; needed by "nonuniform" and `always_full_last`.
         center: the nonuniform schedule's center step.
         power: the nonuniform schedule's power.
         always_full_first: the first this-many steps are always full.
         always_full_last: the last this-many steps are always full.
-        backend: "eager" or "inductor".
-        backend_options: passed to the backend (inductor: mode, fullgraph, dynamic, options, freezing).
+        backend: "eager" (the reference), "inductor", "aoti", "onnxruntime" or "tensorrt" (CUDA); see
+            `available_backends()`.
+        backend_options: passed to the backend (inductor: mode, fullgraph, dynamic, options, freezing;
+            aoti: inductor_configs; onnxruntime: providers, session_options; tensorrt: torch_tensorrt options).
         calls_per_step: 2 for pipelines that call the U-Net twice per step (conditional, unconditional).
         max_signatures: how many input signatures keep a compiled pair.
         verify: check each compiled pair once against the eager graphs (one extra call of each, per signature).
@@ -62,9 +66,8 @@ def compile_deepcache(
     """
     config = DeepCacheConfig(
         branch=branch,
-        schedule=DeepCacheConfig.make_schedule(
-            schedule, interval, num_inference_steps, center, power, always_full_first, always_full_last
-        ),
+        schedule=make_schedule(schedule, interval, num_inference_steps, center, power, always_full_first,
+                               always_full_last),
         backend=backend,
         backend_options=dict(backend_options or {}),
         calls_per_step=calls_per_step,
@@ -80,16 +83,16 @@ class BranchInfo:
 
     Attributes:
         index: the branch number to pass as `branch=`.
-        skip_from: the module producing the skip tensor.
-        consumed_by: the up layer that consumes it.
+        producer_module: the module producing the skip tensor, e.g. `down_blocks.0.attentions.0`.
+        consumer_module: the up layer that consumes it, e.g. `up_blocks.3.resnets.1`.
         cache_shape: shape of the cached tensor for the example call.
         full_macs: MACs of a full step.
         shallow_macs: MACs of a shallow step at this branch.
     """
 
     index: int
-    skip_from: str
-    consumed_by: str
+    producer_module: str
+    consumer_module: str
     cache_shape: tuple[int, ...]
     full_macs: int
     shallow_macs: int
@@ -103,16 +106,15 @@ class BranchInfo:
 def list_branches(unet: nn.Module, *args, **kwargs) -> list[BranchInfo]:
     """Lists the skip branches of `unet` with the shallow step's MAC share, for one example call.
 
-    Without arguments, a batch-1 call at the config's sample size is used (`presets.example_call`).
+    Without arguments, a batch-1 call at the config's sample size is used (`calls.example_call`).
 
     Example:
         >>> for b in list_branches(unet):
-        ...     print(b.index, b.consumed_by, f"{b.mac_share:.1%}")
+        ...     print(b.index, b.consumer_module, f"{b.mac_share:.1%}")
     """
     if not args and not kwargs:
         kwargs = example_call(unet)
-    flatten = CallFlattener(unet)
-    return branch_infos(trace_unet(unet, flatten(args, kwargs), flatten.input_names(args, kwargs)))
+    return branch_infos(trace_unet(unet, CallFlattener(unet)(args, kwargs)))
 
 
 def branch_infos(traced: TracedUNet) -> list[BranchInfo]:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
-from .backends import available_backends
+from .runtime.backends import available_backends
 from .schedule import Schedule
 
-__all__ = ["DeepCacheConfig", "DEFAULT_INTERVAL"]
-
-DEFAULT_INTERVAL = 3  # the reference README's choice
+__all__ = ["DeepCacheConfig"]
 
 
 @dataclass(frozen=True)
@@ -19,8 +17,9 @@ class DeepCacheConfig:
 
     Attributes:
         branch: the deepest skip recomputed on shallow steps (see `list_branches`).
-        schedule: which steps are full.
-        backend: "eager" or "inductor".
+        schedule: which steps are full (default: uniform 1:3).
+        backend: one of `available_backends()`: "eager" (the reference), "inductor", "aoti", "onnxruntime",
+            "tensorrt" (CUDA), or one added with `register_backend`.
         backend_options: passed to the backend (for inductor: mode, fullgraph, dynamic, options, freezing).
         calls_per_step: U-Net calls per denoising step. 2 for pipelines that call the U-Net separately for the
             conditional and unconditional halves: each call slot then keeps its own cache.
@@ -33,7 +32,7 @@ class DeepCacheConfig:
     """
 
     branch: int
-    schedule: Schedule = field(default_factory=lambda: Schedule("uniform", interval=DEFAULT_INTERVAL))
+    schedule: Schedule = field(default_factory=Schedule)
     backend: str = "eager"
     backend_options: dict[str, Any] = field(default_factory=dict)
     calls_per_step: int = 1
@@ -52,26 +51,3 @@ class DeepCacheConfig:
             raise ValueError(f"calls_per_step={self.calls_per_step} must be >= 1 (2 for separate CFG calls)")
         if self.max_signatures < 1:
             raise ValueError(f"max_signatures={self.max_signatures} must be >= 1")
-
-    @staticmethod
-    def make_schedule(
-        schedule: str | Sequence[int] = "uniform",
-        interval: int | None = None,
-        num_inference_steps: int | None = None,
-        center: int = 15,
-        power: float = 1.4,
-        always_full_first: int = 0,
-        always_full_last: int = 0,
-    ) -> Schedule:
-        """Builds a `Schedule` from `compile_deepcache`'s keywords (a list of ints means explicit full steps)."""
-        common = dict(
-            num_inference_steps=num_inference_steps,
-            always_full_first=always_full_first,
-            always_full_last=always_full_last,
-        )
-        if not isinstance(schedule, str):
-            if interval is not None:
-                raise ValueError("pass either interval=N or an explicit list of full steps, not both")
-            return Schedule("explicit", steps=tuple(schedule), **common)
-        interval = DEFAULT_INTERVAL if interval is None else interval
-        return Schedule(schedule, interval=interval, center=center, power=power, **common)

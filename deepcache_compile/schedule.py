@@ -12,12 +12,17 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Step", "Schedule", "uniform_full_steps", "nonuniform_full_steps"]
+__all__ = ["Step", "Schedule", "make_schedule", "mac_speedup", "uniform_full_steps", "nonuniform_full_steps",
+           "DEFAULT_INTERVAL", "DEFAULT_CENTER", "DEFAULT_POWER"]
 
 KINDS = ("uniform", "nonuniform", "explicit")
+DEFAULT_INTERVAL = 3  # the reference README's choice
+DEFAULT_CENTER = 15  # the reference code's non-uniform center c
+DEFAULT_POWER = 1.4  # and power p
 
 
 class Step(enum.Enum):
@@ -47,11 +52,11 @@ class Schedule:
     """
 
     kind: str = "uniform"
-    interval: int = 3
+    interval: int = DEFAULT_INTERVAL
     steps: tuple[int, ...] = ()
     num_inference_steps: int | None = None
-    center: int = 15
-    power: float = 1.4
+    center: int = DEFAULT_CENTER
+    power: float = DEFAULT_POWER
     always_full_first: int = 0
     always_full_last: int = 0
 
@@ -74,7 +79,7 @@ class Schedule:
             return step % self.interval == 0
         if self.kind == "explicit":
             return step in _as_set(self.steps)
-        return step in _as_set(tuple(nonuniform_full_steps(total, self.interval, self.center, self.power)))
+        return step in _as_set(nonuniform_full_steps(total, self.interval, self.center, self.power))
 
     def step(self, step: int, total: int | None = None) -> Step:
         return Step.FULL if self.is_full(step, total) else Step.SHALLOW
@@ -85,6 +90,15 @@ class Schedule:
         if total is None:
             raise ValueError("full_steps() needs the number of steps: pass total, e.g. full_steps(50)")
         return [s for s in range(total) if self.is_full(s, total)]
+
+    def mac_speedup(self, total: int, shallow_share: float) -> float:
+        """MACs of `total` full steps over the MACs this schedule spends (`shallow_share` = shallow / full MACs).
+
+        Example:
+            >>> round(Schedule("uniform", interval=5).mac_speedup(50, 0.2), 3)   # 10 full + 40 shallow steps
+            2.778
+        """
+        return mac_speedup(total, len(self.full_steps(total)), shallow_share)
 
     def _total(self, total: int | None) -> int | None:
         total = self.num_inference_steps if total is None else int(total)
@@ -136,13 +150,44 @@ def _as_set(steps: tuple[int, ...]) -> frozenset[int]:
     return frozenset(steps)
 
 
-def uniform_full_steps(total: int, interval: int) -> list[int]:
+def mac_speedup(total: int, full_steps: int, shallow_share: float) -> float:
+    """`total` full steps' MACs over those of `full_steps` full and `total - full_steps` shallow steps."""
+    return total / (full_steps + (total - full_steps) * shallow_share)
+
+
+def make_schedule(
+    schedule: str | Sequence[int] = "uniform",
+    interval: int | None = None,
+    num_inference_steps: int | None = None,
+    center: int = DEFAULT_CENTER,
+    power: float = DEFAULT_POWER,
+    always_full_first: int = 0,
+    always_full_last: int = 0,
+) -> Schedule:
+    """A `Schedule` from `compile_deepcache`'s keywords: a kind name, or a list of ints = explicit full steps.
+
+    Example:
+        >>> make_schedule([0, 3, 7]).kind
+        'explicit'
+    """
+    common = dict(num_inference_steps=num_inference_steps, always_full_first=always_full_first,
+                  always_full_last=always_full_last)
+    if not isinstance(schedule, str):
+        if interval is not None:
+            raise ValueError("pass either interval=N or an explicit list of full steps, not both")
+        return Schedule("explicit", steps=tuple(schedule), **common)
+    interval = DEFAULT_INTERVAL if interval is None else interval
+    return Schedule(schedule, interval=interval, center=center, power=power, **common)
+
+
+def uniform_full_steps(total: int, interval: int) -> tuple[int, ...]:
     """Full steps of the uniform 1:N schedule: 0, N, 2N, ..."""
-    return list(range(0, total, interval))
+    return tuple(range(0, total, interval))
 
 
 @functools.lru_cache(maxsize=64)
-def nonuniform_full_steps(total: int, interval: int, center: int = 15, power: float = 1.4) -> list[int]:
+def nonuniform_full_steps(total: int, interval: int, center: int = DEFAULT_CENTER,
+                          power: float = DEFAULT_POWER) -> tuple[int, ...]:
     """Full steps of the paper's non-uniform schedule, bit-for-bit the reference implementation.
 
     `(-c) ** (1/p)` is complex in Python; the reference casts the complex powers to int32, which keeps the
@@ -150,7 +195,7 @@ def nonuniform_full_steps(total: int, interval: int, center: int = 15, power: fl
 
     Example:
         >>> nonuniform_full_steps(50, 5, 15, 1.4)
-        [0, 5, 9, 13, 17, 21, 26, 31, 37, 43]
+        (0, 5, 9, 13, 17, 21, 26, 31, 37, 43)
     """
     k = math.ceil(total / interval)
     p = power
@@ -161,7 +206,7 @@ def nonuniform_full_steps(total: int, interval: int, center: int = 15, power: fl
             truncated = np.trunc((xs ** p).real).astype(np.int32)
         idx = [0] + [int(x) + center for x in np.unique(truncated)[1:-1]]
         if len(idx) == k:
-            return sorted(idx)
+            return tuple(sorted(idx))  # immutable: the lru_cache hands the same object to every caller
         p -= 0.02
     raise ValueError(
         f"no non-uniform schedule with {k} full steps exists for num_inference_steps={total}, interval={interval}, "

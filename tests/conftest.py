@@ -8,7 +8,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from deepcache_compile.presets import build_unet, example_call
+from deepcache_compile.calls import CallFlattener, example_call
+from deepcache_compile.eval.presets import build_unet
+from deepcache_compile.graph.trace import TracedUNet, trace_unet
 
 # Two cores: one process uses both; under pytest-xdist (`-n 2`) each worker uses one, so that the workers'
 # OpenMP threads never outnumber the cores.
@@ -77,6 +79,11 @@ def make_unet(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
 
 def make_call(unet: torch.nn.Module, batch: int = 1, seed: int = 0, **size) -> dict:
     return example_call(unet, batch=batch, text_len=7, seed=seed, **size)
+
+
+def trace(unet: torch.nn.Module, call: dict) -> TracedUNet:
+    """`trace_unet` for keyword arguments of one call."""
+    return trace_unet(unet, CallFlattener(unet)((), call))
 
 
 def controlnet_residuals(unet, call: dict, seed: int = 1) -> dict:

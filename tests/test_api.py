@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from deepcache_compile import compile_deepcache
-from deepcache_compile.branches import BranchNotFoundError
-from deepcache_compile.trace import UNetTraceError
+from deepcache_compile.graph.branches import BranchNotFoundError
+from deepcache_compile.graph.trace import UNetTraceError
 
 from conftest import make_call, make_unet
 

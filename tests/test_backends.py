@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deepcache_compile import compile_deepcache
-from deepcache_compile.backends import available_backends, get_backend
+from deepcache_compile.runtime.backends import available_backends, get_backend, register_backend
 
 from conftest import make_call, make_unet
 
@@ -26,13 +26,18 @@ def test_registry():
 def test_bad_backend_options_are_refused():
     unet = make_unet("ddpm-class")
     dc = compile_deepcache(unet, branch=0, backend="inductor", backend_options={"modee": "max-autotune"})
-    with pytest.raises(ValueError, match=r"options \['modee'\] are unknown"):
+    with pytest.raises(ValueError, match=r"options \['modee'\] are unknown; it accepts \['dynamic', 'freezing', "):
         dc(**make_call(unet))
+    with pytest.raises(ValueError, match="backend 'eager' is already registered"):
+        register_backend("eager", lambda gm, inputs, options: gm)
 
 
 @pytest.mark.parametrize("backend, arch", [("inductor", "sd-mini"), ("onnxruntime", "sd-mini"),
                                            ("aoti", "sd-mini")])
-def test_compiled_calls_match_eager(backend, arch):
+def test_compiled_calls_match_eager(backend, arch, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the backends' temporary files go
     unet = make_unet(arch)
     call = make_call(unet, batch=2)
     extra = {k: v for k, v in call.items() if k not in ("sample", "timestep")}
@@ -42,6 +47,9 @@ def test_compiled_calls_match_eager(backend, arch):
         a = compiled(call["sample"], t, **extra).sample
         b = eager(call["sample"], t, **extra).sample
         torch.testing.assert_close(a, b, **TOLERANCE[(backend, torch.float32)])
+    assert compiled.history == "FSFSF"
+    # ONNX files and AOTInductor packages are gone once loaded: nothing of ours is left in the temp folder.
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("deepcache_")] == []
 
 
 def test_missing_optional_dependency_names_the_extra(monkeypatch):
@@ -55,17 +63,30 @@ def test_missing_optional_dependency_names_the_extra(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
-    from deepcache_compile.backends.onnxruntime import OrtRunner
+    from deepcache_compile.artifacts.formats.onnx import OrtRunner
 
     with pytest.raises(ImportError, match=r"pip install 'deepcache_compile\[onnx\]'"):
         OrtRunner("unused.onnx", torch.device("cpu"))
 
 
+def _shallow_off_by_one_percent(gm, example_inputs, options):
+    """A deliberately wrong backend: the shallow graph's output is scaled by 1.01 (the full graph is right)."""
+    if type(gm).__name__ != "DeepCacheShallow":
+        return gm
+    return lambda *tensors: tuple(t * 1.01 for t in gm(*tensors))
+
+
 def test_a_miscompiled_graph_is_caught_at_compile_time():
-    """AOTInductor (torch 2.13, CPU) miscompiles this shallow graph when the U-Net was traced before in the
-    same process; the compile-time check turns the silently wrong output into an error."""
+    if "wrong-shallow" not in available_backends():
+        register_backend("wrong-shallow", _shallow_off_by_one_percent)
     unet = make_unet("ddpm-class")
     call = make_call(unet, batch=2)
-    compile_deepcache(unet, branch=1).prepare(**call)
-    with pytest.raises(RuntimeError, match="aoti backend's shallow graph differs from the eager graph"):
-        compile_deepcache(unet, branch=1, backend="aoti").prepare(**call)
+    with pytest.raises(RuntimeError, match=r"wrong-shallow backend's shallow graph differs from the eager graph "
+                                           r"by 0\.01 \(relative max\) for branch 1: a miscompilation"):
+        compile_deepcache(unet, branch=1, backend="wrong-shallow").prepare(**call)
+    # verify=False skips the check: the wrong graph then runs (what the check exists to prevent).
+    dc = compile_deepcache(unet, branch=1, interval=2, backend="wrong-shallow", verify=False)
+    eager = compile_deepcache(unet, branch=1, interval=2)
+    for t in (900, 800):
+        wrong, right = dc(**{**call, "timestep": t}).sample, eager(**{**call, "timestep": t}).sample
+    torch.testing.assert_close(wrong, right * 1.01)

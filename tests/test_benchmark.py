@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 
-from deepcache_compile.cli import main
+import pytest
+
+from deepcache_compile.eval.cli import main
 
 
 def test_bench_writes_rows_table_and_plot(tmp_path, capsys):
@@ -17,11 +19,18 @@ def test_bench_writes_rows_table_and_plot(tmp_path, capsys):
     names = [r["name"] for r in rows]
     assert names[0] == "unet-eager"
     assert "deepcache eager uniform N=2" in names and "deepcache eager nonuniform N=2" in names
+    import torch
+
     for r in rows:
-        assert r["min_s"] <= r["median_s"] <= r["max_s"] and r["threads"] >= 1 and r["torch"]
+        assert r["threads"] == torch.get_num_threads() and r["torch"] == torch.__version__
+        assert r["speedup_vs_unet_eager"] == pytest.approx(rows[0]["median_s"] / r["median_s"])
         if r["name"].startswith("deepcache"):
-            assert 1 < r["mac_bound_speedup"] < r["steps"] and 0 < r["dispatch_efficiency"]
-            assert r["shallow_gmacs"] < r["full_gmacs"]
+            # 4 steps: N=2 runs 2 full + 2 shallow steps, N=3 2 + 2 as well (full at 0 and 3).
+            assert r["full_steps"] == 2
+            share = r["shallow_gmacs"] / r["full_gmacs"]
+            assert r["mac_bound_speedup"] == pytest.approx(4 / (2 + 2 * share))
+            expected = (2 * r["full_ms"] + 2 * r["shallow_ms"]) / 1e3 / r["median_s"]
+            assert r["dispatch_efficiency"] == pytest.approx(expected)
     with open(stem.with_suffix(".csv")) as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert stem.with_suffix(".png").stat().st_size > 1000

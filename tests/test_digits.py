@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from deepcache_compile.digits import (ASSETS, TrainOptions, digit_images, load_classifier,
+from deepcache_compile.eval.digits import (ASSETS, TrainOptions, digit_images, load_classifier,
                                       load_digits_model, save_assets, train_classifier, train_ddpm)
 
 
@@ -38,8 +39,10 @@ def test_shipped_classifier_recognizes_real_digits():
 
 def test_training_runs_and_its_output_round_trips(tmp_path):
     unet, losses = train_ddpm(TrainOptions(iterations=3, batch=8, warmup=1))
-    classifier, accuracy = train_classifier(epochs=1)
-    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses) and 0 <= accuracy <= 1
+    classifier, _ = train_classifier(epochs=1)
+    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
+    # Epsilon-prediction MSE of an untrained model on unit-variance noise starts near 1.
+    assert 0.5 < losses[0] < 2
     save_assets(tmp_path, unet, classifier)
     loaded, scheduler = load_digits_model(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), unet.state_dict().values()))
@@ -47,9 +50,5 @@ def test_training_runs_and_its_output_round_trips(tmp_path):
 
 
 def test_missing_model_names_the_training_script(tmp_path):
-    try:
+    with pytest.raises(FileNotFoundError, match=r"run `python bench/train_digits.py`"):
         load_digits_model(tmp_path)
-    except FileNotFoundError as err:
-        assert "bench/train_digits.py" in str(err)
-    else:
-        raise AssertionError("no error for a folder without a model")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, HeunDiscreteScheduler, PNDMScheduler
@@ -9,18 +11,15 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from deepcache_compile import compile_deepcache
+from deepcache_compile.eval.sampling import ddim_loop
 
 from conftest import make_call, make_unet
 from reference import deepcache_step
 
 
 def _ddim_loop(model_call, latents, steps=10):
-    scheduler = DDIMScheduler(num_train_timesteps=1000)
-    scheduler.set_timesteps(steps)
-    for t in scheduler.timesteps:
-        noise = model_call(latents, t)
-        latents = scheduler.step(noise, t, latents).prev_sample
-    return latents
+    """`ddim_loop` for a function `(latents, t) -> noise prediction`."""
+    return ddim_loop(lambda x, t: SimpleNamespace(sample=model_call(x, t)), {"sample": latents}, steps)
 
 
 @pytest.mark.parametrize("arch, branch, interval", [
@@ -52,64 +51,45 @@ def test_ddim_loop_matches_eager_reference(arch, branch, interval):
     assert not torch.allclose(actual, plain, atol=1e-6), "DeepCache must actually reuse the cache"
 
 
-def _counting(dc):
-    """Records, per call, whether the dispatcher ran the full graph."""
-    log = []
-    pair_run = dc.prepare
-
-    def wrap(pair):
-        full, shallow = pair.full, pair.shallow
-        object.__setattr__(pair, "full", lambda *a: (log.append("F"), full(*a))[1])
-        object.__setattr__(pair, "shallow", lambda *a: (log.append("S"), shallow(*a))[1])
-        return pair
-
-    return log, lambda **call: wrap(pair_run(**call))
-
-
 def test_new_generation_starts_full_when_the_timestep_goes_up():
     unet = make_unet("sd")
     call = make_call(unet)
     dc = compile_deepcache(unet, branch=1, interval=3)
-    log, prepare = _counting(dc)
-    prepare(**call)
     for _ in range(2):  # two generations of 4 steps, nothing between them
         for t in (900, 700, 500, 300):
             dc(call["sample"], t, encoder_hidden_states=call["encoder_hidden_states"])
-    assert "".join(log) == "FSSF" * 2
+        assert dc.history == "FSSF"
 
 
 def test_signature_change_starts_a_new_generation_and_reset_works():
     unet = make_unet("sd")
     small, large = make_call(unet), make_call(unet, height=16, width=16)
     dc = compile_deepcache(unet, branch=1, interval=3)
-    log_small, prep = _counting(dc)
-    prep(**small)
-    log_large, _ = _counting(dc)
     for t in (900, 800):
         dc(small["sample"], t, encoder_hidden_states=small["encoder_hidden_states"])
+    assert dc.history == "FS"
     out = dc(large["sample"], 700, encoder_hidden_states=large["encoder_hidden_states"]).sample
-    assert out.shape == large["sample"].shape
+    assert out.shape == large["sample"].shape and dc.history == "F"  # new signature: a new generation
     dc(small["sample"], 600, encoder_hidden_states=small["encoder_hidden_states"])
-    assert "".join(log_small) == "FSF"  # back to the small size: a new generation, full again
     dc(small["sample"], 500, encoder_hidden_states=small["encoder_hidden_states"])
+    assert dc.history == "FS"  # back to the small size: a new generation, full again
     dc.reset()
     dc(small["sample"], 400, encoder_hidden_states=small["encoder_hidden_states"])
-    assert "".join(log_small) == "FSFSF"
+    assert dc.history == "F" and dc.step == 1
 
 
 def test_exception_mid_generation_does_not_leak_the_cache():
     unet = make_unet("sd")
     call = make_call(unet)
     dc = compile_deepcache(unet, branch=1, interval=5)
-    log, prep = _counting(dc)
-    prep(**call)
     for t in (900, 800):
         dc(call["sample"], t, encoder_hidden_states=call["encoder_hidden_states"])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="bogus"):
         dc(call["sample"], 700, encoder_hidden_states=call["encoder_hidden_states"], bogus=1)
+    assert dc.history == "FS" and dc.step == 2  # the failed call did not count
     for t in (900, 800):  # the next generation starts from the top
         dc(call["sample"], t, encoder_hidden_states=call["encoder_hidden_states"])
-    assert "".join(log) == "FSFS"
+    assert dc.history == "FS"
 
 
 @pytest.mark.parametrize("scheduler_cls", [PNDMScheduler, HeunDiscreteScheduler], ids=["pndm", "heun"])
@@ -120,12 +100,10 @@ def test_repeated_timesteps_keep_a_regular_cadence(scheduler_cls):
     scheduler.set_timesteps(8)
     assert len(set(scheduler.timesteps.tolist())) < len(scheduler.timesteps)  # the schedule repeats
     dc = compile_deepcache(unet, branch=1, interval=3)
-    log, prep = _counting(dc)
-    prep(**{**call, "timestep": scheduler.timesteps[0]})  # Heun's timesteps are float: its own signature
     for t in scheduler.timesteps:
         dc(call["sample"], t, encoder_hidden_states=call["encoder_hidden_states"])
     n = len(scheduler.timesteps)
-    assert "".join(log) == "".join("F" if i % 3 == 0 else "S" for i in range(n))
+    assert dc.history == "".join("F" if i % 3 == 0 else "S" for i in range(n))
 
 
 def test_two_calls_per_step_keep_one_cache_each():
@@ -175,7 +153,7 @@ def test_bounded_signature_cache():
     dc = compile_deepcache(unet, branch=0, max_signatures=2)
     for size in (8, 16, 24):
         dc(**make_call(unet, height=size, width=size))
-    assert len(dc._pairs) == 2
+    assert [p.traced.example_inputs[0].shape[-1] for p in dc.pairs] == [16, 24]  # the least recent went
 
 
 def test_the_user_unet_is_not_modified():
@@ -194,24 +172,18 @@ def test_the_user_unet_is_not_modified():
 def test_matches_the_pypi_reference_helper(branch):
     """DEEPCACHE.md: branch=b equals DeepCacheSDHelper.set_params(cache_branch_id=b) for two-layer blocks."""
     DeepCache = pytest.importorskip("DeepCache", reason="PyPI DeepCache (the reference helper) is not installed")
-    from types import SimpleNamespace
-
     unet = make_unet("sd")
     call = make_call(unet, batch=2)
-    ehs = call["encoder_hidden_states"]
     dc = compile_deepcache(unet, branch=branch, interval=3)
-    ours = _ddim_loop(lambda x, t: dc(x, t, encoder_hidden_states=ehs).sample, call["sample"])
+    ours = ddim_loop(dc, call, 10)
 
     scheduler = DDIMScheduler(num_train_timesteps=1000)
-    scheduler.set_timesteps(10)
+    scheduler.set_timesteps(10)  # the helper looks each timestep up here; ddim_loop's has the same ones
     helper = DeepCache.DeepCacheSDHelper(pipe=SimpleNamespace(unet=unet, scheduler=scheduler))
     helper.set_params(cache_interval=3, cache_branch_id=branch)
     helper.enable()
     try:
-        latents = call["sample"]
-        with torch.no_grad():
-            for t in scheduler.timesteps:
-                latents = scheduler.step(unet(latents, t, encoder_hidden_states=ehs).sample, t, latents).prev_sample
+        theirs = ddim_loop(unet, call, 10)
     finally:
         helper.disable()
-    torch.testing.assert_close(ours, latents, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

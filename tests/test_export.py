@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -11,10 +12,10 @@ import textwrap
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from deepcache_compile import ManifestError, compile_deepcache, load_deepcache
-from deepcache_compile.benchmark import ddim_loop
+from deepcache_compile.eval.sampling import ddim_loop
 
 from conftest import make_call, make_unet
 
@@ -71,28 +72,40 @@ def test_manifest_records_what_a_deployment_needs(exports):
     assert manifest["sizes"]["shallow.onnx.data"] < manifest["sizes"]["full.onnx.data"] / 3
 
 
+def _denoise(model, latents, ehs, steps=10):
+    """A scheduler-free loop (the fresh process has no diffusers): x <- x - 0.1 * model(x, t), t from 999 down."""
+    outputs = []
+    for t in torch.linspace(999, 0, steps).long():
+        outputs.append(model(latents, t, encoder_hidden_states=ehs).sample)
+        latents = latents - 0.1 * outputs[-1]
+    return torch.stack(outputs)
+
+
 def test_fresh_process_loads_without_diffusers(exports, tmp_path):
     dc, directory = exports("pt2", "sd-mini")
     call = make_call(dc.unet, batch=2, height=16, width=16)
-    save_file({"sample": call["sample"], "ehs": call["encoder_hidden_states"], "expected": ddim_loop(dc, call, 10)},
-              tmp_path / "io.safetensors")
-    script = textwrap.dedent(f"""
+    dc.reset()
+    expected = _denoise(dc, call["sample"], call["encoder_hidden_states"])
+    save_file({"sample": call["sample"], "ehs": call["encoder_hidden_states"]}, tmp_path / "in.safetensors")
+    script = textwrap.dedent("""
         import sys, torch
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file, save_file
         from deepcache_compile import load_deepcache
-        io = load_file({str(tmp_path / "io.safetensors")!r})
+    """) + inspect.getsource(_denoise) + textwrap.dedent(f"""
+        io = load_file({str(tmp_path / "in.safetensors")!r})
         engine = load_deepcache({str(directory)!r})
-        latents = io["sample"]
-        for i, t in enumerate(torch.linspace(999, 0, 10).long()):
-            engine(latents, t, encoder_hidden_states=io["ehs"])
-        loaded = [m for m in sys.modules if m.startswith("diffusers")]
-        assert not loaded, loaded
-        print("ok", engine.step if hasattr(engine, "step") else "")
+        save_file({{"outputs": _denoise(engine, io["sample"], io["ehs"])}}, {str(tmp_path / "out.safetensors")!r})
+        print(engine.history)
+        print(sorted(m for m in sys.modules if m.startswith(("diffusers", "deepcache_compile.graph",
+                                                             "deepcache_compile.eval", "deepcache_compile.runtime.pair"))))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("ok")
+    history, modules = result.stdout.strip().splitlines()[-2:]
+    assert history == "FSSFSSFSSF" and modules == "[]", result.stdout
+    actual = load_file(tmp_path / "out.safetensors")["outputs"]
+    torch.testing.assert_close(actual, expected, **TOLERANCE["pt2"])
 
 
 def test_engine_stands_in_for_pipe_unet(exports):

@@ -5,20 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepcache_compile.branches import find_branches
-from deepcache_compile.partition import split_at_branch
-from deepcache_compile.trace import CallFlattener, trace_unet
+from deepcache_compile.graph.branches import find_branches
+from deepcache_compile.graph.partition import split_at_branch
 
-from conftest import EXPECTED_SKIPS, controlnet_residuals, make_call, make_unet
-
-
-def _trace(unet, call):
-    flatten = CallFlattener(unet)
-    return trace_unet(unet, flatten((), call), flatten.input_names((), call))
+from conftest import EXPECTED_SKIPS, controlnet_residuals, make_call, make_unet, trace
 
 
 def _assert_exact_for_all_branches(unet, call):
-    traced = _trace(unet, call)
+    traced = trace(unet, call)
     inputs = traced.example_inputs
     with torch.no_grad():
         expected = unet(**call, return_dict=False)[0]
@@ -54,7 +48,7 @@ def test_controlnet_style_call_all_branches_bitwise():
 
 def test_graphs_share_the_unets_parameters():
     unet = make_unet("sd")
-    traced = _trace(unet, make_call(unet))
+    traced = trace(unet, make_call(unet))
     split = split_at_branch(traced.gm, find_branches(traced.gm)[1])
     originals = {id(p) for p in unet.parameters()}
     for gm in (split.full, split.shallow):
@@ -64,15 +58,18 @@ def test_graphs_share_the_unets_parameters():
 
 def test_shallow_graph_computes_nothing_deep():
     unet = make_unet("sd")
-    traced = _trace(unet, make_call(unet))
+    traced = trace(unet, make_call(unet))
     split = split_at_branch(traced.gm, find_branches(traced.gm)[1])
     stacks = [str(n.meta.get("nn_module_stack", {})) for n in split.shallow.graph.nodes]
     for deep in ("mid_block", "down_blocks.1", "up_blocks.0", "up_blocks.1", "up_blocks.2"):
         assert not any(deep in s for s in stacks), f"shallow graph still runs {deep}"
     targets = [n.target for n in split.shallow.graph.nodes if n.op == "call_function"]
-    # The two attention layers above branch 1 (down_blocks.0.attentions.0, up_blocks.3.attentions.1/2) remain.
-    sdpa = [t for t in targets if t == torch.ops.aten.scaled_dot_product_attention.default]
-    assert 0 < len(sdpa) <= 6
+    # The transformers above branch 1 remain: down_blocks.0.attentions.0 and up_blocks.3.attentions.1 and .2,
+    # each one self- and one cross-attention: 6 SDPA calls (the full graph has 2*3 + 3*3 + 1 = 16 transformers).
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    assert targets.count(sdpa) == 6
+    full_targets = [n.target for n in split.full.graph.nodes if n.op == "call_function"]
+    assert full_targets.count(sdpa) == 2 * 16
     assert torch.ops.aten._assert_tensor_metadata.default not in targets
 
 

@@ -28,8 +28,8 @@ def _reference_nonuniform(total, interval, center, power):
 
 
 def test_nonuniform_reference_values():
-    assert nonuniform_full_steps(50, 5, 15, 1.4) == [0, 5, 9, 13, 17, 21, 26, 31, 37, 43]
-    assert nonuniform_full_steps(50, 10, 15, 1.4) == [0, 9, 17, 26, 37]
+    assert nonuniform_full_steps(50, 5, 15, 1.4) == (0, 5, 9, 13, 17, 21, 26, 31, 37, 43)
+    assert nonuniform_full_steps(50, 10, 15, 1.4) == (0, 9, 17, 26, 37)
     s = Schedule("nonuniform", interval=5, num_inference_steps=50)
     assert s.full_steps() == [0, 5, 9, 13, 17, 21, 26, 31, 37, 43]
 
@@ -44,7 +44,22 @@ def test_nonuniform_matches_the_reference_code(total, interval, center, power):
         with pytest.raises(ValueError, match="no non-uniform schedule"):
             nonuniform_full_steps(total, interval, center, power)
     else:
-        assert nonuniform_full_steps(total, interval, center, power) == expected
+        assert list(nonuniform_full_steps(total, interval, center, power)) == expected
+
+
+def test_cached_schedules_cannot_be_corrupted_by_a_caller():
+    steps = nonuniform_full_steps(50, 5, 15, 1.4)
+    with pytest.raises((TypeError, AttributeError)):
+        steps.append(1)  # a list here would change what every later caller gets from the cache
+    full = Schedule("nonuniform", interval=5, num_inference_steps=50).full_steps()
+    full.append(49)  # full_steps() hands out a fresh list
+    assert Schedule("nonuniform", interval=5, num_inference_steps=50).full_steps()[-1] == 43
+
+
+def test_mac_speedup():
+    # 50 steps at N=5: 10 full + 40 shallow steps at 22.4 % of a full step's MACs (SD 1.5, branch 1).
+    assert Schedule("uniform", interval=5).mac_speedup(50, 0.224) == pytest.approx(50 / (10 + 40 * 0.224))
+    assert Schedule("uniform", interval=1).mac_speedup(50, 0.224) == 1
 
 
 def test_uniform_values():

@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from deepcache_compile.trace import CallFlattener, trace_unet
+from deepcache_compile.calls import CallFlattener
 
-from conftest import controlnet_residuals, make_call, make_unet
+from conftest import controlnet_residuals, make_call, make_unet, trace
 
 
 def test_input_names_follow_the_call_structure():
     unet = make_unet("sdxl")
     call = make_call(unet)
-    assert CallFlattener(unet).input_names((), call) == (
+    assert CallFlattener(unet)((), call).names == (
         "sample", "timestep", "encoder_hidden_states", "added_cond_kwargs.text_embeds",
         "added_cond_kwargs.time_ids",
     )
     sd = make_unet("sd")
     call = make_call(sd)
     call.update(controlnet_residuals(sd, call))
-    names = CallFlattener(sd).input_names((), call)
+    names = CallFlattener(sd)((), call).names
     assert names[3] == "down_block_additional_residuals.0" and names[-1] == "mid_block_additional_residual"
-    assert len(names) == 3 + 12 + 1
+    assert names[3:-1] == tuple(f"down_block_additional_residuals.{i}" for i in range(12))
+    # A Python-number timestep and a non-tensor constant leave the names of the tensors as they are.
+    ddpm = make_unet("ddpm-class")
+    flat = CallFlattener(ddpm)((torch.randn(1, 3, 16, 16), 10), {"class_labels": torch.tensor([3])})
+    assert flat.names == ("sample", "timestep", "class_labels") and len(flat.tensors) == 3
 
 
 def test_signature_tracks_shapes_dtypes_and_optional_inputs():
@@ -40,9 +45,8 @@ def test_signature_tracks_shapes_dtypes_and_optional_inputs():
 
 def test_python_number_timestep_is_a_graph_input_not_a_constant():
     unet = make_unet("sd")
-    flatten = CallFlattener(unet)
     call = {**make_call(unet), "timestep": 500}
-    traced = trace_unet(unet, flatten((), call), flatten.input_names((), call))
+    traced = trace(unet, call)
     ehs = call["encoder_hidden_states"]
     with torch.no_grad():
         for t in (500, 20):
@@ -52,9 +56,5 @@ def test_python_number_timestep_is_a_graph_input_not_a_constant():
 
 def test_bad_call_names_the_signature():
     unet = make_unet("ddpm")
-    try:
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'encoder_hidden_states'.*forward signature is"):
         CallFlattener(unet)((torch.randn(1, 3, 16, 16),), {"timestep": 1, "encoder_hidden_states": 1})
-    except TypeError as err:
-        assert "forward signature is" in str(err)
-    else:
-        raise AssertionError("an unexpected keyword must be refused")

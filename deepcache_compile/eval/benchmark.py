@@ -16,24 +16,22 @@ from __future__ import annotations
 import csv
 import json
 import platform
-import statistics
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
 import torch
 from diffusers import DDIMScheduler
-from torch.utils import benchmark
 from tqdm import tqdm
 
-from .api import compile_deepcache
-from .config import DeepCacheConfig
-from .macs import graph_macs, node_macs
+from ..api import compile_deepcache
+from ..graph.macs import graph_macs, node_macs
+from ..schedule import make_schedule, mac_speedup
 from .presets import build_unet, example_call
+from .sampling import ddim_loop, interleaved, median, median_ms
 
-__all__ = ["BenchOptions", "run_benchmark", "ddim_loop", "median_ms"]
+__all__ = ["BenchOptions", "run_benchmark", "markdown_table"]
 
 
 @dataclass(frozen=True)
@@ -65,24 +63,12 @@ def _machine() -> dict:
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-def ddim_loop(model: Callable, call: dict, steps: int, scheduler: DDIMScheduler | None = None) -> torch.Tensor:
-    """A plain DDIM denoising loop of `steps` U-Net calls, as a pipeline runs it; returns the latents.
-
-    `scheduler` gives the noise schedule (its config is copied, it is not mutated); default: DDIM over 1,000
-    linear-beta steps, Stable Diffusion's.
-    """
-    scheduler = DDIMScheduler.from_config(scheduler.config) if scheduler else DDIMScheduler(num_train_timesteps=1000)
-    scheduler.set_timesteps(steps)
-    latents = call["sample"]
-    extra = {k: v for k, v in call.items() if k not in ("sample", "timestep")}
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            latents = scheduler.step(model(latents, t, **extra).sample, t, latents).prev_sample
-    return latents
-
-
 def _reference_helper(unet, branch: int, interval: int, call: dict, steps: int):
-    """The reference helper on the same U-Net and scheduler; None when PyPI `DeepCache` is not installed."""
+    """The reference helper on the same U-Net and scheduler; None when PyPI `DeepCache` is not installed.
+
+    The helper finds the step by looking the timestep up in `pipe.scheduler.timesteps`; `ddim_loop`'s
+    scheduler has the same timesteps.
+    """
     try:
         from DeepCache import DeepCacheSDHelper
     except ImportError:
@@ -92,36 +78,21 @@ def _reference_helper(unet, branch: int, interval: int, call: dict, steps: int):
     helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=unet, scheduler=scheduler))
     helper.set_params(cache_interval=interval, cache_branch_id=branch)
 
-    def run(x, t, **kw):
-        return unet(x, t, **kw)
-
     def loop():
         helper.enable()
         try:
-            with torch.no_grad():
-                latents = call["sample"]
-                extra = {k: v for k, v in call.items() if k not in ("sample", "timestep")}
-                for t in scheduler.timesteps:
-                    latents = scheduler.step(run(latents, t, **extra).sample, t, latents).prev_sample
+            ddim_loop(unet, call, steps, scheduler)
         finally:
             helper.disable()
 
     return loop
 
 
-def median_ms(fn, min_run_time: float) -> float:
-    """Median milliseconds of `fn()` after one warm-up call (torch.utils.benchmark)."""
-    fn()  # warm-up: the first call after compiling allocates and initializes
-    return benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
-                           ).blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
-@dataclass
+@dataclass(frozen=True)
 class _Candidate:
     name: str
     run: Callable[[], None]
     settings: dict
-    times: list = field(default_factory=list)
 
 
 def run_benchmark(opts: BenchOptions) -> list[dict]:
@@ -158,12 +129,8 @@ def _run(opts: BenchOptions) -> list[dict]:
     candidates = _baselines(unet, call, opts) + candidates
     bar.update(2)
     bar.close()
-    for _ in tqdm(range(opts.repeats), desc="interleaved repeats"):
-        for c in candidates:
-            start = time.perf_counter()
-            c.run()
-            c.times.append(time.perf_counter() - start)
-    rows = _rows(candidates, graphs, full_macs, shallow_macs, opts)
+    times = interleaved({c.name: c.run for c in candidates}, opts.repeats, progress=True)
+    rows = _rows(candidates, times, graphs, full_macs, shallow_macs, opts)
     _write(rows, opts)
     return rows
 
@@ -191,9 +158,8 @@ def _deepcache_candidates(dc, call: dict, opts: BenchOptions, backend: str) -> l
     for kind in opts.schedules:
         for interval in opts.intervals:
             try:
-                schedule = DeepCacheConfig.make_schedule(
-                    kind, interval, num_inference_steps=opts.steps if kind == "nonuniform" else None,
-                    center=min(15, opts.steps // 3))
+                schedule = make_schedule(kind, interval, num_inference_steps=opts.steps if kind == "nonuniform" else None,
+                                         center=min(15, opts.steps // 3))
             except ValueError:  # no non-uniform schedule with ceil(T/N) full steps for this T and N
                 continue
             candidate = dc.with_schedule(schedule)
@@ -204,23 +170,22 @@ def _deepcache_candidates(dc, call: dict, opts: BenchOptions, backend: str) -> l
     return out
 
 
-def _rows(candidates, graphs, full_macs, shallow_macs, opts: BenchOptions) -> list[dict]:
-    base = statistics.median(next(c for c in candidates if c.name == "unet-eager").times) \
-        if "unet-eager" in opts.baselines else None
+def _rows(candidates, times: dict, graphs, full_macs, shallow_macs, opts: BenchOptions) -> list[dict]:
+    base = median(times["unet-eager"]) if "unet-eager" in times else None
     machine = _machine()
     rows = []
     for c in candidates:
-        median = statistics.median(c.times)
+        seconds = median(times[c.name])
         row = {"name": c.name, **{k: v for k, v in asdict(opts).items() if k not in ("intervals", "schedules",
-               "backends", "baselines", "out")}, **c.settings, "median_s": median, "min_s": min(c.times),
-               "max_s": max(c.times), "speedup_vs_unet_eager": base / median if base else None, **machine}
+               "backends", "baselines", "out")}, **c.settings, "median_s": seconds, "min_s": min(times[c.name]),
+               "max_s": max(times[c.name]), "speedup_vs_unet_eager": base / seconds if base else None, **machine}
         if "full_steps" in c.settings:
             full, shallow = c.settings["full_steps"], opts.steps - c.settings["full_steps"]
             t_full, t_shallow = graphs[c.settings["backend"]]
             row.update(full_ms=t_full, shallow_ms=t_shallow, full_gmacs=full_macs / 1e9,
                        shallow_gmacs=shallow_macs / 1e9,
-                       mac_bound_speedup=opts.steps * full_macs / (full * full_macs + shallow * shallow_macs),
-                       dispatch_efficiency=(full * t_full + shallow * t_shallow) / 1e3 / median)
+                       mac_bound_speedup=mac_speedup(opts.steps, full, shallow_macs / full_macs),
+                       dispatch_efficiency=(full * t_full + shallow * t_shallow) / 1e3 / seconds)
         rows.append(row)
     return rows
 

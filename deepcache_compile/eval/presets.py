@@ -1,7 +1,7 @@
 """Published U-Net configs (random weights give the real architecture and latency) and example calls.
 
-Nothing is downloaded: each preset is the config of a public checkpoint, typed in. `example_call` builds the
-keyword arguments a pipeline passes to that U-Net, derived from the U-Net's own config.
+Nothing is downloaded: each preset is the config of a public checkpoint, typed in. The library's
+`calls.example_call` builds the keyword arguments a pipeline passes to such a U-Net.
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["PRESETS", "build_unet", "example_call"]
+from ..calls import example_call
+
+__all__ = ["PRESETS", "build_unet", "example_call"]  # example_call re-exported: presets and their calls go together
 
 _SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
@@ -70,32 +72,3 @@ def build_unet(preset: str, dtype: torch.dtype = torch.float32, seed: int = 0) -
     class_name, config = PRESETS[preset]
     torch.manual_seed(seed)
     return getattr(diffusers, class_name)(**config).to(dtype).eval()
-
-
-def example_call(unet: nn.Module, batch: int = 1, height: int | None = None, width: int | None = None,
-                 text_len: int = 77, seed: int = 0) -> dict:
-    """Keyword arguments of one pipeline-like call of `unet`; `height`/`width` are in U-Net pixels (latents).
-
-    Example:
-        >>> sorted(example_call(build_unet("sdxl"), height=32, width=32))
-        ['added_cond_kwargs', 'encoder_hidden_states', 'sample', 'timestep']
-    """
-    cfg = unet.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    height, width = height or size, width or size
-    param = next(unet.parameters())
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(device=param.device, dtype=param.dtype)
-
-    kwargs = dict(sample=randn(batch, cfg.in_channels, height, width), timestep=torch.tensor(500))
-    if getattr(cfg, "cross_attention_dim", None):
-        kwargs["encoder_hidden_states"] = randn(batch, text_len, cfg.cross_attention_dim)
-    if getattr(cfg, "addition_embed_type", None) == "text_time":
-        n_time = 6
-        text_dim = cfg.projection_class_embeddings_input_dim - n_time * cfg.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = dict(text_embeds=randn(batch, text_dim), time_ids=randn(batch, n_time))
-    if getattr(cfg, "num_class_embeds", None):
-        kwargs["class_labels"] = torch.arange(batch, device=param.device) % cfg.num_class_embeds
-    return kwargs

@@ -10,7 +10,7 @@ A digit classifier (a small CNN, trained on 80 % of the digits, tested on the re
 for the Frechet distance and the accuracy/confidence of generated digits (see `quality.py`).
 
 `bench/train_digits.py` runs `train_ddpm` and `train_classifier` with the shipped settings and writes
-`deepcache_compile/assets/digits/`; `load_digits_model()` loads it back with `from_pretrained`.
+`deepcache_compile/eval/assets/digits/`; `load_digits_model()` loads it back with `from_pretrained`.
 """
 
 from __future__ import annotations

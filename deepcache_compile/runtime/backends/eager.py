@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import fx
 
+from ...options import check_options
+
 
 def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], options: dict[str, Any]):
-    if options:
-        raise ValueError(f"the eager backend takes no options, got {sorted(options)}")
+    check_options("the eager backend", options, ())
     return gm

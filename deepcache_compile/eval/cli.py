@@ -11,7 +11,7 @@ __all__ = ["main"]
 
 
 def _branches(args: argparse.Namespace) -> None:
-    from .api import list_branches
+    from ..api import list_branches
     from .presets import build_unet, example_call
 
     unet = build_unet(args.preset)
@@ -20,7 +20,7 @@ def _branches(args: argparse.Namespace) -> None:
     print(f"{'branch':>6} {'skip from':>32} {'consumed by':>24} {'cache shape':>22} {'full GMAC':>10} "
           f"{'shallow GMAC':>13} {'share':>7}")
     for r in rows:
-        print(f"{r.index:>6} {r.skip_from:>32} {r.consumed_by:>24} {str(r.cache_shape):>22} "
+        print(f"{r.index:>6} {r.producer_module:>32} {r.consumer_module:>24} {str(r.cache_shape):>22} "
               f"{r.full_macs / 1e9:>10.2f} {r.shallow_macs / 1e9:>13.2f} {r.mac_share:>7.1%}")
 
 

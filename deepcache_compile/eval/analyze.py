@@ -7,10 +7,10 @@ then averaged over the batch); `share_above[i]` is the share of other steps whos
 exceeds the threshold (0.95, the paper's).
 
 The suggestion rule (`suggest`): a shallow step t reuses the feature of the latest full step f(t). The
-*staleness similarity* of (branch b, interval N, uniform schedule) is the 10th percentile over shallow steps of
-`similarity_b[t, f(t)]` (the mean hides the few late steps where features move fast; the minimum depends on
-whether the very last step happens to be full). Among the (b, N) whose staleness similarity is at least 0.997,
-suggest the one with the largest MAC speedup `T / (F + S * shallow_share_b)`. The 0.997 was calibrated on the
+*reuse similarity* of (branch b, interval N, uniform schedule) is the 10th percentile over shallow steps of
+`similarity_b[t, f(t)]` (higher = fresher) (the mean hides the few late steps where features move fast; the minimum depends on
+whether the very last step happens to be full). Among the (b, N) whose reuse similarity is at least 0.997,
+suggest the one with the largest MAC speedup `T / (F + S * shallow_share_b)` (`schedule.mac_speedup`). The 0.997 was calibrated on the
 digits DDPM against its measured quality (`bench/results/quality/`, README), so that validation is in-sample.
 """
 
@@ -24,11 +24,12 @@ from types import SimpleNamespace
 import torch
 from torch import fx
 
-from .api import branch_infos
-from .benchmark import ddim_loop
-from .branches import SkipBranch, find_branches
-from .schedule import uniform_full_steps
-from .trace import CallFlattener, trace_unet
+from ..api import branch_infos
+from ..calls import CallFlattener
+from ..graph.branches import SkipBranch, find_branches
+from ..graph.trace import trace_unet
+from ..schedule import mac_speedup, uniform_full_steps
+from .sampling import ddim_loop
 
 __all__ = ["FeatureSimilarity", "Suggestion", "feature_similarity", "probe_graph", "suggest", "plot_similarity"]
 
@@ -67,7 +68,7 @@ class FeatureSimilarity:
         above = (sim > self.threshold).float().sum(1) - 1  # not the step itself
         return above / max(1, steps - 1)
 
-    def staleness(self, branch: int, interval: int, quantile: float = 0.1) -> float:
+    def reuse_similarity(self, branch: int, interval: int, quantile: float = 0.1) -> float:
         """A low quantile of the similarity between each shallow step's own feature and the cached one it uses
         (uniform 1:N); 1.0 when no step is shallow."""
         sim, steps = self.similarity[branch], len(self.similarity[branch])
@@ -92,11 +93,10 @@ def feature_similarity(unet, call: dict, steps: int, scheduler=None, threshold: 
 
     Example:
         >>> sim = feature_similarity(unet, {"sample": torch.randn(8, 1, 16, 16)}, steps=50, scheduler=scheduler)
-        >>> sim.staleness(branch=2, interval=5)
+        >>> sim.reuse_similarity(branch=2, interval=5)
     """
     flatten = CallFlattener(unet)
-    first = dict(call, timestep=torch.tensor(999))
-    traced = trace_unet(unet, flatten((), first), flatten.input_names((), first))
+    traced = trace_unet(unet, flatten((), dict(call, timestep=torch.tensor(999))))
     branches = find_branches(traced.gm)
     probe = probe_graph(traced.gm, branches)
     records: list[tuple[torch.Tensor, ...]] = []
@@ -121,23 +121,20 @@ def feature_similarity(unet, call: dict, steps: int, scheduler=None, threshold: 
 class Suggestion:
     branch: int
     interval: int
-    staleness: float
+    reuse_similarity: float
     mac_speedup: float
 
     def __str__(self) -> str:
         return (f"branch={self.branch}, interval={self.interval}: 90 % of shallow steps see cosine similarity >= "
-                f"{self.staleness:.4f} to the cached feature, {self.mac_speedup:.2f}x fewer MACs (uniform schedule)")
+                f"{self.reuse_similarity:.4f} to the cached feature, {self.mac_speedup:.2f}x fewer MACs "
+                "(uniform schedule)")
 
 
 def candidates(sim: FeatureSimilarity, intervals: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 10)) -> list[Suggestion]:
-    """Every (branch, interval) with its staleness similarity and MAC speedup."""
+    """Every (branch, interval) with its reuse similarity and MAC speedup."""
     steps = len(sim.timesteps)
-    out = []
-    for b, share in sim.mac_share.items():
-        for n in intervals:
-            full = len(uniform_full_steps(steps, n))
-            out.append(Suggestion(b, n, sim.staleness(b, n), steps / (full + (steps - full) * share)))
-    return out
+    return [Suggestion(b, n, sim.reuse_similarity(b, n), mac_speedup(steps, len(uniform_full_steps(steps, n)), share))
+            for b, share in sim.mac_share.items() for n in intervals]
 
 
 SUGGEST_THRESHOLD = 0.997
@@ -145,12 +142,12 @@ SUGGEST_THRESHOLD = 0.997
 
 def suggest(sim: FeatureSimilarity, intervals: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 10),
             threshold: float = SUGGEST_THRESHOLD) -> Suggestion:
-    """The fastest (branch, interval) whose staleness similarity is at least `threshold`.
+    """The fastest (branch, interval) whose reuse similarity is at least `threshold`.
 
     Raises:
         ValueError: no branch keeps its features above the threshold even at the smallest interval.
     """
-    ok = [c for c in candidates(sim, intervals) if c.staleness >= threshold]
+    ok = [c for c in candidates(sim, intervals) if c.reuse_similarity >= threshold]
     if not ok:
         raise ValueError(f"no branch keeps its cached feature above cosine similarity {threshold} between steps: "
                          "DeepCache will cost quality on this model; lower the threshold or use more steps")

@@ -1,14 +1,15 @@
 """Engine files + manifest -> a DeepCache U-Net that runs without diffusers' model code.
 
-`load_deepcache` verifies the manifest (format version, the library versions a format is tied to, every
-file's size and sha256) before it opens anything, then loads the pair with the format's own runtime: torch
-alone for `.pt2`, torch's AOTInductor loader for `.aoti.pt2`, onnxruntime for ONNX, TensorRT for `.plan`.
-`DeepCacheEngine` has the call interface and schedule of `DeepCacheUNet` and reuses its dispatch logic.
+`load_deepcache` verifies the manifest (`manifest.read_manifest`: format version, the library versions a
+format is tied to, every file's size and sha256) before it opens anything, then loads the pair with the
+format's own runtime (`formats/`): torch alone for `.pt2`, torch's AOTInductor loader for `.aoti.pt2`,
+onnxruntime for ONNX, TensorRT for `.plan`. `DeepCacheEngine` has the call interface and schedule of
+`DeepCacheUNet` and runs the same generation logic (`runtime.generation`). Nothing here imports the graph
+passes or diffusers.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,18 +19,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .dispatch import GenerationState, run_step
-from .export import FORMAT_VERSION, MANIFEST, ShapeRanges, sha256
-from .schedule import Schedule
-from .trace import FlatCall
+from ..calls import FlatCall
+from ..options import check_options
+from ..runtime.generation import GenerationState, run_step
+from ..schedule import Schedule
+from .formats import get_format
+from .manifest import ManifestError, ShapeRanges, read_manifest
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_deepcache", "DeepCacheEngine", "EngineOutput", "ManifestError"]
-
-
-class ManifestError(ValueError):
-    """An engine directory is incomplete, tampered with, or made for another version."""
 
 
 @dataclass
@@ -52,72 +51,6 @@ class EngineConfig(dict):
             raise AttributeError(f"the exported U-Net's config has no {name!r}") from None
 
 
-def read_manifest(directory: str | Path) -> dict:
-    """Reads and verifies `deepcache.json` and the files it lists; raises ManifestError naming the problem."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise ManifestError(f"{path} is missing: not a deepcache_compile export (see dc.export)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ManifestError(f"{path} is not valid JSON ({err}): the manifest is damaged; export again") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ManifestError(f"{path} has format_version={manifest.get('format_version')!r}; this deepcache_compile "
-                            f"reads version {FORMAT_VERSION}: export again with this version")
-    _check_versions(manifest, path)
-    for name, digest in manifest["sha256"].items():
-        file = directory / name
-        if not file.is_file():
-            raise ManifestError(f"{file} is missing: copy the whole export directory")
-        if file.stat().st_size != manifest["sizes"][name]:
-            raise ManifestError(f"{file} has {file.stat().st_size} bytes, the manifest says "
-                                f"{manifest['sizes'][name]}: the file is truncated or replaced")
-        if sha256(file) != digest:
-            raise ManifestError(f"{file} does not match its sha256 in the manifest: the file was modified")
-    return manifest
-
-
-def _check_versions(manifest: dict, path: Path) -> None:
-    versions = manifest["versions"]
-    tied = {"aoti": ("torch", torch.__version__)}
-    if manifest["format"] == "tensorrt":
-        import tensorrt
-
-        tied["tensorrt"] = ("tensorrt", tensorrt.__version__)
-    if manifest["format"] in tied:
-        library, installed = tied[manifest["format"]]
-        if versions.get(library) != installed:
-            raise ManifestError(f"{path}: {manifest['format']} files were built with {library} "
-                                f"{versions.get(library)}, this is {installed}: export again with this version")
-
-
-def _runners(manifest: dict, directory: Path, device: torch.device, provider: str | None):
-    files = {part: directory / names[0] for part, names in manifest["files"].items()}
-    fmt = manifest["format"]
-    if fmt == "pt2":
-        return tuple(_pt2(files[p], device) for p in ("full", "shallow"))
-    if fmt == "aoti":
-        from .backends import aoti
-
-        loaded = [aoti.load(files[p], device) for p in ("full", "shallow")]
-        return tuple((lambda m: lambda *t: tuple(m(*t)))(m) for m in loaded)
-    if fmt == "onnx":
-        from .backends.onnxruntime import OrtRunner
-
-        providers = [provider] if provider else None
-        return tuple(OrtRunner(files[p], device, providers) for p in ("full", "shallow"))
-    from .backends.tensorrt import TrtRunner
-
-    return tuple(TrtRunner(files[p].read_bytes(), device) for p in ("full", "shallow"))
-
-
-def _pt2(path: Path, device: torch.device):
-    module = torch.export.load(str(path)).module()
-    module.to(device)
-    return module
-
-
 def load_deepcache(directory: str | Path, device: str | torch.device = "cpu", provider: str | None = None,
                    ) -> "DeepCacheEngine":
     """Loads an export written by `dc.export(directory, format=...)`.
@@ -131,10 +64,14 @@ def load_deepcache(directory: str | Path, device: str | torch.device = "cpu", pr
         >>> pipe.unet = load_deepcache("engines/sd15-b1", device="cuda")
         >>> image = pipe(prompt).images[0]
     """
-    directory = Path(directory)
+    directory, device = Path(directory), torch.device(device)
     manifest = read_manifest(directory)
-    full, shallow = _runners(manifest, directory, torch.device(device), provider)
-    return DeepCacheEngine(manifest, full, shallow, torch.device(device))
+    reader = get_format(manifest["format"])
+    options = {"provider": provider} if provider else {}
+    check_options(f"loading a {manifest['format']} export", options, reader.LOAD_OPTIONS)
+    full, shallow = (reader.load(directory / manifest["files"][part][0], device, **options)
+                     for part in ("full", "shallow"))
+    return DeepCacheEngine(manifest, full, shallow, device)
 
 
 class DeepCacheEngine(nn.Module):
@@ -151,8 +88,7 @@ class DeepCacheEngine(nn.Module):
         self._full, self._shallow, self._device = full, shallow, device
         self.schedule = Schedule(**{**manifest["schedule"], "steps": tuple(manifest["schedule"]["steps"])})
         self.config = EngineConfig(manifest["unet"]["config"])
-        self.ranges = ShapeRanges(**{k: (tuple(v) if isinstance(v, list) else v)
-                                     for k, v in manifest["ranges"].items() if k != "units"})
+        self.ranges = ShapeRanges.from_manifest(manifest["ranges"])
         self._inputs = [(i["name"], getattr(torch, i["dtype"]), i["rank"]) for i in manifest["inputs"]]
         self._params = manifest["unet"]["forward_params"]
         self._known = frozenset(name.split(".")[0] for name, _, _ in self._inputs)
@@ -176,6 +112,16 @@ class DeepCacheEngine(nn.Module):
 
     def full_steps(self, total: int | None = None) -> list[int]:
         return self.schedule.full_steps(total)
+
+    @property
+    def step(self) -> int:
+        """Index of the next step within the current generation."""
+        return self._state.calls // self._state.calls_per_step
+
+    @property
+    def history(self) -> str:
+        """What the current (or last) generation ran, one letter per U-Net call: "F" full, "S" shallow."""
+        return "".join(self._state.history)
 
     def forward(self, *args, return_dict: bool = True, **kwargs):
         given = dict(zip(self._params, args), **kwargs)

@@ -9,11 +9,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..calls import FlatCall
+from ..config import DeepCacheConfig
+from ..graph.branches import SkipBranch, find_branches
+from ..graph.partition import SplitGraphs, split_at_branch
+from ..graph.trace import TracedUNet, trace_unet
 from .backends import get_backend
-from .branches import SkipBranch, find_branches
-from .config import DeepCacheConfig
-from .partition import SplitGraphs, split_at_branch
-from .trace import FlatCall, TracedUNet, trace_unet
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +62,15 @@ def select_branch(branches: tuple[SkipBranch, ...], branch: int) -> SkipBranch:
     return branches[branch]
 
 
-def compile_pair(unet: nn.Module, call: FlatCall, input_names: tuple[str, ...], config: DeepCacheConfig) -> CompiledPair:
+def compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig) -> CompiledPair:
     """Traces `unet` for the signature of `call`, cuts it at `config.branch` and compiles both graphs.
 
     Example:
-        >>> pair = compile_pair(unet, flat(args, kwargs), names, DeepCacheConfig(branch=1))
-        >>> sample, cache = pair.full(*flat(args, kwargs).tensors)
+        >>> call = CallFlattener(unet)(args, kwargs)
+        >>> pair = compile_pair(unet, call, DeepCacheConfig(branch=1))
+        >>> sample, cache = pair.full(*call.tensors)
     """
-    traced = trace_unet(unet, call, input_names)
+    traced = trace_unet(unet, call)
     branch = select_branch(find_branches(traced.gm), config.branch)
     split = split_at_branch(traced.gm, branch)
     backend = get_backend(config.backend)
@@ -103,6 +105,6 @@ def verify_pair(pair: CompiledPair, backend: str) -> None:
         if not error <= _VERIFY_TOLERANCE.get(reference.dtype, 1e-3):
             raise RuntimeError(
                 f"the {backend} backend's {part} graph differs from the eager graph by {error:.3g} (relative max) "
-                f"for branch {pair.branch.index}: a miscompilation. Use another backend (inductor, onnxruntime), "
+                f"for branch {pair.branch.index}: a miscompilation. Use another backend (see available_backends()), "
                 "or pass verify=False to compile_deepcache to skip this check"
             )

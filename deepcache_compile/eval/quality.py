@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,10 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .api import compile_deepcache, list_branches
-from .benchmark import ddim_loop
-from .config import DeepCacheConfig
+from ..api import compile_deepcache, list_branches
+from ..schedule import make_schedule
 from .digits import ASSETS, digit_images, load_classifier, load_digits_model
+from .sampling import ddim_loop, timed
 
 __all__ = ["Judge", "QualityOptions", "frechet_distance", "evaluate_quality", "quality_table", "summary_table",
            "save_grid", "psnr", "write_results"]
@@ -114,9 +113,8 @@ class Judge:
 
 
 def _sample(model, scheduler, noise: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
-    start = time.perf_counter()
-    images = ddim_loop(model, {"sample": noise}, steps, scheduler)
-    return images.clamp(-1, 1), time.perf_counter() - start
+    images, seconds = timed(lambda: ddim_loop(model, {"sample": noise}, steps, scheduler))
+    return images.clamp(-1, 1), seconds
 
 
 class _Evaluation:
@@ -147,13 +145,12 @@ class _Evaluation:
     def deepcache_row(self, steps: int, branch: int, interval: int, kind: str) -> dict | None:
         """DeepCache at (branch, N, schedule) and plain DDIM at the same MACs, scored against the full model."""
         try:
-            schedule = DeepCacheConfig.make_schedule(kind, interval, num_inference_steps=steps,
-                                                     always_full_last=self.always_full_last)
+            schedule = make_schedule(kind, interval, num_inference_steps=steps, always_full_last=self.always_full_last)
         except ValueError:  # no non-uniform schedule with ceil(T/N) full steps for this T
             return None
         dc = self.compiled[branch].with_schedule(schedule)
         n_full = len(dc.full_steps(steps))
-        mac_speedup = steps / (n_full + (steps - n_full) * self.shares[branch])
+        mac_speedup = schedule.mac_speedup(steps, self.shares[branch])
         images, seconds = _sample(dc, self.scheduler, self.noise, steps)
         matched = max(1, round(steps / mac_speedup))
         matched_images, matched_seconds = self.plain(matched)

@@ -1,20 +1,20 @@
-"""The `tensorrt` backend (GPU only): torch-tensorrt's dynamo path on each graph; and the TensorRT engine
-builder and runner that `dc.export(dir, format="tensorrt")` / `load_deepcache` use for `.plan` files.
-
-Options for the backend: `enabled_precisions` (default {torch.float32}; add torch.float16 for fp16 kernels)
-and any other `torch_tensorrt.dynamo.compile` keyword.
+"""`tensorrt`: serialized TensorRT engines (`.plan`, GPU only), built from the ONNX files with one optimization
+profile whose min/opt/max shapes come from the export's ranges. Tied to the TensorRT version that built them.
 """
 
 from __future__ import annotations
 
-import logging
+import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import fx
 
-logger = logging.getLogger(__name__)
+from .onnx import write_onnx
+
+SUFFIX = ".plan"
+TIED_TO = "tensorrt"
+WRITE_OPTIONS = ("fp16",)
+LOAD_OPTIONS: tuple[str, ...] = ()
 
 
 def _trt():
@@ -25,10 +25,44 @@ def _trt():
     return tensorrt
 
 
-def build_engine(onnx_path: Path, profile: dict[str, tuple[tuple[int, ...], ...]], fp16: bool = False) -> bytes:
+def write(program: torch.export.ExportedProgram, path: Path, io, ranges, fp16: bool = False) -> list[Path]:
+    with tempfile.TemporaryDirectory(prefix="deepcache_trt_") as tmp:
+        onnx_path = Path(tmp) / f"{path.stem}.onnx"
+        write_onnx(program, onnx_path, io.inputs, io.outputs)
+        plan = build_engine(onnx_path, profile(program, io.inputs, ranges), fp16=fp16)
+    path.write_bytes(plan)
+    return [path]
+
+
+def load(path: Path, device: torch.device) -> "TrtRunner":
+    return TrtRunner(path.read_bytes(), device)
+
+
+def profile(program: torch.export.ExportedProgram, input_names, ranges) -> dict:
+    """(min, opt, max) shapes per dynamic input: opt is the traced example; batch and spatial sizes scale with
+    the sample (the first input), so caches and residuals at 1/2, 1/4, ... of its size follow it."""
+    example = [p.meta["val"] for p in program.graph.nodes if p.op == "placeholder"][-len(input_names):]
+    hint = [tuple(int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in v.shape) for v in example]
+    sample = hint[0]
+    shapes = {}
+    for name, val, opt in zip(input_names, example, hint):
+        if not any(isinstance(s, torch.SymInt) for s in val.shape):
+            continue
+        lo, hi = list(opt), list(opt)
+        if opt[0] == sample[0]:
+            lo[0], hi[0] = ranges.batch
+        if len(opt) >= 4:
+            for dim, (a, b) in ((-2, ranges.height), (-1, ranges.width)):
+                scale = opt[dim] / sample[dim]
+                lo[dim], hi[dim] = max(1, int(a * scale)), int(b * scale)
+        shapes[name] = (tuple(lo), opt, tuple(hi))
+    return shapes
+
+
+def build_engine(onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...], ...]], fp16: bool = False) -> bytes:
     """Builds a serialized TensorRT engine from an ONNX file with one optimization profile.
 
-    `profile` maps each dynamic input name to its (min, opt, max) shapes.
+    `shapes` maps each dynamic input name to its (min, opt, max) shapes.
     """
     trt = _trt()
     log = trt.Logger(trt.Logger.WARNING)
@@ -42,7 +76,7 @@ def build_engine(onnx_path: Path, profile: dict[str, tuple[tuple[int, ...], ...]
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     opt_profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profile.items():
+    for name, (lo, opt, hi) in shapes.items():
         opt_profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(opt_profile)
     plan = builder.build_serialized_network(network, config)
@@ -84,16 +118,3 @@ class TrtRunner:
         if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError("TensorRT execution failed")
         return tuple(outs)
-
-
-def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], options: dict[str, Any]):
-    try:
-        import torch_tensorrt
-    except ImportError as err:
-        raise ImportError("the tensorrt backend needs torch-tensorrt: pip install 'deepcache_compile[tensorrt]'") from err
-    if example_inputs[0].device.type != "cuda":
-        raise ValueError("the tensorrt backend runs on CUDA: move the U-Net and its inputs to a CUDA device")
-    program = torch.export.export(gm, example_inputs, strict=False)
-    options = {"enabled_precisions": {torch.float32}, **options}
-    compiled = torch_tensorrt.dynamo.compile(program, inputs=list(example_inputs), **options)
-    return lambda *tensors: tuple(compiled(*tensors))

@@ -16,15 +16,14 @@ interleaved so that machine noise hits both alike.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .api import compile_deepcache, list_branches
-from .benchmark import ddim_loop, median_ms
+from ..api import compile_deepcache, list_branches
 from .presets import build_unet, example_call
+from .sampling import ddim_loop, interleaved, median, median_ms, timed
 
 __all__ = ["DemoOptions", "DigitsDemoOptions", "run_demo", "run_digits_demo"]
 
@@ -56,13 +55,13 @@ def run_digits_demo(opts: DigitsDemoOptions = DigitsDemoOptions()) -> dict:
     print(f"trained digits DDPM (16x16), {opts.samples} samples, DDIM {opts.steps} steps, "
           f"DeepCache branch {opts.branch} N={opts.interval} ({len(dc.full_steps(opts.steps))} full steps), "
           f"{torch.get_num_threads()} threads, eager fp32", flush=True)
-    times: dict[str, list[float]] = {"full": [], "deepcache": []}
     images = {}
-    for _ in range(opts.repeats):  # interleaved, so that machine noise hits both alike
-        for name, model in (("full", unet), ("deepcache", dc)):
-            start = time.perf_counter()
-            images[name] = ddim_loop(model, {"sample": noise}, opts.steps, scheduler).clamp(-1, 1)
-            times[name].append(time.perf_counter() - start)
+
+    def sample(name, model):
+        images[name] = ddim_loop(model, {"sample": noise}, opts.steps, scheduler).clamp(-1, 1)
+
+    times = interleaved({name: (lambda n=name, m=model: sample(n, m)) for name, model in
+                         (("full", unet), ("deepcache", dc))}, opts.repeats)
     figures = _digits_figures(images["full"], images["deepcache"], times, opts)
     _print_digits_figures(figures, opts)
     out = Path(opts.out)
@@ -77,7 +76,7 @@ def _digits_figures(full: torch.Tensor, fast: torch.Tensor, times: dict, opts: D
     from .quality import Judge
 
     judge = Judge()
-    full_s, fast_s = (sorted(t)[len(t) // 2] for t in times.values())
+    full_s, fast_s = median(times["full"]), median(times["deepcache"])
     full_scores, fast_scores = judge.score(full), judge.score(fast, full)
     return {"full_s": full_s, "deepcache_s": fast_s, "speedup": full_s / fast_s,
             "mse": fast_scores["mse"], "psnr": fast_scores["psnr"], "agreement": fast_scores["agreement"],
@@ -135,21 +134,15 @@ def _time_loops(unet, call: dict, opts: DemoOptions) -> None:
     plain = unet
     n_full = len(compile_deepcache(unet, branch=opts.loop_branch, interval=opts.interval).full_steps(opts.steps))
     for backend in opts.backends:
-        start = time.perf_counter()
         dc = compile_deepcache(unet, branch=opts.loop_branch, interval=opts.interval, backend=backend)
-        dc.prepare(**call)
-        compile_s = time.perf_counter() - start
+        _, compile_s = timed(lambda: dc.prepare(**call))
         if backend == "inductor":
             # The baseline a user would pick instead: torch.compile of the whole U-Net, with the same freezing.
             plain = torch.compile(unet, backend="inductor")
             ddim_loop(plain, call, opts.steps)
-        base, fast = [], []
-        for _ in range(opts.repeats):
-            for times, model in ((base, plain), (fast, dc)):
-                start = time.perf_counter()
-                ddim_loop(model, call, opts.steps)
-                times.append(time.perf_counter() - start)
-        base_s, fast_s = sorted(base)[len(base) // 2], sorted(fast)[len(fast) // 2]
+        times = interleaved({"unet": lambda m=plain: ddim_loop(m, call, opts.steps),
+                             "deepcache": lambda m=dc: ddim_loop(m, call, opts.steps)}, opts.repeats)
+        base_s, fast_s = median(times["unet"]), median(times["deepcache"])
         print(f"{backend:>9} {compile_s:>10.1f} {base_s:>9.2f} {fast_s:>12.2f} {base_s / fast_s:>7.2f}x {n_full:>5}")
 
 
@@ -168,7 +161,7 @@ def run_demo(opts: DemoOptions = DemoOptions()) -> None:
           f"{torch.get_num_threads()} threads")
     print(f"\n{'branch':>6} {'skip from':>32} {'consumed by':>24} {'shallow MACs':>13}")
     for row in list_branches(unet, **call):
-        print(f"{row.index:>6} {row.skip_from:>32} {row.consumed_by:>24} {row.mac_share:>12.1%}")
+        print(f"{row.index:>6} {row.producer_module:>32} {row.consumer_module:>24} {row.mac_share:>12.1%}")
     _check_and_time_branches(unet, call, opts)
     with torch._inductor.config.patch(freezing=True):  # baseline and backend compile alike, no recompiles
         _time_loops(unet, call, opts)

@@ -14,19 +14,17 @@ from typing import Any
 import torch
 from torch import fx
 
+from ...options import check_options
+
 logger = logging.getLogger(__name__)
 
 _COMPILE_KEYS = {"mode", "fullgraph", "dynamic", "options"}
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], options: dict[str, Any]):
+    check_options("the inductor backend", options, _COMPILE_KEYS | {"freezing"})
     options = dict(options)
     freezing = options.pop("freezing", example_inputs[0].device.type == "cpu")
-    unknown = set(options) - _COMPILE_KEYS
-    if unknown:
-        raise ValueError(
-            f"inductor backend options {sorted(unknown)} are unknown: use {sorted(_COMPILE_KEYS | {'freezing'})}"
-        )
     options.setdefault("fullgraph", True)
     compiled = torch.compile(gm, backend="inductor", **options)
     # Compile now, under the chosen freezing setting, instead of on the first denoising step.

@@ -1,11 +1,8 @@
-"""U-Net + one real call -> an exported graph with flat tensor inputs, one per input signature.
+"""U-Net + one flattened call -> an exported graph with flat tensor inputs, one per input signature.
 
-A diffusers U-Net is called with a mix of tensors, Python numbers, dicts (`added_cond_kwargs`) and lists
-(ControlNet residuals). `CallFlattener` turns such a call into a flat tuple of tensors plus a hashable
-signature (the pytree structure, every tensor's shape/dtype/device, and the non-tensor constants), and
-`trace_unet` exports the U-Net for that signature with `torch.export`. The result is a `TracedUNet`: a
-GraphModule whose placeholders are the flat tensors and whose output is `(sample,)`, holding the U-Net's own
-parameter objects (nothing is copied).
+`trace_unet` exports the U-Net for the signature of a `FlatCall` (see `calls.py`) with `torch.export`. The
+result is a `TracedUNet`: a GraphModule whose placeholders are the flat tensors and whose output is
+`(sample,)`, holding the U-Net's own parameter objects (nothing is copied).
 """
 
 from __future__ import annotations
@@ -14,89 +11,21 @@ import inspect
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from ..calls import FlatCall
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["CallFlattener", "FlatCall", "TracedUNet", "UNetTraceError", "dynamic_dims", "trace_unet"]
+__all__ = ["TracedUNet", "UNetTraceError", "dynamic_dims", "export_program", "trace_unet"]
 
 
 class UNetTraceError(RuntimeError):
     """The U-Net could not be exported with torch.export."""
-
-
-@dataclass(frozen=True)
-class FlatCall:
-    """One U-Net call, flattened: the tensors in order and what identifies their traced graph."""
-
-    signature: Hashable
-    tensors: tuple[torch.Tensor, ...]
-    timestep: Any
-    return_dict: bool
-
-
-class CallFlattener:
-    """Binds a call to the U-Net's forward signature and flattens it.
-
-    The forward signature is read once; per call the cost is a bind and a pytree flatten (microseconds).
-    `None` arguments are dropped, so passing `class_labels=None` and omitting it share one trace.
-    Python-number timesteps become tensors, so they are graph inputs rather than baked-in constants.
-    """
-
-    def __init__(self, unet: nn.Module):
-        self._signature = inspect.signature(unet.forward)
-        self._returns_dict = "return_dict" in self._signature.parameters
-
-    def __call__(self, args: tuple, kwargs: dict) -> FlatCall:
-        try:
-            bound = self._signature.bind(*args, **kwargs)
-        except TypeError as err:
-            raise TypeError(f"{err}; the wrapped U-Net's forward signature is {self._signature}") from None
-        arguments = {k: v for k, v in bound.arguments.items() if v is not None}
-        return_dict = bool(arguments.pop("return_dict", True)) and self._returns_dict
-        timestep = arguments.get("timestep")
-        if timestep is not None and not isinstance(timestep, torch.Tensor):
-            arguments["timestep"] = torch.tensor(timestep, device=arguments["sample"].device)
-        leaves, spec = pytree.tree_flatten(arguments)
-        tensors, metas, constants = [], [], []
-        for i, leaf in enumerate(leaves):
-            if isinstance(leaf, torch.Tensor):
-                tensors.append(leaf)
-                metas.append((tuple(leaf.shape), leaf.dtype, leaf.device))
-            else:
-                constants.append((i, leaf))
-        signature = (spec, tuple(metas), _hashable(constants))
-        return FlatCall(signature, tuple(tensors), timestep, return_dict)
-
-    def input_names(self, args: tuple, kwargs: dict) -> tuple[str, ...]:
-        """Names of the flat tensors, e.g. `("sample", "timestep", "added_cond_kwargs.text_embeds")`."""
-        bound = self._signature.bind(*args, **kwargs)
-        arguments = {k: v for k, v in bound.arguments.items() if v is not None and k != "return_dict"}
-        if "timestep" in arguments and not isinstance(arguments["timestep"], torch.Tensor):
-            arguments["timestep"] = torch.tensor(arguments["timestep"])
-        with_paths, _ = pytree.tree_flatten_with_path(arguments)
-        return tuple(
-            ".".join(_key_name(k) for k in path) for path, leaf in with_paths if isinstance(leaf, torch.Tensor)
-        )
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def _hashable(constants: list) -> tuple:
-    try:
-        hash(tuple(constants))
-        return tuple(constants)
-    except TypeError:
-        return tuple((i, repr(v)) for i, v in constants)
 
 
 class _FlatUNet(nn.Module):
@@ -124,13 +53,15 @@ class TracedUNet:
 
     Attributes:
         gm: positional GraphModule `(*inputs) -> (sample,)`; its parameters are the U-Net's own objects.
-        input_names: one name per placeholder, e.g. `("sample", "timestep", "encoder_hidden_states")`.
-        call: the flattened call it was traced with.
+        call: the flattened call it was traced with (`call.names` names the placeholders).
     """
 
     gm: fx.GraphModule
-    input_names: tuple[str, ...]
     call: FlatCall
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self.call.names
 
     @property
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
@@ -161,20 +92,17 @@ def dynamic_dims(tensors: tuple[torch.Tensor, ...], batch: tuple[int, int], heig
     return tuple(dims)
 
 
-def trace_unet(unet: nn.Module, call: FlatCall, input_names: tuple[str, ...], dynamic_shapes: tuple | None = None,
-               ) -> TracedUNet:
+def trace_unet(unet: nn.Module, call: FlatCall, dynamic_shapes: tuple | None = None) -> TracedUNet:
     """Exports `unet` for the signature of `call`: static shapes, or symbolic ones given `dynamic_shapes`
     (see `dynamic_dims`).
 
     Example:
-        >>> flat = CallFlattener(unet)
-        >>> args, kwargs = (sample, 10), {"encoder_hidden_states": text}
-        >>> traced = trace_unet(unet, flat(args, kwargs), flat.input_names(args, kwargs))
+        >>> call = CallFlattener(unet)((sample, 10), {"encoder_hidden_states": text})
+        >>> traced = trace_unet(unet, call)
         >>> traced.gm(*traced.example_inputs)[0].shape == sample.shape
         True
     """
-    spec, _, constants = call.signature
-    wrapper = _FlatUNet(unet, spec, spec.num_leaves, constants)
+    wrapper = _FlatUNet(unet, call.spec, call.spec.num_leaves, call.constants)
     was_training = unet.training
     unet.eval()
     try:
@@ -184,8 +112,8 @@ def trace_unet(unet: nn.Module, call: FlatCall, input_names: tuple[str, ...], dy
     finally:
         unet.train(was_training)
     gm = _positional(ep.module())
-    logger.info("traced %s: %d nodes, inputs %s", type(unet).__name__, len(gm.graph.nodes), input_names)
-    return TracedUNet(gm=gm, input_names=input_names, call=call)
+    logger.info("traced %s: %d nodes, inputs %s", type(unet).__name__, len(gm.graph.nodes), call.names)
+    return TracedUNet(gm=gm, call=call)
 
 
 def export_program(module: nn.Module, inputs: tuple, dynamic_shapes: tuple | None = None):

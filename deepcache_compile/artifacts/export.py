@@ -1,0 +1,152 @@
+"""A DeepCache U-Net -> engine files plus a manifest (`deepcache.json`) that deploy without the model's code.
+
+One export serves every batch size and resolution in its declared ranges: the U-Net is traced once with
+symbolic batch/height/width, cut at the branch, and each half exported again as its own program, so the
+shallow artifact holds only the weights it uses. Each format (`formats/`) writes its own files:
+
+- `pt2`: `torch.export.save` programs (torch alone loads them);
+- `aoti`: AOTInductor packages (compiled for the export device; Python or C++ `AOTIModelPackageLoader`);
+- `onnx`: ONNX with external data and dynamic batch/height/width (onnxruntime, TensorRT's parser);
+- `tensorrt`: TensorRT engines (`.plan`) built from the ONNX files, one optimization profile (GPU only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..calls import CallFlattener, FlatCall
+from ..graph.branches import find_branches
+from ..graph.partition import split_at_branch
+from ..graph.trace import dynamic_dims, export_program, trace_unet
+from ..options import check_options
+from ..runtime.pair import select_branch
+from .formats import PartIO, get_format
+from .manifest import FORMAT_VERSION, MANIFEST, ShapeRanges, sha256
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["export_deepcache"]
+
+_IO = {"full": PartIO(outputs=("out_sample", "cache_out"), inputs=()),
+       "shallow": PartIO(outputs=("out_sample",), inputs=("cache",))}
+
+
+def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example: dict | None = None,
+                     batch: tuple[int, int] = (1, 16), height: tuple[int, int] | None = None,
+                     width: tuple[int, int] | None = None, fp16: bool = False, options: dict | None = None) -> Path:
+    """Writes the full/shallow pair of a `DeepCacheUNet` as engine files plus `deepcache.json`.
+
+    Args:
+        dc: the `DeepCacheUNet` (its U-Net, branch and schedule are exported).
+        directory: where to write; created if missing.
+        format: one of "pt2", "aoti", "onnx", "tensorrt".
+        example: keyword arguments of one U-Net call; default: the last call the module saw.
+        batch, height, width: (min, max) ranges to accept; height/width in U-Net input pixels, defaulting to
+            2*multiple .. 2*config.sample_size.
+        fp16: build TensorRT engines with fp16 kernels (the same as `options={"fp16": True}`).
+        options: the format's write options (aoti: `inductor_configs`; tensorrt: `fp16`).
+
+    Example:
+        >>> dc = compile_deepcache(unet, branch=1, interval=5)
+        >>> dc.export("engines/sd15-b1", format="onnx", example=call)
+        >>> pipe.unet = load_deepcache("engines/sd15-b1")
+    """
+    writer = get_format(format)
+    options = {**({"fp16": True} if fp16 else {}), **(options or {})}
+    check_options(f"the {format} format", options, writer.WRITE_OPTIONS)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    call = _example(dc, example)
+    ranges = _ranges(dc.unet, call, batch, height, width)
+    programs, branch = _dynamic_programs(dc, call, ranges)
+    files = {}
+    for part, program in programs.items():
+        io = PartIO(inputs=call.names + _IO[part].inputs, outputs=_IO[part].outputs)
+        files[part] = writer.write(program, directory / f"{part}{writer.SUFFIX}", io, ranges, **options)
+    manifest = _manifest(dc, format, ranges, branch, files, call)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    logger.info("exported %s pair to %s: %s", format, directory, {k: [p.name for p in v] for k, v in files.items()})
+    return directory
+
+
+def _example(dc, example: dict | None) -> FlatCall:
+    if example is not None:
+        return dc.flatten((), example)
+    if not dc.pairs:
+        raise ValueError("nothing to export yet: pass example=<one U-Net call's keyword arguments>, or call the "
+                         "module (or dc.prepare(**call)) once first")
+    return dc.pairs[-1].traced.call
+
+
+def _ranges(unet, call: FlatCall, batch, height, width) -> ShapeRanges:
+    traced = trace_unet(unet, call)
+    sample_h = call.tensors[0].shape[-2]
+    multiple = sample_h // min(b.cache_shape[-2] for b in find_branches(traced.gm))
+    size = unet.config.sample_size
+    size = size if isinstance(size, int) else max(size)
+    default = (2 * multiple, max(2 * size, 8 * multiple))
+    ranges = ShapeRanges(tuple(batch), tuple(height or default), tuple(width or default), multiple)
+    for what, (lo, hi) in (("height", ranges.height), ("width", ranges.width)):
+        if not (2 * multiple <= lo and hi // multiple > lo // multiple):
+            raise ValueError(f"{what}=({lo}, {hi}) is not a usable range: it needs 2*{multiple} <= min and at "
+                             f"least two multiples of {multiple} (e.g. {what}=({2 * multiple}, {8 * multiple}))")
+    if not 1 <= ranges.batch[0] < ranges.batch[1]:
+        raise ValueError(f"batch={ranges.batch} is not a usable range: use (min, max) with 1 <= min < max")
+    return ranges
+
+
+def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges):
+    r = (ranges.batch, ranges.height, ranges.width, ranges.multiple)
+    traced = trace_unet(dc.unet, call, dynamic_shapes=dynamic_dims(call.tensors, *r))
+    branch = select_branch(find_branches(traced.gm), dc.deepcache_config.branch)
+    split = split_at_branch(traced.gm, branch)
+    inputs = call.tensors
+    with torch.no_grad():
+        cache = split.full(*inputs)[1]
+    full = export_program(split.full, inputs, dynamic_dims(inputs, *r))
+    shallow = export_program(split.shallow, (*inputs, cache), dynamic_dims((*inputs, cache), *r))
+    return {"full": full, "shallow": shallow}, branch
+
+
+def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, list[Path]], call: FlatCall) -> dict:
+    import diffusers
+
+    from .. import __version__
+
+    unet = dc.unet
+    sample = call.tensors[0]
+    add_embedding = getattr(getattr(unet, "add_embedding", None), "linear_1", None)
+    versions = {"deepcache_compile": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+    for module in ("onnx", "onnxruntime", "tensorrt"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            pass
+    config = dc.deepcache_config
+    return {
+        "format_version": FORMAT_VERSION,
+        "format": format,
+        "branch": branch.index,
+        "schedule": asdict(config.schedule),
+        "calls_per_step": config.calls_per_step,
+        "inputs": [{"name": n, "dtype": str(t.dtype).removeprefix("torch."), "rank": t.dim()}
+                   for n, t in zip(call.names, call.tensors)],
+        "outputs": {part: list(io.outputs) for part, io in _IO.items()},
+        "ranges": {**asdict(ranges), "units": "U-Net input pixels"},
+        "cache": {"channels": branch.cache_shape[1], "stride": sample.shape[-2] // branch.cache_shape[-2],
+                  "dtype": str(branch.cache_dtype).removeprefix("torch."),
+                  "shape": "[batch, channels, height // stride, width // stride]"},
+        "unet": {"class": type(unet).__name__, "config": dict(unet.config), "dtype": str(sample.dtype),
+                 "forward_params": list(CallFlattener(unet).parameters),
+                 "add_embedding_in_features": add_embedding.in_features if add_embedding is not None else None},
+        "versions": versions,
+        "device": str(sample.device),
+        "files": {part: [p.name for p in paths] for part, paths in files.items()},
+        "sha256": {p.name: sha256(p) for paths in files.values() for p in paths},
+        "sizes": {p.name: p.stat().st_size for paths in files.values() for p in paths},
+    }

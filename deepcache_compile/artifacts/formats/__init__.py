@@ -1,0 +1,46 @@
+"""Engine file formats, one module each behind a small registry.
+
+A format module defines:
+- `SUFFIX`: the file name ending of each part (`full<SUFFIX>`, `shallow<SUFFIX>`);
+- `TIED_TO`: the library whose exact version must load its files (None if any version may);
+- `WRITE_OPTIONS`, `LOAD_OPTIONS`: the option names `write` and `load` accept;
+- `write(program, path, io, ranges, **options) -> list[Path]`: writes one exported program (and any side files);
+- `load(path, device, **options) -> runner`: a callable `(*tensors) -> tuple[tensor, ...]`.
+
+Format modules import torch and their own runtime only, never the graph passes or the dispatcher, so both
+`export` and the in-process backends that compile through a file (aoti, onnxruntime) can use them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+__all__ = ["PartIO", "available_formats", "get_format"]
+
+_REGISTRY = {
+    "pt2": "deepcache_compile.artifacts.formats.pt2",
+    "aoti": "deepcache_compile.artifacts.formats.aoti",
+    "onnx": "deepcache_compile.artifacts.formats.onnx",
+    "tensorrt": "deepcache_compile.artifacts.formats.tensorrt",
+}
+
+
+@dataclass(frozen=True)
+class PartIO:
+    """Input and output names of one exported graph (the full or the shallow one)."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def available_formats() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get_format(name: str) -> ModuleType:
+    """The module of format `name`; ValueError naming the known formats otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"format={name!r} is unknown: choose one of {available_formats()}")
+    return importlib.import_module(_REGISTRY[name])

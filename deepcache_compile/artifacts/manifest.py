@@ -1,0 +1,112 @@
+"""`deepcache.json`: what an export holds and accepts, and its verification before anything is loaded.
+
+The manifest records the format version, the format, the branch and schedule, the inputs, the accepted
+`ShapeRanges`, the cached tensor's shape rule, the source U-Net's config, library versions, and every file's
+size and SHA-256. `read_manifest` checks all of it (the same checks the native runtime makes) and raises
+`ManifestError` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .formats import available_formats, get_format
+
+__all__ = ["FORMAT_VERSION", "MANIFEST", "ManifestError", "ShapeRanges", "read_manifest", "sha256"]
+
+FORMAT_VERSION = 1
+MANIFEST = "deepcache.json"
+
+
+class ManifestError(ValueError):
+    """An engine directory is incomplete, tampered with, or made for another version."""
+
+
+@dataclass(frozen=True)
+class ShapeRanges:
+    """What an export accepts, in U-Net input pixels (latents for latent diffusion; x8 for SD's VAE).
+
+    Attributes:
+        batch: (min, max) batch size, counting the CFG doubling.
+        height: (min, max) sample height; must be a multiple of `multiple`.
+        width: (min, max) sample width; must be a multiple of `multiple`.
+        multiple: the U-Net's total downsampling factor (8 for SD 1.x/2.x, 4 for SDXL).
+    """
+
+    batch: tuple[int, int]
+    height: tuple[int, int]
+    width: tuple[int, int]
+    multiple: int
+
+    @classmethod
+    def from_manifest(cls, ranges: dict) -> "ShapeRanges":
+        return cls(tuple(ranges["batch"]), tuple(ranges["height"]), tuple(ranges["width"]), ranges["multiple"])
+
+    def check(self, shape: tuple[int, ...]) -> None:
+        """Raises ValueError naming the dimension if a sample of `shape` is outside the ranges."""
+        for what, value, (lo, hi) in (("batch", shape[0], self.batch), ("height", shape[-2], self.height),
+                                      ("width", shape[-1], self.width)):
+            if not lo <= value <= hi:
+                raise ValueError(f"sample {what}={value} is outside this export's range {lo}..{hi}: export again "
+                                 f"with {what}=({min(lo, value)}, {max(hi, value)})")
+            if what != "batch" and value % self.multiple:
+                raise ValueError(f"sample {what}={value} is not a multiple of {self.multiple}, which this export "
+                                 f"needs (the U-Net downsamples by {self.multiple}): pad or resize the input")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """Reads and verifies `deepcache.json` and the files it lists; raises ManifestError naming the problem.
+
+    Example:
+        >>> read_manifest("engines/sd15-b1")["format"]
+        'onnx'
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path} is missing: not a deepcache_compile export (see dc.export)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{path} is not valid JSON ({err}): the manifest is damaged; export again") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(f"{path} has format_version={manifest.get('format_version')!r}; this deepcache_compile "
+                            f"reads version {FORMAT_VERSION}: export again with this version")
+    if manifest.get("format") not in available_formats():
+        raise ManifestError(f"{path} has format={manifest.get('format')!r}; known formats are {available_formats()}")
+    _check_versions(manifest, path)
+    for name, digest in manifest["sha256"].items():
+        _check_file(directory / name, manifest["sizes"][name], digest)
+    return manifest
+
+
+def _check_versions(manifest: dict, path: Path) -> None:
+    library = get_format(manifest["format"]).TIED_TO
+    if library is None:
+        return
+    built, installed = manifest["versions"].get(library), importlib.import_module(library).__version__
+    if built != installed:
+        raise ManifestError(f"{path}: {manifest['format']} files were built with {library} {built}, this is "
+                            f"{installed}: export again with this version")
+
+
+def _check_file(file: Path, size: int, digest: str) -> None:
+    if not file.is_file():
+        raise ManifestError(f"{file} is missing: copy the whole export directory")
+    if file.stat().st_size != size:
+        raise ManifestError(f"{file} has {file.stat().st_size} bytes, the manifest says {size}: the file is "
+                            "truncated or replaced")
+    if sha256(file) != digest:
+        raise ManifestError(f"{file} does not match its sha256 in the manifest: the file was modified")

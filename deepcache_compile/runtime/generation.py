@@ -1,0 +1,105 @@
+"""Per-generation state and one dispatched step: the part of the runtime that compiled pairs and loaded
+engines share (it imports no graph pass and no compiler).
+
+A generation is counted in U-Net calls. A new one starts on `reset()`, when the input signature changes, or
+when the timestep goes up; the timestep is read only where that costs no device sync (a Python number or a
+CPU tensor), and otherwise from its position in the scheduler's timestep tensor (diffusers pipelines iterate
+over `scheduler.timesteps`, so each `t` is a view into it: a new storage or a lower offset means a new schedule).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+from ..calls import FlatCall
+from ..schedule import Schedule
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GenerationState", "run_step", "timestep_mark"]
+
+
+class GenerationState:
+    """The call counter, one cache per call slot, and what ran. `reset()` starts a new generation.
+
+    Attributes:
+        calls_per_step: U-Net calls per denoising step (2 for separate CFG calls), each slot with its own cache.
+        calls: U-Net calls so far in this generation.
+        caches: the latest full step's cached tensor per slot (None before the first full step).
+        history: one letter per call of this generation, "F" (full) or "S" (shallow).
+    """
+
+    def __init__(self, calls_per_step: int):
+        self.calls_per_step = calls_per_step
+        self.signature: Any = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls = 0
+        self.caches: list[torch.Tensor | None] = [None] * self.calls_per_step
+        self.history: list[str] = []
+        self.mark: tuple | None = None
+
+    def begin(self, signature: Any, timestep: Any) -> tuple[int, int]:
+        """Registers a call; returns `(step, slot)`, resetting first if the call starts a new generation."""
+        mark = timestep_mark(timestep)
+        if signature != self.signature:
+            if self.signature is not None:
+                logger.debug("input signature changed: new generation")
+            self.signature = signature
+            self.reset()
+        elif _starts_new_generation(self.mark, mark):
+            self.reset()
+        self.mark = mark
+        return divmod(self.calls, self.calls_per_step)
+
+    def end(self, slot: int, cache: torch.Tensor | None) -> None:
+        """Records a finished call: a full step passes its new cache, a shallow step None."""
+        if cache is not None:
+            self.caches[slot] = cache
+        self.history.append("S" if cache is None else "F")
+        self.calls += 1
+
+
+def run_step(state: GenerationState, schedule: Schedule, call: FlatCall, full: Callable, shallow: Callable,
+             ) -> torch.Tensor:
+    """Runs one U-Net call: full or shallow by the schedule, keeping the cache of the call's slot.
+
+    The state advances only after the graph returned, so an exception leaves it consistent.
+    """
+    step, slot = state.begin(call.signature, call.timestep)
+    cache = state.caches[slot]
+    with torch.no_grad():
+        if cache is None or schedule.is_full(step):
+            sample, cache = full(*call.tensors)
+        else:
+            (sample,), cache = shallow(*call.tensors, cache), None
+    state.end(slot, cache)
+    return sample
+
+
+def timestep_mark(t: Any) -> tuple | None:
+    """What tells generations apart without a device sync: the value if on the host, else the view position."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        return ("value", float(t))
+    if t.device.type == "cpu":
+        return ("value", float(t.reshape(-1)[0]))  # host memory: no device sync
+    storage = t.untyped_storage()
+    if storage.nbytes() <= t.numel() * t.element_size():
+        return None  # a standalone device tensor: its value is unknown without a sync
+    return ("view", storage.data_ptr(), t.storage_offset())
+
+
+def _starts_new_generation(prev: tuple | None, cur: tuple | None) -> bool:
+    if prev is None or cur is None:
+        return False
+    if prev[0] != cur[0]:
+        return True
+    if cur[0] == "value":
+        return cur[1] > prev[1]  # the timestep went up
+    return cur[1] != prev[1] or cur[2] < prev[2]
