@@ -90,3 +90,20 @@ def test_a_miscompiled_graph_is_caught_at_compile_time():
     for t in (900, 800):
         wrong, right = dc(**{**call, "timestep": t}).sample, eager(**{**call, "timestep": t}).sample
     torch.testing.assert_close(wrong, right * 1.01)
+
+
+def test_onnxruntime_runner_binds_bf16_inputs_and_outputs(tmp_path):
+    """numpy has no bf16: inputs and outputs go through IO binding with ONNX element types and DLPack."""
+    from deepcache_compile.artifacts.formats.onnx import OrtRunner, write_onnx
+
+    class Mixed(torch.nn.Module):  # ORT's CPU kernels lack bf16 arithmetic; Cast takes it in and out
+        def forward(self, x, y):
+            return ((x.float() * y.float() + x.float()).bfloat16(), y.float().sum())
+
+    x, y = torch.randn(3, 4).bfloat16(), torch.randn(3, 4).bfloat16()
+    program = torch.export.export(Mixed(), (x, y), strict=False)
+    runner = OrtRunner(write_onnx(program, tmp_path / "m.onnx", ["x", "y"], ["out", "total"])[0], torch.device("cpu"))
+    out, total = runner(x, y)
+    assert out.dtype == torch.bfloat16 and total.dtype == torch.float32
+    assert torch.equal(out, Mixed()(x, y)[0])
+    torch.testing.assert_close(total, y.float().sum())

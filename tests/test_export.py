@@ -174,6 +174,12 @@ def test_damaged_exports_are_refused(exports, tmp_path, damage, message):
         load_deepcache(target)
 
 
+def test_load_options_of_another_format_are_refused(exports):
+    _, directory = exports("pt2", "sd-mini")
+    with pytest.raises(ValueError, match=r"loading a pt2 export: options \['provider'\] are unknown"):
+        load_deepcache(directory, provider="CUDAExecutionProvider")
+
+
 def test_export_errors():
     unet = make_unet("sd-mini")
     dc = compile_deepcache(unet, branch=1)
@@ -181,6 +187,8 @@ def test_export_errors():
         dc.export("/tmp/never", format="pt2")
     with pytest.raises(ValueError, match="format='trt' is unknown"):
         dc.export("/tmp/never", format="trt", example=make_call(unet))
+    with pytest.raises(ValueError, match=r"the pt2 format: options \['fp16'\] are unknown; it takes no options"):
+        dc.export("/tmp/never", format="pt2", example=make_call(unet), fp16=True)
     with pytest.raises(ValueError, match=r"height=\(8, 8\) is not a usable range"):
         dc.export("/tmp/never", format="pt2", example=make_call(unet, height=8, width=8), height=(8, 8))
 

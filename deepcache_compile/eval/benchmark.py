@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ..api import compile_deepcache
 from ..graph.macs import graph_macs, node_macs
-from ..schedule import make_schedule, mac_speedup
+from ..schedule import DEFAULT_CENTER, mac_speedup, make_schedule
 from .presets import build_unet, example_call
 from .sampling import ddim_loop, interleaved, median, median_ms
 
@@ -159,7 +159,7 @@ def _deepcache_candidates(dc, call: dict, opts: BenchOptions, backend: str) -> l
         for interval in opts.intervals:
             try:
                 schedule = make_schedule(kind, interval, num_inference_steps=opts.steps if kind == "nonuniform" else None,
-                                         center=min(15, opts.steps // 3))
+                                         center=min(DEFAULT_CENTER, opts.steps // 3))
             except ValueError:  # no non-uniform schedule with ceil(T/N) full steps for this T and N
                 continue
             candidate = dc.with_schedule(schedule)
