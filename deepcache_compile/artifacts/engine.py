@@ -52,19 +52,29 @@ class EngineConfig(dict):
 
 
 def load_deepcache(directory: str | Path, device: str | torch.device = "cpu", provider: str | None = None,
-                   ) -> "DeepCacheEngine":
+                   runtime: str = "python") -> "DeepCacheEngine":
     """Loads an export written by `dc.export(directory, format=...)`.
 
     Args:
         directory: the export directory (with `deepcache.json`).
         device: where to run ("cpu", "cuda", "cuda:1").
         provider: for ONNX, the onnxruntime execution provider (e.g. "CUDAExecutionProvider").
+        runtime: "python" (this module) or "native": the C++ runtime of `kernels/` (aoti exports; built by
+            `make native`) runs the dispatch, the cache and the checks.
 
     Example:
         >>> pipe.unet = load_deepcache("engines/sd15-b1", device="cuda")
         >>> image = pipe(prompt).images[0]
     """
     directory, device = Path(directory), torch.device(device)
+    if runtime not in ("python", "native"):
+        raise ValueError(f"runtime={runtime!r} is unknown: use 'python' or 'native'")
+    if runtime == "native":
+        if provider:
+            raise ValueError("provider= applies to onnx exports; the native runtime runs aoti exports")
+        from .native import NativeEngine
+
+        return NativeEngine(directory, device)
     manifest = read_manifest(directory)
     reader = get_format(manifest["format"])
     options = {"provider": provider} if provider else {}

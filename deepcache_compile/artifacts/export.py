@@ -26,7 +26,8 @@ from ..graph.trace import dynamic_dims, export_program, trace_unet
 from ..options import check_options
 from ..runtime.pair import select_branch
 from .formats import PartIO, get_format
-from .manifest import FORMAT_VERSION, MANIFEST, ShapeRanges, sha256
+from ..schedule import nonuniform_full_steps
+from .manifest import FORMAT_VERSION, MANIFEST, ShapeRanges, cpu_isa, sha256
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ _IO = {"full": PartIO(outputs=("out_sample", "cache_out"), inputs=()),
 
 def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example: dict | None = None,
                      batch: tuple[int, int] = (1, 16), height: tuple[int, int] | None = None,
-                     width: tuple[int, int] | None = None, fp16: bool = False, options: dict | None = None) -> Path:
+                     width: tuple[int, int] | None = None, fp16: bool = False, options: dict | None = None,
+                     scheduler=None) -> Path:
     """Writes the full/shallow pair of a `DeepCacheUNet` as engine files plus `deepcache.json`.
 
     Args:
@@ -50,6 +52,8 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
             2*multiple .. 2*config.sample_size.
         fp16: build TensorRT engines with fp16 kernels (the same as `options={"fp16": True}`).
         options: the format's write options (aoti: `inductor_configs`; tensorrt: `fp16`).
+        scheduler: a diffusers scheduler whose config is written beside the engines (`scheduler_config.json`,
+            verified like them), for generation loops outside Python (`deepcache-generate`).
 
     Example:
         >>> dc = compile_deepcache(unet, branch=1, interval=5)
@@ -68,6 +72,9 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
     for part, program in programs.items():
         io = PartIO(inputs=call.names + _IO[part].inputs, outputs=_IO[part].outputs)
         files[part] = writer.write(program, directory / f"{part}{writer.SUFFIX}", io, ranges, **options)
+    if scheduler is not None:
+        scheduler.save_config(directory)
+        files["scheduler"] = [directory / "scheduler_config.json"]
     manifest = _manifest(dc, format, ranges, branch, files, call)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     logger.info("exported %s pair to %s: %s", format, directory, {k: [p.name for p in v] for k, v in files.items()})
@@ -128,11 +135,16 @@ def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, lis
         except ImportError:
             pass
     config = dc.deepcache_config
+    schedule = config.schedule
     return {
         "format_version": FORMAT_VERSION,
         "format": format,
         "branch": branch.index,
-        "schedule": asdict(config.schedule),
+        "schedule": asdict(schedule),
+        # Resolved here, so that runtimes in other languages need not redo the reference's complex arithmetic.
+        "nonuniform_full_steps": list(nonuniform_full_steps(schedule.num_inference_steps, schedule.interval,
+                                                            schedule.center, schedule.power))
+        if schedule.kind == "nonuniform" else None,
         "calls_per_step": config.calls_per_step,
         "inputs": [{"name": n, "dtype": str(t.dtype).removeprefix("torch."), "rank": t.dim()}
                    for n, t in zip(call.names, call.tensors)],
@@ -146,6 +158,8 @@ def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, lis
                  "add_embedding_in_features": add_embedding.in_features if add_embedding is not None else None},
         "versions": versions,
         "device": str(sample.device),
+        "cpu_isa": sorted(cpu_isa()) if format == "aoti" and sample.device.type == "cpu" else None,
+        "scheduler": files["scheduler"][0].name if "scheduler" in files else None,
         "files": {part: [p.name for p in paths] for part, paths in files.items()},
         "sha256": {p.name: sha256(p) for paths in files.values() for p in paths},
         "sizes": {p.name: p.stat().st_size for paths in files.values() for p in paths},

@@ -16,10 +16,13 @@ from pathlib import Path
 
 from .formats import available_formats, get_format
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "ManifestError", "ShapeRanges", "read_manifest", "sha256"]
+__all__ = ["FORMAT_VERSION", "MANIFEST", "ManifestError", "ShapeRanges", "cpu_isa", "read_manifest", "sha256"]
 
 FORMAT_VERSION = 1
 MANIFEST = "deepcache.json"
+# CPU instruction sets that compiled CPU kernels (AOTInductor, oneDNN) may be built for.
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
+             "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 class ManifestError(ValueError):
@@ -66,6 +69,16 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def cpu_isa() -> set[str]:
+    """The `ISA_FLAGS` this CPU has (Linux `/proc/cpuinfo`; empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return set(flags) & set(ISA_FLAGS)
+
+
 def read_manifest(directory: str | Path) -> dict:
     """Reads and verifies `deepcache.json` and the files it lists; raises ManifestError naming the problem.
 
@@ -87,6 +100,7 @@ def read_manifest(directory: str | Path) -> dict:
     if manifest.get("format") not in available_formats():
         raise ManifestError(f"{path} has format={manifest.get('format')!r}; known formats are {available_formats()}")
     _check_versions(manifest, path)
+    _check_isa(manifest, path)
     for name, digest in manifest["sha256"].items():
         _check_file(directory / name, manifest["sizes"][name], digest)
     return manifest
@@ -100,6 +114,14 @@ def _check_versions(manifest: dict, path: Path) -> None:
     if built != installed:
         raise ManifestError(f"{path}: {manifest['format']} files were built with {library} {built}, this is "
                             f"{installed}: export again with this version")
+
+
+def _check_isa(manifest: dict, path: Path) -> None:
+    here = cpu_isa()
+    missing = sorted(set(manifest.get("cpu_isa") or ()) - here) if here else []
+    if missing:
+        raise ManifestError(f"{path}: the engines were compiled for a CPU with {missing}, which this CPU lacks: "
+                            "export again on this machine (or on one with the same instruction sets)")
 
 
 def _check_file(file: Path, size: int, digest: str) -> None:

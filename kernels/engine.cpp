@@ -1,0 +1,62 @@
+#include "engine.h"
+
+#include <sstream>
+#include <stdexcept>
+
+namespace deepcache {
+
+Engine::Engine(const std::filesystem::path& directory, int device_index)
+    : manifest_(read_manifest(directory)), state_(manifest_.calls_per_step) {
+  using torch::inductor::AOTIModelPackageLoader;
+  full_ = std::make_unique<AOTIModelPackageLoader>(manifest_.file("full").string(), "model", false, 1, device_index);
+  shallow_ = std::make_unique<AOTIModelPackageLoader>(manifest_.file("shallow").string(), "model", false, 1,
+                                                      device_index);
+  for (size_t i = 0; i < manifest_.inputs.size(); ++i)
+    if (manifest_.inputs[i].name == "timestep") timestep_index_ = static_cast<int>(i);
+}
+
+// Brings each input to the exported dtype and rank (a 1-d timestep to 0-d, a 0-d one to the batch), checks
+// the count once per call and the ranges once per signature; returns the signature.
+std::string Engine::check_inputs(std::vector<at::Tensor>& inputs) {
+  const auto& specs = manifest_.inputs;
+  if (inputs.size() != specs.size()) {
+    std::string names;
+    for (const auto& s : specs) names += (names.empty() ? "" : ", ") + s.name;
+    throw std::invalid_argument("expected " + std::to_string(specs.size()) + " inputs (" + names + "), got " +
+                                std::to_string(inputs.size()));
+  }
+  const int64_t batch = inputs[0].size(0);
+  std::ostringstream signature;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    auto& t = inputs[i];
+    if (t.dim() != specs[i].rank) t = specs[i].rank == 0 ? t.reshape(-1)[0] : t.expand({batch});
+    if (t.scalar_type() != specs[i].dtype) t = t.to(specs[i].dtype);
+    signature << t.sizes() << t.scalar_type() << ';';
+  }
+  auto key = signature.str();
+  if (!checked_.count(key)) {
+    manifest_.ranges.check(inputs[0].sizes().vec());
+    checked_.insert(key);
+  }
+  return key;
+}
+
+at::Tensor Engine::run(std::vector<at::Tensor> inputs) {
+  const auto signature = check_inputs(inputs);
+  std::optional<double> timestep;
+  if (timestep_index_ >= 0 && inputs[timestep_index_].device().is_cpu())
+    timestep = inputs[timestep_index_].reshape(-1)[0].item<double>();  // host memory: no device sync
+  auto [step, slot] = state_.begin(signature, timestep);
+  auto& cache = state_.caches[slot];
+  if (!cache || manifest_.schedule.is_full(step)) {
+    auto out = full_->run(inputs);
+    state_.end(slot, out.at(1));
+    return out.at(0);
+  }
+  inputs.push_back(*cache);
+  auto out = shallow_->run(inputs);
+  state_.end(slot, std::nullopt);
+  return out.at(0);
+}
+
+}  // namespace deepcache

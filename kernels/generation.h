@@ -1,0 +1,54 @@
+// Per-generation state: the C++ twin of deepcache_compile/runtime/generation.py.
+//
+// A generation is counted in U-Net calls. A new one starts on reset(), when the input signature (the
+// shapes and dtypes) changes, or when the timestep goes up. The timestep is read only where it costs no
+// device sync (a CPU tensor); for device timesteps the caller calls reset() between generations.
+#pragma once
+
+#include <ATen/Tensor.h>
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace deepcache {
+
+struct GenerationState {
+  explicit GenerationState(int calls_per_step) : calls_per_step(calls_per_step) { reset(); }
+
+  void reset() {
+    calls = 0;
+    caches.assign(calls_per_step, std::nullopt);
+    history.clear();
+    last_timestep.reset();
+  }
+
+  // Registers a call; returns (step, slot), resetting first if the call starts a new generation.
+  std::pair<int, int> begin(const std::string& call_signature, std::optional<double> timestep) {
+    if (call_signature != signature) {
+      signature = call_signature;
+      reset();
+    } else if (timestep && last_timestep && *timestep > *last_timestep) {
+      reset();  // the timestep went up: a new schedule
+    }
+    last_timestep = timestep;
+    return {calls / calls_per_step, calls % calls_per_step};
+  }
+
+  // Records a finished call: a full step passes its new cache, a shallow step nothing.
+  void end(int slot, std::optional<at::Tensor> cache) {
+    history.push_back(cache ? 'F' : 'S');
+    if (cache) caches[slot] = std::move(cache);
+    ++calls;
+  }
+
+  int calls_per_step;
+  int calls = 0;
+  std::vector<std::optional<at::Tensor>> caches;
+  std::string history;  // one letter per call of this generation: F full, S shallow
+  std::string signature;
+  std::optional<double> last_timestep;
+};
+
+}  // namespace deepcache

@@ -1,0 +1,65 @@
+// deepcache.json: read and verify an export directory before anything is loaded (the same checks, and the
+// same messages, as deepcache_compile/artifacts/manifest.py).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <c10/core/ScalarType.h>
+#include <nlohmann/json.hpp>
+
+#include "schedule.h"
+
+namespace deepcache {
+
+inline constexpr int kFormatVersion = 1;
+inline constexpr const char* kManifest = "deepcache.json";
+
+// An engine directory is incomplete, tampered with, or made for another version.
+class ManifestError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct InputSpec {
+  std::string name;
+  c10::ScalarType dtype;
+  int64_t rank;
+};
+
+// What an export accepts, in U-Net input pixels.
+struct ShapeRanges {
+  int64_t batch[2], height[2], width[2], multiple;
+  // Throws std::invalid_argument naming the dimension if a sample of `shape` is outside the ranges.
+  void check(const std::vector<int64_t>& shape) const;
+};
+
+struct Manifest {
+  std::filesystem::path directory;
+  std::string format;
+  int branch = 0;
+  Schedule schedule;
+  int calls_per_step = 1;
+  std::vector<InputSpec> inputs;
+  ShapeRanges ranges{};
+  std::map<std::string, std::vector<std::string>> files;  // part -> file names
+  nlohmann::json json;                                     // the whole manifest
+
+  std::filesystem::path file(const std::string& part) const { return directory / files.at(part).at(0); }
+};
+
+// Reads `directory/deepcache.json` and verifies it and every file it lists (size, SHA-256); throws
+// ManifestError naming the file and the fix.
+Manifest read_manifest(const std::filesystem::path& directory);
+
+// Hex SHA-256 of a file's bytes (OpenSSL's libcrypto).
+std::string sha256_file(const std::filesystem::path& path);
+
+// The manifest's schedule object ("schedule" plus the resolved non-uniform steps).
+Schedule schedule_from_json(const nlohmann::json& manifest);
+
+}  // namespace deepcache
