@@ -3,7 +3,7 @@
     python bench/gpu_check.py            # about 5-8 minutes on one H100
 
 For the tiny-sd preset (fp32) and SD 1.5 at 512 px, batch 2, fp16: every backend (eager, inductor, aoti,
-onnxruntime, tensorrt) and every export format where its runtime is installed. Each path's full-step output is
+onnxruntime, tensorrt), every export format where its runtime is installed, and the native runtime. Each path's full-step output is
 compared with the eager U-Net and its shallow-step output with the eager shallow graph, as the relative max
 error max|a - b| / max|b|. The run exits 1 if any path exceeds the tolerance of its dtype or fails with an
 error; a runtime that is not installed is reported as skipped and does not fail the run.
@@ -72,12 +72,12 @@ def _backend_check(unet, call, reference, backend):
     return check
 
 
-def _export_check(unet, call, reference, fmt):
+def _export_check(unet, call, reference, fmt, runtime="python"):
     def check():
         dc = compile_deepcache(unet, branch=1, interval=5)
         with tempfile.TemporaryDirectory() as tmp:
             dc.export(tmp, format=fmt, example=call)
-            engine = load_deepcache(tmp, device="cuda")
+            engine = load_deepcache(tmp, device="cuda", runtime=runtime)
             out = engine(**call).sample
         return relative_error(out, reference), TOLERANCE[reference.dtype], "first (full) step of the engine"
     return check
@@ -100,6 +100,8 @@ def main() -> None:
         if preset == "tiny-sd":
             for fmt in ("pt2", "aoti", "onnx", "tensorrt"):
                 _run_path(f"export {fmt}", _export_check(unet, call, reference, fmt), results)
+            # The C++ runtime of kernels/ on the device (needs `make native` on the GPU machine).
+            _run_path("export aoti, native runtime", _export_check(unet, call, reference, "aoti", "native"), results)
     print(f"\n{sum(results)} passed, {len(results) - sum(results)} failed", flush=True)
     sys.exit(0 if all(results) else 1)
 
