@@ -21,7 +21,7 @@ from torch import nn
 
 from ..calls import FlatCall
 from ..options import check_options
-from ..runtime.generation import GenerationState, run_step
+from ..runtime.generation import GenerationStates, run_step
 from ..schedule import Schedule
 from .formats import get_format
 from .manifest import ManifestError, ShapeRanges, read_manifest
@@ -102,7 +102,7 @@ class DeepCacheEngine(nn.Module):
         self._inputs = [(i["name"], getattr(torch, i["dtype"]), i["rank"]) for i in manifest["inputs"]]
         self._params = manifest["unet"]["forward_params"]
         self._known = frozenset(name.split(".")[0] for name, _, _ in self._inputs)
-        self._state = GenerationState(manifest["calls_per_step"])
+        self._states = GenerationStates(manifest["calls_per_step"])
         self._checked: set = set()
         features = manifest["unet"]["add_embedding_in_features"]
         if features is not None:  # SDXL pipelines read unet.add_embedding.linear_1.in_features
@@ -117,8 +117,12 @@ class DeepCacheEngine(nn.Module):
         return self._device
 
     def reset(self) -> None:
-        """The next call starts a new generation (a full step)."""
-        self._state.reset()
+        """The next call (in this thread, or this `generation()` block) starts a new generation (a full step)."""
+        self._states.current().reset()
+
+    def generation(self):
+        """A block whose calls form one generation of their own (see `DeepCacheUNet.generation`)."""
+        return self._states.generation()
 
     def full_steps(self, total: int | None = None) -> list[int]:
         return self.schedule.full_steps(total)
@@ -126,12 +130,13 @@ class DeepCacheEngine(nn.Module):
     @property
     def step(self) -> int:
         """Index of the next step within the current generation."""
-        return self._state.calls // self._state.calls_per_step
+        state = self._states.current()
+        return state.calls // state.calls_per_step
 
     @property
     def history(self) -> str:
         """What the current (or last) generation ran, one letter per U-Net call: "F" full, "S" shallow."""
-        return "".join(self._state.history)
+        return "".join(self._states.current().history)
 
     def forward(self, *args, return_dict: bool = True, **kwargs):
         given = dict(zip(self._params, args), **kwargs)
@@ -141,7 +146,7 @@ class DeepCacheEngine(nn.Module):
             self.ranges.check(tuple(tensors[0].shape))
             self._checked.add(signature)
         call = FlatCall(signature, tensors, given.get("timestep"), return_dict)
-        sample = run_step(self._state, self.schedule, call, self._full, self._shallow)
+        sample = run_step(self._states.current(), self.schedule, call, self._full, self._shallow)
         return EngineOutput(sample) if return_dict else (sample,)
 
     def _flatten(self, given: dict) -> tuple[torch.Tensor, ...]:

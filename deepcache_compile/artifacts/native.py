@@ -40,6 +40,9 @@ def load_library() -> None:
 class NativeEngine(DeepCacheEngine):
     """A `DeepCacheEngine` whose dispatch, cache and checks run in C++ (`kernels/engine.cpp`).
 
+    One generation at a time: the C++ engine holds one generation state (load one engine per concurrent
+    generation).
+
     Example:
         >>> pipe.unet = load_deepcache("engines/digits-b0", runtime="native")
     """
@@ -70,6 +73,10 @@ class NativeEngine(DeepCacheEngine):
 
     def reset(self) -> None:
         self._native.reset()
+
+    def generation(self):
+        raise NotImplementedError("the native runtime runs one generation at a time per engine: load one engine "
+                                  "per concurrent generation (they can share the export directory)")
 
     @property
     def step(self) -> int:

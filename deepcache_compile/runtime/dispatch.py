@@ -7,19 +7,21 @@ schedule (`generation.run_step`), and runs one graph. It never reads a tensor on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
+import threading
 import typing
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
 from ..calls import CallFlattener, FlatCall
 from ..config import DeepCacheConfig
 from ..schedule import Schedule
-from .generation import GenerationState, run_step, timestep_mark
+from .generation import GenerationStates, run_step, timestep_mark
 from .pair import CompiledPair, compile_pair
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,10 @@ class DeepCacheUNet(nn.Module):
     `device`, `add_embedding`, ...) are read from it, so it stands in for `pipe.unet`. The wrapped U-Net is
     not modified; it is a submodule, so `.to()` and offloading hooks move the weights the graphs use.
 
+    Thread-safe: each thread runs its own generation (counter and cache) on the shared compiled pairs, and a
+    signature is compiled once even when several threads meet it at once. For generations interleaved within
+    one thread (asyncio), give each its own state with `with dc.generation(): ...`.
+
     Example:
         >>> dc = DeepCacheUNet(unet, DeepCacheConfig(branch=1))
         >>> out = dc(latents, t, encoder_hidden_states=text).sample
@@ -54,7 +60,8 @@ class DeepCacheUNet(nn.Module):
         self.flatten = CallFlattener(unet)
         self._output_type = _output_type(unet)
         self._pairs: OrderedDict[Any, CompiledPair] = OrderedDict()
-        self._state = GenerationState(config.calls_per_step)
+        self._compiling = threading.Lock()  # one trace/compile at a time; guards the LRU
+        self._states = GenerationStates(config.calls_per_step)
         self._warned_no_mark = False
 
     def __getattr__(self, name: str) -> Any:
@@ -69,14 +76,27 @@ class DeepCacheUNet(nn.Module):
     def forward(self, *args, **kwargs):
         call = self.flatten(args, kwargs)
         pair = self._pair(call)
-        sample = run_step(self._state, self.deepcache_config.schedule, call, pair.full, pair.shallow)
+        sample = run_step(self._states.current(), self.deepcache_config.schedule, call, pair.full, pair.shallow)
         if call.return_dict and self._output_type is not None:
             return self._output_type(sample=sample)
         return (sample,)
 
     def reset(self) -> None:
-        """Forgets the cache and the step count: the next call is step 0 of a new generation (a full step)."""
-        self._state.reset()
+        """Forgets this thread's (or this `generation()` block's) cache and step count: the next call is step 0
+        of a new generation (a full step)."""
+        self._states.current().reset()
+
+    @contextlib.contextmanager
+    def generation(self) -> Iterator[None]:
+        """Runs the calls inside the block as one generation with its own counter and cache.
+
+        Example:
+            >>> async def serve(prompt):
+            ...     with pipe.unet.generation():
+            ...         return await asyncio.to_thread(pipe, prompt)
+        """
+        with self._states.generation():
+            yield
 
     def full_steps(self, total: int | None = None) -> list[int]:
         """The full-step indices (per call slot) of a generation of `total` steps."""
@@ -85,7 +105,8 @@ class DeepCacheUNet(nn.Module):
     @property
     def step(self) -> int:
         """Index of the next step within the current generation."""
-        return self._state.calls // self._state.calls_per_step
+        state = self._states.current()
+        return state.calls // state.calls_per_step
 
     @property
     def history(self) -> str:
@@ -95,7 +116,7 @@ class DeepCacheUNet(nn.Module):
             >>> pipe(prompt, num_inference_steps=7); pipe.unet.history
             'FSSFSSF'
         """
-        return "".join(self._state.history)
+        return "".join(self._states.current().history)
 
     @property
     def pairs(self) -> tuple[CompiledPair, ...]:
@@ -119,7 +140,7 @@ class DeepCacheUNet(nn.Module):
             >>> dc10 = dc.with_schedule(Schedule("uniform", interval=10))
         """
         other = DeepCacheUNet(self.unet, dataclasses.replace(self.deepcache_config, schedule=schedule))
-        other._pairs = self._pairs
+        other._pairs, other._compiling = self._pairs, self._compiling
         return other
 
     def prepare(self, *args, **kwargs) -> CompiledPair:
@@ -129,8 +150,16 @@ class DeepCacheUNet(nn.Module):
     def _pair(self, call: FlatCall) -> CompiledPair:
         pair = self._pairs.get(call.signature)
         if pair is not None:
-            self._pairs.move_to_end(call.signature)
+            try:
+                self._pairs.move_to_end(call.signature)
+            except KeyError:  # evicted by another thread meanwhile: this call still runs it
+                pass
             return pair
+        with self._compiling:
+            pair = self._pairs.get(call.signature)  # another thread may have compiled it meanwhile
+            return pair if pair is not None else self._compile(call)
+
+    def _compile(self, call: FlatCall) -> CompiledPair:
         if call.timestep is not None and timestep_mark(call.timestep) is None and not self._warned_no_mark:
             self._warned_no_mark = True
             logger.warning(

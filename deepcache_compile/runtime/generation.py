@@ -9,8 +9,11 @@ over `scheduler.timesteps`, so each `t` is a view into it: a new storage or a lo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -19,7 +22,7 @@ from ..schedule import Schedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GenerationState", "run_step", "timestep_mark"]
+__all__ = ["GenerationState", "GenerationStates", "run_step", "timestep_mark"]
 
 
 class GenerationState:
@@ -62,6 +65,41 @@ class GenerationState:
             self.caches[slot] = cache
         self.history.append("S" if cache is None else "F")
         self.calls += 1
+
+
+class GenerationStates:
+    """Which `GenerationState` a call uses: one per thread by default, or one per `generation()` block.
+
+    Concurrent generations that share one compiled pair (threads of a web server, asyncio tasks) never see each
+    other's counter or cache. Threads are isolated without doing anything; within one thread (asyncio tasks,
+    interleaved generations) each `with states.generation():` block gets a fresh state of its own, carried by a
+    context variable, so each task that enters one is isolated too. Cost per call: a context-variable read.
+    """
+
+    def __init__(self, calls_per_step: int):
+        self.calls_per_step = calls_per_step
+        self._scoped: contextvars.ContextVar[GenerationState | None] = contextvars.ContextVar(
+            f"deepcache_generation_{id(self)}", default=None)
+        self._per_thread = threading.local()
+
+    def current(self) -> GenerationState:
+        state = self._scoped.get()
+        if state is not None:
+            return state
+        state = getattr(self._per_thread, "state", None)
+        if state is None:
+            state = self._per_thread.state = GenerationState(self.calls_per_step)
+        return state
+
+    @contextlib.contextmanager
+    def generation(self) -> Iterator[GenerationState]:
+        """A fresh generation for the calls inside the block (then the previous state is current again)."""
+        state = GenerationState(self.calls_per_step)
+        token = self._scoped.set(state)
+        try:
+            yield state
+        finally:
+            self._scoped.reset(token)
 
 
 def run_step(state: GenerationState, schedule: Schedule, call: FlatCall, full: Callable, shallow: Callable,
