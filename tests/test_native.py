@@ -102,6 +102,24 @@ def test_cpp_generation_equals_the_python_loop(digits_export, tmp_path):
     torch.testing.assert_close(native, eager, rtol=5e-4, atol=5e-4)
 
 
+def test_cpp_guidance_path_on_an_unconditional_model_changes_nothing(digits_export, tmp_path):
+    """With classifier-free guidance the U-Net runs on the doubled batch and the halves are combined as
+    u + g (c - u); on the unconditional digits model both halves are the same, so any g gives the plain result."""
+    _, _, directory = digits_export
+    save_file({"sample": torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))},
+              tmp_path / "in.safetensors")
+    outputs = []
+    for guidance in ("1", "7.5"):
+        out = tmp_path / f"out{guidance}.safetensors"
+        result = subprocess.run([str(BUILD / "deepcache-generate"), str(directory), str(tmp_path / "in.safetensors"),
+                                 str(out), "--steps", "10", "--guidance", guidance], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+        outputs.append(load_file(out)["sample"])
+    assert outputs[0].shape == (3, 1, 16, 16)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+
+
 def test_native_engine_stands_in_for_pipe_unet(digits_export):
     from diffusers import DDIMPipeline
 
