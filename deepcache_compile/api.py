@@ -35,6 +35,7 @@ def compile_deepcache(
     calls_per_step: int = 1,
     max_signatures: int = 4,
     verify: bool = True,
+    on_weight_change: str = "recompile",
 ) -> DeepCacheUNet:
     """Wraps `unet` so that it runs DeepCache; use it as `pipe.unet`.
 
@@ -59,6 +60,8 @@ def compile_deepcache(
         calls_per_step: 2 for pipelines that call the U-Net twice per step (conditional, unconditional).
         max_signatures: how many input signatures keep a compiled pair.
         verify: check each compiled pair once against the eager graphs (one extra call of each, per signature).
+        on_weight_change: "recompile" or "error" when a generation starts on weights that changed since the
+            pairs were compiled (checked once per generation; see `DeepCacheUNet`).
 
     Example:
         >>> pipe.unet = compile_deepcache(pipe.unet, branch=1, interval=5)
@@ -73,6 +76,7 @@ def compile_deepcache(
         calls_per_step=calls_per_step,
         max_signatures=max_signatures,
         verify=verify,
+        on_weight_change=on_weight_change,
     )
     return DeepCacheUNet(unet, config)
 

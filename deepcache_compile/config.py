@@ -25,6 +25,9 @@ class DeepCacheConfig:
             conditional and unconditional halves: each call slot then keeps its own cache.
         max_signatures: how many input signatures (shape/dtype/optional-input sets) keep a compiled pair.
         verify: check each compiled pair once against the eager graphs (non-eager backends).
+        on_weight_change: what a generation does when it finds the U-Net's weights changed since its pairs were
+            compiled (`load_state_dict`, `fuse_lora`, `.to(dtype)`, in-place edits): "recompile" (drop the
+            pairs; they are traced and compiled again) or "error".
 
     Example:
         >>> DeepCacheConfig(branch=1, schedule=Schedule("uniform", interval=5)).branch
@@ -38,6 +41,7 @@ class DeepCacheConfig:
     calls_per_step: int = 1
     max_signatures: int = 4
     verify: bool = True
+    on_weight_change: str = "recompile"
 
     def __post_init__(self):
         if not isinstance(self.branch, int) or isinstance(self.branch, bool) or self.branch < 0:
@@ -51,3 +55,5 @@ class DeepCacheConfig:
             raise ValueError(f"calls_per_step={self.calls_per_step} must be >= 1 (2 for separate CFG calls)")
         if self.max_signatures < 1:
             raise ValueError(f"max_signatures={self.max_signatures} must be >= 1")
+        if self.on_weight_change not in ("recompile", "error"):
+            raise ValueError(f"on_weight_change={self.on_weight_change!r} is unknown: use 'recompile' or 'error'")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import logging
 import threading
 import typing
@@ -26,7 +27,31 @@ from .pair import CompiledPair, compile_pair
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DeepCacheUNet"]
+__all__ = ["DeepCacheUNet", "weights_fingerprint"]
+
+
+def weights_fingerprint(unet: nn.Module) -> tuple[tuple, tuple]:
+    """(structure, state) of the weights compiled pairs are built from, in microseconds per parameter.
+
+    structure: every parameter's and buffer's name, dtype and device (a LoRA adapter, `.to(dtype)` change it);
+    state: their storage and version counter (`load_state_dict`, in-place edits under `no_grad`, `p.data = x`).
+    Edits through `p.data` in place (`p.data += d`) bump no version counter and stay invisible: call
+    `dc.recompile()` after those.
+    """
+    tensors = list(itertools.chain(unet.named_parameters(), unet.named_buffers()))
+    structure = tuple((name, t.dtype, t.device) for name, t in tensors)
+    return structure, tuple((t.data_ptr(), t._version) for _, t in tensors)
+
+
+class _PairCache:
+    """The compiled pairs of one U-Net and configuration (an LRU by input signature), the lock that serializes
+    compiling, and the weights they were compiled from. Shared by `with_schedule` copies."""
+
+    def __init__(self, max_signatures: int):
+        self.max_signatures = max_signatures
+        self.pairs: OrderedDict[Any, CompiledPair] = OrderedDict()
+        self.lock = threading.Lock()
+        self.fingerprint: tuple | None = None
 
 
 def _output_type(unet: nn.Module) -> type | None:
@@ -48,6 +73,12 @@ class DeepCacheUNet(nn.Module):
     signature is compiled once even when several threads meet it at once. For generations interleaved within
     one thread (asyncio), give each its own state with `with dc.generation(): ...`.
 
+    Weights that change: at the first call of each generation (never per step) the U-Net's weights are
+    compared with those the pairs were compiled from (`weights_fingerprint`). Backends that bake weights in
+    (Inductor with freezing, AOTInductor, ONNX Runtime, TensorRT) and any change of structure (a LoRA adapter,
+    a dtype) need new pairs: by `on_weight_change` they are dropped and compiled again, or an error is raised.
+    Eager graphs share the U-Net's parameters and follow value changes without recompiling.
+
     Example:
         >>> dc = DeepCacheUNet(unet, DeepCacheConfig(branch=1))
         >>> out = dc(latents, t, encoder_hidden_states=text).sample
@@ -59,8 +90,7 @@ class DeepCacheUNet(nn.Module):
         self.deepcache_config = config
         self.flatten = CallFlattener(unet)
         self._output_type = _output_type(unet)
-        self._pairs: OrderedDict[Any, CompiledPair] = OrderedDict()
-        self._compiling = threading.Lock()  # one trace/compile at a time; guards the LRU
+        self._cache = _PairCache(config.max_signatures)
         self._states = GenerationStates(config.calls_per_step)
         self._warned_no_mark = False
 
@@ -75,8 +105,11 @@ class DeepCacheUNet(nn.Module):
 
     def forward(self, *args, **kwargs):
         call = self.flatten(args, kwargs)
+        state = self._states.current()
+        if state.starts_generation(call.signature, call.timestep):
+            self._check_weights()
         pair = self._pair(call)
-        sample = run_step(self._states.current(), self.deepcache_config.schedule, call, pair.full, pair.shallow)
+        sample = run_step(state, self.deepcache_config.schedule, call, pair.full, pair.shallow)
         if call.return_dict and self._output_type is not None:
             return self._output_type(sample=sample)
         return (sample,)
@@ -121,7 +154,30 @@ class DeepCacheUNet(nn.Module):
     @property
     def pairs(self) -> tuple[CompiledPair, ...]:
         """The compiled pairs held now, least recently used first (at most `max_signatures`)."""
-        return tuple(self._pairs.values())
+        return tuple(self._cache.pairs.values())
+
+    def recompile(self) -> None:
+        """Drops every compiled pair: the next call traces and compiles again from the U-Net's current weights."""
+        with self._cache.lock:
+            self._cache.pairs.clear()
+            self._cache.fingerprint = None
+
+    def _check_weights(self) -> None:
+        cache = self._cache
+        if cache.fingerprint is None:
+            return
+        structure, state = weights_fingerprint(self.unet)
+        if (structure, state) == cache.fingerprint:
+            return
+        if structure == cache.fingerprint[0] and self.deepcache_config.backend == "eager":
+            cache.fingerprint = (structure, state)  # eager graphs read the parameters they share: nothing to do
+            return
+        if self.deepcache_config.on_weight_change == "error":
+            raise RuntimeError(
+                f"the U-Net's weights changed since its {self.deepcache_config.backend} pairs were compiled (which "
+                "keep the old ones): call dc.recompile(), or pass on_weight_change='recompile' to compile_deepcache")
+        logger.warning("the U-Net's weights changed since its pairs were compiled: compiling them again")
+        self.recompile()
 
     def export(self, directory, format: str = "pt2", **options):
         """Writes the pair as engine files plus `deepcache.json`; see `export.export_deepcache`.
@@ -140,7 +196,7 @@ class DeepCacheUNet(nn.Module):
             >>> dc10 = dc.with_schedule(Schedule("uniform", interval=10))
         """
         other = DeepCacheUNet(self.unet, dataclasses.replace(self.deepcache_config, schedule=schedule))
-        other._pairs, other._compiling = self._pairs, self._compiling
+        other._cache = self._cache
         return other
 
     def prepare(self, *args, **kwargs) -> CompiledPair:
@@ -148,15 +204,16 @@ class DeepCacheUNet(nn.Module):
         return self._pair(self.flatten(args, kwargs))
 
     def _pair(self, call: FlatCall) -> CompiledPair:
-        pair = self._pairs.get(call.signature)
+        pairs = self._cache.pairs
+        pair = pairs.get(call.signature)
         if pair is not None:
             try:
-                self._pairs.move_to_end(call.signature)
+                pairs.move_to_end(call.signature)
             except KeyError:  # evicted by another thread meanwhile: this call still runs it
                 pass
             return pair
-        with self._compiling:
-            pair = self._pairs.get(call.signature)  # another thread may have compiled it meanwhile
+        with self._cache.lock:
+            pair = pairs.get(call.signature)  # another thread may have compiled it meanwhile
             return pair if pair is not None else self._compile(call)
 
     def _compile(self, call: FlatCall) -> CompiledPair:
@@ -167,8 +224,11 @@ class DeepCacheUNet(nn.Module):
                 "without a device sync; call reset() before each generation (pipelines that iterate over "
                 "scheduler.timesteps do not need this)"
             )
+        cache = self._cache
+        if not cache.pairs:
+            cache.fingerprint = weights_fingerprint(self.unet)
         pair = compile_pair(self.unet, call, self.deepcache_config)
-        self._pairs[call.signature] = pair
-        if len(self._pairs) > self.deepcache_config.max_signatures:
-            self._pairs.popitem(last=False)
+        cache.pairs[call.signature] = pair
+        if len(cache.pairs) > cache.max_signatures:
+            cache.pairs.popitem(last=False)
         return pair

@@ -46,6 +46,11 @@ class GenerationState:
         self.history: list[str] = []
         self.mark: tuple | None = None
 
+    def starts_generation(self, signature: Any, timestep: Any) -> bool:
+        """Whether a call with this signature and timestep would be the first of a generation (reads only)."""
+        return self.calls == 0 or signature != self.signature or _starts_new_generation(self.mark,
+                                                                                        timestep_mark(timestep))
+
     def begin(self, signature: Any, timestep: Any) -> tuple[int, int]:
         """Registers a call; returns `(step, slot)`, resetting first if the call starts a new generation."""
         mark = timestep_mark(timestep)
