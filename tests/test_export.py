@@ -50,7 +50,7 @@ def exports(tmp_path_factory):
 def test_loaded_pair_matches_eager_in_a_ddim_loop(exports, fmt, arch):
     dc, directory = exports(fmt, arch)
     engine = load_deepcache(directory)
-    for batch, size in ((1, 16), (2, 24), (3, 8)):  # two resolutions, two batch sizes, one export
+    for batch, size in ((1, 16), (3, 8)):  # two resolutions, two batch sizes (1 included), one export
         call = make_call(dc.unet, batch=batch, height=size, width=size)
         expected, actual = ddim_loop(dc, call, 10), ddim_loop(engine, call, 10)
         torch.testing.assert_close(actual, expected, **TOLERANCE[fmt])
