@@ -130,13 +130,12 @@ class DeepCacheEngine(nn.Module):
     @property
     def step(self) -> int:
         """Index of the next step within the current generation."""
-        state = self._states.current()
-        return state.calls // state.calls_per_step
+        return self._states.current().step
 
     @property
     def history(self) -> str:
         """What the current (or last) generation ran, one letter per U-Net call: "F" full, "S" shallow."""
-        return "".join(self._states.current().history)
+        return self._states.current().history
 
     def forward(self, *args, return_dict: bool = True, **kwargs):
         given = dict(zip(self._params, args), **kwargs)

@@ -8,10 +8,11 @@ exceeds the threshold (0.95, the paper's).
 
 The suggestion rule (`suggest`): a shallow step t reuses the feature of the latest full step f(t). The
 *reuse similarity* of (branch b, interval N, uniform schedule) is the 10th percentile over shallow steps of
-`similarity_b[t, f(t)]` (higher = fresher) (the mean hides the few late steps where features move fast; the minimum depends on
-whether the very last step happens to be full). Among the (b, N) whose reuse similarity is at least 0.997,
-suggest the one with the largest MAC speedup `T / (F + S * shallow_share_b)` (`schedule.mac_speedup`). The 0.997 was calibrated on the
-digits DDPM against its measured quality (`bench/results/quality/`, README), so that validation is in-sample.
+`similarity_b[t, f(t)]`, higher = fresher (the mean hides the few late steps where features move fast; the
+minimum depends on whether the very last step happens to be full). Among the (b, N) whose reuse similarity is
+at least 0.997, suggest the one with the largest MAC speedup `T / (F + S * shallow_share_b)`
+(`schedule.mac_speedup`). The 0.997 was calibrated on the digits DDPM against its measured quality
+(`bench/results/quality/`, README), so that validation is in-sample.
 """
 
 from __future__ import annotations

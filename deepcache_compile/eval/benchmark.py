@@ -158,7 +158,8 @@ def _deepcache_candidates(dc, call: dict, opts: BenchOptions, backend: str) -> l
     for kind in opts.schedules:
         for interval in opts.intervals:
             try:
-                schedule = make_schedule(kind, interval, num_inference_steps=opts.steps if kind == "nonuniform" else None,
+                total = opts.steps if kind == "nonuniform" else None
+                schedule = make_schedule(kind, interval, num_inference_steps=total,
                                          center=min(DEFAULT_CENTER, opts.steps // 3))
             except ValueError:  # no non-uniform schedule with ceil(T/N) full steps for this T and N
                 continue

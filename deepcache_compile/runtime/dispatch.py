@@ -105,11 +105,11 @@ class DeepCacheUNet(nn.Module):
 
     def forward(self, *args, **kwargs):
         call = self.flatten(args, kwargs)
-        state = self._states.current()
-        if state.starts_generation(call.signature, call.timestep):
+        state, mark = self._states.current(), timestep_mark(call.timestep)
+        if state.starts_generation(call.signature, mark):
             self._check_weights()
         pair = self._pair(call)
-        sample = run_step(state, self.deepcache_config.schedule, call, pair.full, pair.shallow)
+        sample = run_step(state, self.deepcache_config.schedule, call, pair.full, pair.shallow, mark)
         if call.return_dict and self._output_type is not None:
             return self._output_type(sample=sample)
         return (sample,)
@@ -138,8 +138,7 @@ class DeepCacheUNet(nn.Module):
     @property
     def step(self) -> int:
         """Index of the next step within the current generation."""
-        state = self._states.current()
-        return state.calls // state.calls_per_step
+        return self._states.current().step
 
     @property
     def history(self) -> str:
@@ -149,7 +148,7 @@ class DeepCacheUNet(nn.Module):
             >>> pipe(prompt, num_inference_steps=7); pipe.unet.history
             'FSSFSSF'
         """
-        return "".join(self._states.current().history)
+        return self._states.current().history
 
     @property
     def pairs(self) -> tuple[CompiledPair, ...]:

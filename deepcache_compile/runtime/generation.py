@@ -33,6 +33,7 @@ class GenerationState:
         calls: U-Net calls so far in this generation.
         caches: the latest full step's cached tensor per slot (None before the first full step).
         history: one letter per call of this generation, "F" (full) or "S" (shallow).
+        step: the index of the next step (calls // calls_per_step).
     """
 
     def __init__(self, calls_per_step: int):
@@ -43,17 +44,20 @@ class GenerationState:
     def reset(self) -> None:
         self.calls = 0
         self.caches: list[torch.Tensor | None] = [None] * self.calls_per_step
-        self.history: list[str] = []
+        self.history = ""
         self.mark: tuple | None = None
 
-    def starts_generation(self, signature: Any, timestep: Any) -> bool:
-        """Whether a call with this signature and timestep would be the first of a generation (reads only)."""
-        return self.calls == 0 or signature != self.signature or _starts_new_generation(self.mark,
-                                                                                        timestep_mark(timestep))
+    @property
+    def step(self) -> int:
+        return self.calls // self.calls_per_step
 
-    def begin(self, signature: Any, timestep: Any) -> tuple[int, int]:
-        """Registers a call; returns `(step, slot)`, resetting first if the call starts a new generation."""
-        mark = timestep_mark(timestep)
+    def starts_generation(self, signature: Any, mark: tuple | None) -> bool:
+        """Whether a call with this signature and `timestep_mark` would be the first of a generation (reads only)."""
+        return self.calls == 0 or signature != self.signature or _starts_new_generation(self.mark, mark)
+
+    def begin(self, signature: Any, mark: tuple | None) -> tuple[int, int]:
+        """Registers a call (its signature and `timestep_mark`); returns `(step, slot)`, resetting first if the
+        call starts a new generation."""
         if signature != self.signature:
             if self.signature is not None:
                 logger.debug("input signature changed: new generation")
@@ -68,7 +72,7 @@ class GenerationState:
         """Records a finished call: a full step passes its new cache, a shallow step None."""
         if cache is not None:
             self.caches[slot] = cache
-        self.history.append("S" if cache is None else "F")
+        self.history += "S" if cache is None else "F"
         self.calls += 1
 
 
@@ -108,12 +112,13 @@ class GenerationStates:
 
 
 def run_step(state: GenerationState, schedule: Schedule, call: FlatCall, full: Callable, shallow: Callable,
-             ) -> torch.Tensor:
+             mark: tuple | None = None) -> torch.Tensor:
     """Runs one U-Net call: full or shallow by the schedule, keeping the cache of the call's slot.
 
-    The state advances only after the graph returned, so an exception leaves it consistent.
+    `mark` is the call's `timestep_mark` where the caller has it already. The state advances only after the
+    graph returned, so an exception leaves it consistent.
     """
-    step, slot = state.begin(call.signature, call.timestep)
+    step, slot = state.begin(call.signature, timestep_mark(call.timestep) if mark is None else mark)
     cache = state.caches[slot]
     with torch.no_grad():
         if cache is None or schedule.is_full(step):
