@@ -26,6 +26,7 @@ _EXPORTS = {
     "ManifestError": ".artifacts.manifest",
     "Schedule": ".schedule",
     "Step": ".schedule",
+    "ShapeRanges": ".shapes",
 }
 
 __all__ = list(_EXPORTS)

@@ -36,6 +36,8 @@ def compile_deepcache(
     max_signatures: int = 4,
     verify: bool = True,
     on_weight_change: str = "recompile",
+    dynamic: bool | dict[str, tuple[int, int]] = False,
+    outside_ranges: str = "error",
 ) -> DeepCacheUNet:
     """Wraps `unet` so that it runs DeepCache; use it as `pipe.unet`.
 
@@ -62,6 +64,11 @@ def compile_deepcache(
         verify: check each compiled pair once against the eager graphs (one extra call of each, per signature).
         on_weight_change: "recompile" or "error" when a generation starts on weights that changed since the
             pairs were compiled (checked once per generation; see `DeepCacheUNet`).
+        dynamic: False: one pair per exact input shape (at most `max_signatures`). True, or a dict of (min, max)
+            ranges for "batch", "height", "width" (U-Net input pixels): one pair, traced with symbolic sizes
+            and compiled once, serves every shape in the ranges (defaults in `ShapeRanges.resolve`).
+        outside_ranges: with `dynamic`, what a call the pair cannot serve gets (outside the ranges, or a size
+            that is not a multiple of the downsampling factor): "error", or "static" (a static pair for it).
 
     Example:
         >>> pipe.unet = compile_deepcache(pipe.unet, branch=1, interval=5)
@@ -77,8 +84,21 @@ def compile_deepcache(
         max_signatures=max_signatures,
         verify=verify,
         on_weight_change=on_weight_change,
+        dynamic=_dynamic(dynamic),
+        outside_ranges=outside_ranges,
     )
     return DeepCacheUNet(unet, config)
+
+
+def _dynamic(dynamic: bool | dict) -> dict | None:
+    if dynamic is True:
+        return {}
+    if dynamic is False or dynamic is None:
+        return None
+    if not isinstance(dynamic, dict):
+        raise TypeError(f"dynamic={dynamic!r}: pass True, False, or a dict like dict(batch=(1, 8), "
+                        "height=(256, 1024), width=(256, 1024))")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in dynamic.items()}
 
 
 @dataclass(frozen=True)

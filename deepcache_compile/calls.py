@@ -44,6 +44,11 @@ class FlatCall:
     def constants(self) -> tuple:
         return self.signature[2]
 
+    def with_tensors(self, tensors: tuple[torch.Tensor, ...]) -> "FlatCall":
+        """The same call with other tensors (same structure and constants): e.g. the example of another shape."""
+        metas = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+        return FlatCall((self.spec, metas, self.constants), tuple(tensors), self.timestep, self.return_dict)
+
     @property
     def names(self) -> tuple[str, ...]:
         """One name per tensor, e.g. `("sample", "timestep", "added_cond_kwargs.text_embeds")`.

@@ -25,6 +25,11 @@ class DeepCacheConfig:
             conditional and unconditional halves: each call slot then keeps its own cache.
         max_signatures: how many input signatures (shape/dtype/optional-input sets) keep a compiled pair.
         verify: check each compiled pair once against the eager graphs (non-eager backends).
+        dynamic: None for one compiled pair per exact input shape; else the (min, max) ranges one dynamic pair
+            serves: a dict with any of "batch", "height", "width" (height/width in U-Net input pixels; defaults
+            in `ShapeRanges.resolve`), `{}` for the defaults.
+        outside_ranges: what a call the dynamic pair cannot serve gets (a size outside the ranges or not a
+            multiple of the U-Net's downsampling factor): "error", or "static" (a static pair for its shape).
         on_weight_change: what a generation does when it finds the U-Net's weights changed since its pairs were
             compiled (`load_state_dict`, `fuse_lora`, `.to(dtype)`, in-place edits): "recompile" (drop the
             pairs; they are traced and compiled again) or "error".
@@ -42,6 +47,8 @@ class DeepCacheConfig:
     max_signatures: int = 4
     verify: bool = True
     on_weight_change: str = "recompile"
+    dynamic: dict[str, tuple[int, int]] | None = None
+    outside_ranges: str = "error"
 
     def __post_init__(self):
         if not isinstance(self.branch, int) or isinstance(self.branch, bool) or self.branch < 0:
@@ -57,3 +64,15 @@ class DeepCacheConfig:
             raise ValueError(f"max_signatures={self.max_signatures} must be >= 1")
         if self.on_weight_change not in ("recompile", "error"):
             raise ValueError(f"on_weight_change={self.on_weight_change!r} is unknown: use 'recompile' or 'error'")
+        if self.outside_ranges not in ("error", "static"):
+            raise ValueError(f"outside_ranges={self.outside_ranges!r} is unknown: use 'error' or 'static'")
+        if self.dynamic is not None:
+            unknown = set(self.dynamic) - {"batch", "height", "width"}
+            if unknown:
+                raise ValueError(f"dynamic={self.dynamic!r} has unknown keys {sorted(unknown)}: use 'batch', "
+                                 "'height' and 'width', each a (min, max) pair")
+            for key, value in self.dynamic.items():
+                if not (isinstance(value, (tuple, list)) and len(value) == 2
+                        and all(isinstance(v, int) and v >= 1 for v in value) and value[0] <= value[1]):
+                    raise ValueError(f"dynamic[{key!r}]={value!r} is not a range: use a (min, max) pair of "
+                                     "integers with 1 <= min <= max")

@@ -102,6 +102,8 @@ class Schedule:
 
     def _total(self, total: int | None) -> int | None:
         total = self.num_inference_steps if total is None else int(total)
+        if total is not None and total < 1:
+            raise ValueError(f"total={total} steps: a generation has at least 1 step")
         if total is None and self.needs_total:
             raise ValueError(
                 f"the {self.kind!r} schedule with always_full_last={self.always_full_last} needs the total number "

@@ -96,3 +96,43 @@ def test_reset_and_history_belong_to_the_calling_thread(shared):
     thread.join()
     assert (seen.before, seen.after) == ("", "")
     assert dc.history == "FS" and dc.step == 2  # untouched by the other thread's calls and reset
+
+
+def test_a_broken_generation_fails_alone(shared):
+    """NaN latents and an exception in the middle of a generation: a clear error for that generation; the
+    generation running beside it in another thread, the compiled pairs and the next generation are unaffected."""
+    dc, calls, alone = shared
+    pairs = dc.pairs
+    job, other = JOBS[1], JOBS[3]
+    outcome = {}
+
+    def beside():
+        outcome["other"] = ddim_loop(dc, calls[other], other[3])
+
+    thread = threading.Thread(target=beside)
+    thread.start()
+    broken = {**calls[job], "sample": calls[job]["sample"].clone()}
+    broken["sample"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="input 'sample' of this generation's first call contains NaN"):
+        ddim_loop(dc, broken, job[3])
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(job[3])
+    call = calls[job]
+    for t in scheduler.timesteps[:3]:
+        dc(**{**call, "timestep": t})
+    wrong = {**call, "encoder_hidden_states": call["encoder_hidden_states"][..., :-1]}  # 31 features, not 32
+    with pytest.raises(Exception, match="could not trace this U-Net"):
+        dc(**{**wrong, "timestep": scheduler.timesteps[3]})
+    assert dc.history == "FSS"  # the failed call left the generation's state as it was
+    thread.join()
+    assert torch.equal(outcome["other"], alone[other])
+    assert torch.equal(ddim_loop(dc, calls[job], job[3]), alone[job])
+    assert {id(p) for p in dc.pairs} == {id(p) for p in pairs}  # none compiled, none dropped
+
+
+def test_a_step_count_of_zero_is_refused():
+    dc = compile_deepcache(make_unet("sd-mini"), branch=1, interval=3)
+    with pytest.raises(ValueError, match="total=0 steps: a generation has at least 1 step"):
+        dc.full_steps(0)
+    with pytest.raises(ValueError, match="num_inference_steps=0 must be >= 1"):
+        compile_deepcache(make_unet("sd-mini"), branch=1, schedule="nonuniform", num_inference_steps=0)

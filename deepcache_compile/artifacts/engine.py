@@ -21,10 +21,11 @@ from torch import nn
 
 from ..calls import FlatCall
 from ..options import check_options
-from ..runtime.generation import GenerationStates, run_step
+from ..runtime.generation import GenerationStates, check_finite, run_step, timestep_mark
 from ..schedule import Schedule
+from ..shapes import ShapeRanges
 from .formats import get_format
-from .manifest import ManifestError, ShapeRanges, read_manifest
+from .manifest import ManifestError, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class DeepCacheEngine(nn.Module):
         self._inputs = [(i["name"], getattr(torch, i["dtype"]), i["rank"]) for i in manifest["inputs"]]
         self._params = manifest["unet"]["forward_params"]
         self._known = frozenset(name.split(".")[0] for name, _, _ in self._inputs)
+        self._names = tuple(name for name, _, _ in self._inputs)
         self._states = GenerationStates(manifest["calls_per_step"])
         self._checked: set = set()
         features = manifest["unet"]["add_embedding_in_features"]
@@ -145,7 +147,10 @@ class DeepCacheEngine(nn.Module):
             self.ranges.check(tuple(tensors[0].shape))
             self._checked.add(signature)
         call = FlatCall(signature, tensors, given.get("timestep"), return_dict)
-        sample = run_step(self._states.current(), self.schedule, call, self._full, self._shallow)
+        state, mark = self._states.current(), timestep_mark(call.timestep)
+        if state.starts_generation(signature, mark):
+            check_finite(tensors, self._names)
+        sample = run_step(state, self.schedule, call, self._full, self._shallow, mark)
         return EngineOutput(sample) if return_dict else (sample,)
 
     def _flatten(self, given: dict) -> tuple[torch.Tensor, ...]:

@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 
 from ..calls import CallFlattener, FlatCall
-from ..graph.branches import find_branches
+from ..graph.branches import downsampling_factor, find_branches
 from ..graph.partition import split_at_branch
-from ..graph.trace import dynamic_dims, export_program, trace_unet
+from ..graph.trace import export_program, trace_unet
 from ..options import check_options
 from ..runtime.pair import select_branch
-from .formats import PartIO, get_format
 from ..schedule import nonuniform_full_steps
-from .manifest import FORMAT_VERSION, MANIFEST, ShapeRanges, cpu_isa, sha256
+from ..shapes import ShapeRanges, sample_size
+from .formats import PartIO, get_format
+from .manifest import FORMAT_VERSION, MANIFEST, cpu_isa, sha256
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ _IO = {"full": PartIO(outputs=("out_sample", "cache_out"), inputs=()),
 
 
 def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example: dict | None = None,
-                     batch: tuple[int, int] = (1, 16), height: tuple[int, int] | None = None,
+                     batch: tuple[int, int] | None = None, height: tuple[int, int] | None = None,
                      width: tuple[int, int] | None = None, fp16: bool = False, options: dict | None = None,
                      scheduler=None) -> Path:
     """Writes the full/shallow pair of a `DeepCacheUNet` as engine files plus `deepcache.json`.
@@ -48,8 +49,8 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
         directory: where to write; created if missing.
         format: one of "pt2", "aoti", "onnx", "tensorrt".
         example: keyword arguments of one U-Net call; default: the last call the module saw.
-        batch, height, width: (min, max) ranges to accept; height/width in U-Net input pixels, defaulting to
-            2*multiple .. 2*config.sample_size.
+        batch, height, width: (min, max) ranges to accept (`ShapeRanges.resolve`); height/width in U-Net input
+            pixels. Defaults: batch 1..16, height/width 2*multiple .. max(2*sample_size, 8*multiple).
         fp16: build TensorRT engines with fp16 kernels (the same as `options={"fp16": True}`).
         options: the format's write options (aoti: `inductor_configs`; tensorrt: `fp16`).
         scheduler: a diffusers scheduler whose config is written beside the engines (`scheduler_config.json`,
@@ -91,32 +92,19 @@ def _example(dc, example: dict | None) -> FlatCall:
 
 
 def _ranges(unet, call: FlatCall, batch, height, width) -> ShapeRanges:
-    traced = trace_unet(unet, call)
-    sample_h = call.tensors[0].shape[-2]
-    multiple = sample_h // min(b.cache_shape[-2] for b in find_branches(traced.gm))
-    size = unet.config.sample_size
-    size = size if isinstance(size, int) else max(size)
-    default = (2 * multiple, max(2 * size, 8 * multiple))
-    ranges = ShapeRanges(tuple(batch), tuple(height or default), tuple(width or default), multiple)
-    for what, (lo, hi) in (("height", ranges.height), ("width", ranges.width)):
-        if not (2 * multiple <= lo and hi // multiple > lo // multiple):
-            raise ValueError(f"{what}=({lo}, {hi}) is not a usable range: it needs 2*{multiple} <= min and at "
-                             f"least two multiples of {multiple} (e.g. {what}=({2 * multiple}, {8 * multiple}))")
-    if not 1 <= ranges.batch[0] < ranges.batch[1]:
-        raise ValueError(f"batch={ranges.batch} is not a usable range: use (min, max) with 1 <= min < max")
-    return ranges
+    multiple = downsampling_factor(find_branches(trace_unet(unet, call).gm), call.tensors[0].shape[-2])
+    return ShapeRanges.resolve(multiple, sample_size(unet), batch, height, width, what="export")
 
 
 def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges):
-    r = (ranges.batch, ranges.height, ranges.width, ranges.multiple)
-    traced = trace_unet(dc.unet, call, dynamic_shapes=dynamic_dims(call.tensors, *r))
+    traced = trace_unet(dc.unet, call, dynamic_shapes=ranges.export_dims(call.tensors))
     branch = select_branch(find_branches(traced.gm), dc.deepcache_config.branch)
     split = split_at_branch(traced.gm, branch)
     inputs = call.tensors
     with torch.no_grad():
         cache = split.full(*inputs)[1]
-    full = export_program(split.full, inputs, dynamic_dims(inputs, *r))
-    shallow = export_program(split.shallow, (*inputs, cache), dynamic_dims((*inputs, cache), *r))
+    full = export_program(split.full, inputs, ranges.export_dims(inputs))
+    shallow = export_program(split.shallow, (*inputs, cache), ranges.export_dims((*inputs, cache)))
     return {"full": full, "shallow": shallow}, branch
 
 

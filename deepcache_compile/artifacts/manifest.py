@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
+from ..shapes import ShapeRanges
 from .formats import available_formats, get_format
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "ManifestError", "ShapeRanges", "cpu_isa", "read_manifest", "sha256"]
@@ -27,38 +27,6 @@ ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq
 
 class ManifestError(ValueError):
     """An engine directory is incomplete, tampered with, or made for another version."""
-
-
-@dataclass(frozen=True)
-class ShapeRanges:
-    """What an export accepts, in U-Net input pixels (latents for latent diffusion; x8 for SD's VAE).
-
-    Attributes:
-        batch: (min, max) batch size, counting the CFG doubling.
-        height: (min, max) sample height; must be a multiple of `multiple`.
-        width: (min, max) sample width; must be a multiple of `multiple`.
-        multiple: the U-Net's total downsampling factor (8 for SD 1.x/2.x, 4 for SDXL).
-    """
-
-    batch: tuple[int, int]
-    height: tuple[int, int]
-    width: tuple[int, int]
-    multiple: int
-
-    @classmethod
-    def from_manifest(cls, ranges: dict) -> "ShapeRanges":
-        return cls(tuple(ranges["batch"]), tuple(ranges["height"]), tuple(ranges["width"]), ranges["multiple"])
-
-    def check(self, shape: tuple[int, ...]) -> None:
-        """Raises ValueError naming the dimension if a sample of `shape` is outside the ranges."""
-        for what, value, (lo, hi) in (("batch", shape[0], self.batch), ("height", shape[-2], self.height),
-                                      ("width", shape[-1], self.width)):
-            if not lo <= value <= hi:
-                raise ValueError(f"sample {what}={value} is outside this export's range {lo}..{hi}: export again "
-                                 f"with {what}=({min(lo, value)}, {max(hi, value)})")
-            if what != "batch" and value % self.multiple:
-                raise ValueError(f"sample {what}={value} is not a multiple of {self.multiple}, which this export "
-                                 f"needs (the U-Net downsamples by {self.multiple}): pad or resize the input")
 
 
 def sha256(path: Path) -> str:

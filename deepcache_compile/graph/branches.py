@@ -17,7 +17,7 @@ from torch import fx
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SkipBranch", "find_branches", "BranchNotFoundError"]
+__all__ = ["SkipBranch", "find_branches", "downsampling_factor", "BranchNotFoundError"]
 
 _CAT_TARGETS = (torch.ops.aten.cat.default, torch.ops.aten.concat.default)
 
@@ -73,6 +73,11 @@ def find_branches(gm: fx.GraphModule) -> tuple[SkipBranch, ...]:
     joins.sort(key=lambda j: order[j[0]])
     _check_nesting(joins, order)
     return tuple(_branch(i, skip, main, cat) for i, (skip, main, cat) in enumerate(joins))
+
+
+def downsampling_factor(branches: tuple[SkipBranch, ...], sample_height: int) -> int:
+    """How many sample pixels one pixel of the deepest skip spans (8 for SD 1.x: heights must be multiples)."""
+    return sample_height // min(b.cache_shape[-2] for b in branches)
 
 
 def _skip_pair(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:

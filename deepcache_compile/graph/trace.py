@@ -11,17 +11,17 @@ import inspect
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..calls import FlatCall
+from ..tracing import GATE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TracedUNet", "UNetTraceError", "dynamic_dims", "export_program", "trace_unet"]
+__all__ = ["TracedUNet", "UNetTraceError", "export_program", "trace_unet"]
 
 
 class UNetTraceError(RuntimeError):
@@ -68,33 +68,9 @@ class TracedUNet:
         return self.call.tensors
 
 
-def dynamic_dims(tensors: tuple[torch.Tensor, ...], batch: tuple[int, int], height: tuple[int, int],
-                 width: tuple[int, int], multiple: int) -> tuple[dict[int, Any] | None, ...]:
-    """`torch.export` dynamic shapes for a flat call (and, appended by the caller, a cache tensor).
-
-    Every tensor with the sample's batch gets the `batch` dimension; every rank>=4 tensor gets spatial
-    dimensions that are integer multiples of one base height and width symbol, `multiple` sample pixels each,
-    so ControlNet residuals and caches at 1/2, 1/4, ... of the sample's size stay tied to it.
-    """
-    sample = tensors[0]
-    b = torch.export.Dim("batch", min=batch[0], max=batch[1])
-    h = torch.export.Dim("height", min=height[0] // multiple, max=height[1] // multiple)
-    w = torch.export.Dim("width", min=width[0] // multiple, max=width[1] // multiple)
-    dims = []
-    for t in tensors:
-        spec: dict[int, Any] = {}
-        if t.dim() >= 1 and t.shape[0] == sample.shape[0]:
-            spec[0] = b
-        if t.dim() >= 4:
-            spec[t.dim() - 2] = h * (t.shape[-2] * multiple // sample.shape[-2])
-            spec[t.dim() - 1] = w * (t.shape[-1] * multiple // sample.shape[-1])
-        dims.append(spec or None)
-    return tuple(dims)
-
-
 def trace_unet(unet: nn.Module, call: FlatCall, dynamic_shapes: tuple | None = None) -> TracedUNet:
     """Exports `unet` for the signature of `call`: static shapes, or symbolic ones given `dynamic_shapes`
-    (see `dynamic_dims`).
+    (see `ShapeRanges.export_dims`).
 
     Example:
         >>> call = CallFlattener(unet)((sample, 10), {"encoder_hidden_states": text})
@@ -119,12 +95,13 @@ def trace_unet(unet: nn.Module, call: FlatCall, dynamic_shapes: tuple | None = N
 def export_program(module: nn.Module, inputs: tuple, dynamic_shapes: tuple | None = None):
     """`torch.export.export` (non-strict). With dynamic shapes, sizes 1 stay symbolic (`backed_size_oblivious`),
     so one program serves batch 1 and batch 2 (CFG) alike."""
-    if dynamic_shapes is None:
-        return torch.export.export(module, inputs, strict=False)
-    from torch.fx.experimental import _config as fx_config
+    with GATE.trace():  # export flips process-wide backend flags: no step may run meanwhile (see tracing.py)
+        if dynamic_shapes is None:
+            return torch.export.export(module, inputs, strict=False)
+        from torch.fx.experimental import _config as fx_config
 
-    with fx_config.patch(backed_size_oblivious=True):
-        return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        with fx_config.patch(backed_size_oblivious=True):
+            return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
 def _positional(gm: fx.GraphModule) -> fx.GraphModule:

@@ -22,8 +22,9 @@ from torch import nn
 from ..calls import CallFlattener, FlatCall
 from ..config import DeepCacheConfig
 from ..schedule import Schedule
-from .generation import GenerationStates, run_step, timestep_mark
-from .pair import CompiledPair, compile_pair
+from ..shapes import ShapeRanges, shape_class
+from .generation import GenerationStates, check_finite, run_step, timestep_mark
+from .pair import CompiledPair, compile_pair, dynamic_ranges, release
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +45,36 @@ def weights_fingerprint(unet: nn.Module) -> tuple[tuple, tuple]:
 
 
 class _PairCache:
-    """The compiled pairs of one U-Net and configuration (an LRU by input signature), the lock that serializes
-    compiling, and the weights they were compiled from. Shared by `with_schedule` copies."""
+    """The compiled pairs of one U-Net and configuration, the lock that serializes compiling, and the weights
+    they were compiled from. Shared by `with_schedule` copies.
+
+    `pairs` maps each input signature seen lately (an LRU of `max_signatures`) to the pair that runs it: its
+    own static pair, or the dynamic pair of its `shape_class` (`dynamic`, an LRU as well), which many
+    signatures share. The per-call lookup is one dict access either way.
+    """
 
     def __init__(self, max_signatures: int):
         self.max_signatures = max_signatures
         self.pairs: OrderedDict[Any, CompiledPair] = OrderedDict()
+        self.dynamic: OrderedDict[Any, CompiledPair] = OrderedDict()
+        self.ranges: ShapeRanges | None = None
         self.lock = threading.Lock()
         self.fingerprint: tuple | None = None
+
+    def put(self, table: OrderedDict, key: Any, pair: CompiledPair) -> CompiledPair:
+        table[key] = pair
+        if len(table) > self.max_signatures:
+            _, evicted = table.popitem(last=False)
+            if table is self.dynamic or evicted.ranges is None:  # not an alias of a dynamic pair still held
+                release(evicted)
+        return pair
+
+    def clear(self) -> None:
+        for pair in {id(p): p for p in (*self.pairs.values(), *self.dynamic.values())}.values():
+            release(pair)
+        self.pairs.clear()
+        self.dynamic.clear()
+        self.fingerprint = None
 
 
 def _output_type(unet: nn.Module) -> type | None:
@@ -107,6 +130,7 @@ class DeepCacheUNet(nn.Module):
         call = self.flatten(args, kwargs)
         state, mark = self._states.current(), timestep_mark(call.timestep)
         if state.starts_generation(call.signature, mark):
+            check_finite(call.tensors, call.names)
             self._check_weights()
         pair = self._pair(call)
         sample = run_step(state, self.deepcache_config.schedule, call, pair.full, pair.shallow, mark)
@@ -152,14 +176,15 @@ class DeepCacheUNet(nn.Module):
 
     @property
     def pairs(self) -> tuple[CompiledPair, ...]:
-        """The compiled pairs held now, least recently used first (at most `max_signatures`)."""
-        return tuple(self._cache.pairs.values())
+        """The compiled pairs held now, least recently used first: at most `max_signatures` static pairs, and
+        (with `dynamic`) at most `max_signatures` dynamic ones, each serving many signatures."""
+        unique = {id(pair): pair for pair in (*self._cache.dynamic.values(), *self._cache.pairs.values())}
+        return tuple(unique.values())
 
     def recompile(self) -> None:
         """Drops every compiled pair: the next call traces and compiles again from the U-Net's current weights."""
         with self._cache.lock:
-            self._cache.pairs.clear()
-            self._cache.fingerprint = None
+            self._cache.clear()
 
     def _check_weights(self) -> None:
         cache = self._cache
@@ -223,11 +248,27 @@ class DeepCacheUNet(nn.Module):
                 "without a device sync; call reset() before each generation (pipelines that iterate over "
                 "scheduler.timesteps do not need this)"
             )
-        cache = self._cache
-        if not cache.pairs:
+        cache, config = self._cache, self.deepcache_config
+        if not cache.pairs and not cache.dynamic:
             cache.fingerprint = weights_fingerprint(self.unet)
-        pair = compile_pair(self.unet, call, self.deepcache_config)
-        cache.pairs[call.signature] = pair
-        if len(cache.pairs) > cache.max_signatures:
-            cache.pairs.popitem(last=False)
-        return pair
+        if config.dynamic is None:
+            return cache.put(cache.pairs, call.signature, compile_pair(self.unet, call, config))
+        if cache.ranges is None:
+            cache.ranges = dynamic_ranges(self.unet, call, config)
+        try:
+            cache.ranges.check(tuple(call.tensors[0].shape), owner="the dynamic pair", fix=(
+                "pass dynamic=dict({what}=({lo}, {hi})) to compile_deepcache, or outside_ranges='static' to "
+                "compile a static pair for this shape"))
+        except ValueError:
+            if config.outside_ranges == "error":
+                raise
+            logger.info("shape %s is outside the dynamic ranges: compiling a static pair for it", call.tensors[0].shape)
+            return cache.put(cache.pairs, call.signature, compile_pair(self.unet, call, config))
+        key = shape_class(tuple(meta[0] for meta in call.signature[1])), call.signature[0], call.constants, tuple(
+            meta[1:] for meta in call.signature[1])
+        pair = cache.dynamic.get(key)
+        if pair is None:
+            pair = cache.put(cache.dynamic, key, compile_pair(self.unet, call, config, cache.ranges))
+        else:
+            cache.dynamic.move_to_end(key)
+        return cache.put(cache.pairs, call.signature, pair)

@@ -19,10 +19,11 @@ import torch
 
 from ..calls import FlatCall
 from ..schedule import Schedule
+from ..tracing import GATE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GenerationState", "GenerationStates", "run_step", "timestep_mark"]
+__all__ = ["GenerationState", "GenerationStates", "check_finite", "run_step", "timestep_mark"]
 
 
 class GenerationState:
@@ -120,13 +121,24 @@ def run_step(state: GenerationState, schedule: Schedule, call: FlatCall, full: C
     """
     step, slot = state.begin(call.signature, timestep_mark(call.timestep) if mark is None else mark)
     cache = state.caches[slot]
-    with torch.no_grad():
+    with torch.no_grad(), GATE.step():
         if cache is None or schedule.is_full(step):
             sample, cache = full(*call.tensors)
         else:
             (sample,), cache = shallow(*call.tensors, cache), None
     state.end(slot, cache)
     return sample
+
+
+def check_finite(tensors: tuple[torch.Tensor, ...], names: tuple[str, ...]) -> None:
+    """Raises ValueError naming the input if a floating-point input holds NaN or inf. Called at the first call
+    of each generation (one device sync per generation, none per step): a broken generation fails alone, before
+    it touches any state, instead of returning NaN images."""
+    for name, t in zip(names, tensors):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"input {name!r} of this generation's first call contains NaN or inf: check the "
+                             "latents and conditionings (a NaN-producing VAE encode, a division by a zero noise "
+                             "level, fp16 overflow in a text encoder)")
 
 
 def timestep_mark(t: Any) -> tuple | None:

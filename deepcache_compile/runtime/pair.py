@@ -2,40 +2,48 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import linecache
 import logging
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from ..calls import FlatCall
 from ..config import DeepCacheConfig
-from ..graph.branches import SkipBranch, find_branches
+from ..graph.branches import SkipBranch, downsampling_factor, find_branches
 from ..graph.partition import SplitGraphs, split_at_branch
 from ..graph.trace import TracedUNet, trace_unet
+from ..shapes import ShapeRanges, sample_size
 from .backends import get_backend
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CompiledPair", "compile_pair", "select_branch"]
+__all__ = ["CompiledPair", "compile_pair", "dynamic_ranges", "release", "select_branch"]
 
 
 @dataclass(frozen=True)
 class CompiledPair:
-    """The compiled full and shallow graphs of one input signature.
+    """The compiled full and shallow graphs of one input signature, or of every shape in `ranges`.
 
     Attributes:
         traced: the exported U-Net both graphs were cut from.
         split: the graph modules before compilation.
         full: compiled `(*inputs) -> (sample, cache)`.
         shallow: compiled `(*inputs, cache) -> (sample,)`.
+        ranges: None for a static pair (the traced shapes only); else the batch sizes and resolutions it serves.
+        fx_sources: the keys of the generated sources torch.fx cached while compiling it (see `release`).
     """
 
     traced: TracedUNet
     split: SplitGraphs
     full: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     shallow: Callable[..., tuple[torch.Tensor]]
+    ranges: ShapeRanges | None = None
+    fx_sources: frozenset[str] = field(default=frozenset(), repr=False)
 
     @property
     def branch(self) -> SkipBranch:
@@ -44,6 +52,8 @@ class CompiledPair:
     def run_shallow(self, *inputs: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
         """Runs the shallow graph after checking that `cache` fits it (the dispatcher skips this check)."""
         shape, dtype = self.branch.cache_shape, self.branch.cache_dtype
+        if self.ranges is not None:
+            shape = ShapeRanges.shape_for(shape, tuple(self.traced.example_inputs[0].shape), tuple(inputs[0].shape))
         if tuple(cache.shape) != shape or cache.dtype != dtype:
             raise ValueError(
                 f"cache of shape {tuple(cache.shape)} and dtype {cache.dtype} does not match the shallow graph's "
@@ -62,27 +72,85 @@ def select_branch(branches: tuple[SkipBranch, ...], branch: int) -> SkipBranch:
     return branches[branch]
 
 
-def compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig) -> CompiledPair:
-    """Traces `unet` for the signature of `call`, cuts it at `config.branch` and compiles both graphs.
+def dynamic_ranges(unet: nn.Module, call: FlatCall, config: DeepCacheConfig) -> ShapeRanges:
+    """The ranges of `config.dynamic`, resolved for this U-Net (one static trace finds its downsampling factor)."""
+    with _fx_sources_added() as added:
+        multiple = downsampling_factor(find_branches(trace_unet(unet, call).gm), call.tensors[0].shape[-2])
+    _release_sources(added)
+    return ShapeRanges.resolve(multiple, sample_size(unet), **config.dynamic, what="dynamic")
+
+
+def compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig,
+                 ranges: ShapeRanges | None = None) -> CompiledPair:
+    """Traces `unet` for the signature of `call` (or, given `ranges`, for every shape in them), cuts it at
+    `config.branch` and compiles both graphs.
 
     Example:
         >>> call = CallFlattener(unet)(args, kwargs)
         >>> pair = compile_pair(unet, call, DeepCacheConfig(branch=1))
         >>> sample, cache = pair.full(*call.tensors)
     """
-    traced = trace_unet(unet, call)
+    with _fx_sources_added() as added:
+        pair = _compile_pair(unet, call, config, ranges)
+    return dataclasses.replace(pair, fx_sources=frozenset(added))
+
+
+def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, ranges: ShapeRanges | None) -> CompiledPair:
+    if ranges is not None:
+        call = _dynamic_example(call, ranges)
+    traced = trace_unet(unet, call, ranges.export_dims(call.tensors) if ranges else None)
     branch = select_branch(find_branches(traced.gm), config.branch)
     split = split_at_branch(traced.gm, branch)
     backend = get_backend(config.backend)
     inputs = traced.example_inputs
-    cache = torch.zeros(branch.cache_shape, dtype=branch.cache_dtype, device=inputs[0].device)
+    shapes = {"ranges": ranges} if ranges is not None else {}  # static-only backends need not know the word
     with torch.no_grad():
-        full = backend(split.full, inputs, config.backend_options)
-        shallow = backend(split.shallow, (*inputs, cache), config.backend_options)
-    pair = CompiledPair(traced=traced, split=split, full=full, shallow=shallow)
+        full = backend(split.full, inputs, config.backend_options, **shapes)
+        # The cache as the compiled full graph lays it out (Inductor may choose channels-last), so the shallow
+        # graph is compiled for the tensors it will get.
+        cache = full(*inputs)[1]
+        shallow = backend(split.shallow, (*inputs, cache), config.backend_options, **shapes)
+    pair = CompiledPair(traced=traced, split=split, full=full, shallow=shallow, ranges=ranges)
     if config.backend != "eager" and config.verify:
         verify_pair(pair, config.backend)
     return pair
+
+
+def release(pair: CompiledPair) -> None:
+    """Frees what torch.fx keeps of a dropped pair after the pair itself is gone: every `GraphModule` recompile
+    caches its generated source (and a linecache entry) in a process-wide table that is never emptied, so a
+    server that compiles pair after pair (new shapes through the LRU, recompiles after weight changes) would
+    grow without bound. Runs of the pair already under way are unaffected (their code is compiled)."""
+    _release_sources(pair.fx_sources)
+
+
+@contextlib.contextmanager
+def _fx_sources_added() -> Iterator[set[str]]:
+    loader = getattr(torch.fx.graph_module, "_loader", None)  # torch's private source cache (see `release`)
+    before = set(loader.eval_cache) if loader is not None else set()
+    added: set[str] = set()
+    try:
+        yield added
+    finally:
+        if loader is not None:
+            added |= set(loader.eval_cache) - before
+
+
+def _release_sources(keys) -> None:
+    loader = getattr(torch.fx.graph_module, "_loader", None)
+    for key in keys:
+        if loader is not None:
+            loader.eval_cache.pop(key, None)
+        linecache.cache.pop(key, None)
+
+
+def _dynamic_example(call: FlatCall, ranges: ShapeRanges) -> FlatCall:
+    """A batch-1 example traces size-1 specializations into the graph: trace dynamic pairs at batch >= 2."""
+    sample = call.tensors[0]
+    if sample.shape[0] >= 2 or ranges.batch[1] < 2:
+        return call
+    return call.with_tensors(tuple(t.expand(2, *t.shape[1:]).contiguous() if t.dim() and t.shape[0] == 1 else t
+                                   for t in call.tensors))
 
 
 # Per-call agreement a compiled graph must reach with the eager graph on the example inputs: rounding-level

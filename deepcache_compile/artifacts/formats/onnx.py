@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ...tracing import GATE
+
 SUFFIX = ".onnx"
 TIED_TO = None
 WRITE_OPTIONS: tuple[str, ...] = ()
@@ -40,8 +42,9 @@ def write_onnx(program: torch.export.ExportedProgram, path: Path, input_names: S
         import onnxscript  # noqa: F401
     except ImportError as err:
         raise ImportError("ONNX export needs onnx and onnxscript: pip install 'deepcache_compile[onnx]'") from err
-    torch.onnx.export(program, (), str(path), input_names=list(input_names), output_names=list(output_names),
-                      dynamo=True, external_data=True, verbose=False)
+    with GATE.trace():  # its decompositions flip process-wide backend flags (see tracing.py)
+        torch.onnx.export(program, (), str(path), input_names=list(input_names), output_names=list(output_names),
+                          dynamo=True, external_data=True, verbose=False)
     return sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name))
 
 

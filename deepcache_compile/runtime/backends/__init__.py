@@ -2,7 +2,9 @@
 
 A backend is a function `compile_graph(gm, example_inputs, options) -> callable` that turns one graph module
 into a callable with the same positional signature; it gets the example inputs (so it can compile ahead of
-time) and the user's options, and must not change the graph's numerics beyond what its compiler does.
+time) and the user's options, and must not change the graph's numerics beyond what its compiler does. For
+`compile_deepcache(..., dynamic=...)` it is also passed `ranges=` (a `ShapeRanges`): the callable must then
+serve every shape in them (`ranges.export_dims(example_inputs)` gives torch.export's dynamic shapes).
 Optional dependencies are imported inside the backend's module. `eager` compiles nothing: it is the reference
 every other backend is verified against.
 """
@@ -20,7 +22,7 @@ __all__ = ["Backend", "available_backends", "get_backend", "register_backend"]
 
 class Backend(Protocol):
     def __call__(
-        self, gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], options: dict[str, Any]
+        self, gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], options: dict[str, Any], **shapes: Any
     ) -> Callable[..., tuple[torch.Tensor, ...]]: ...
 
 

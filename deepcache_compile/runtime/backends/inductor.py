@@ -4,6 +4,10 @@ Options are passed to `torch.compile` (`mode`, `fullgraph`, `dynamic`, `options`
 Inductor's freezing folds the (shared, read-only) weights into the compiled graph, which lets it pre-pack
 convolution weights for oneDNN on CPU. It defaults to on for CPU inputs. A frozen graph keeps its own copy of
 the weights it uses, so moving or editing the U-Net's weights afterwards does not reach it: compile again.
+
+With `ranges` (dynamic pairs) the batch and spatial dimensions are marked dynamic, without duck sizing (equal
+sizes stay separate symbols), and compiled ahead of time at batch >= 2 and, where the range includes it, at
+batch 1 (Inductor specializes size-1 batches): every shape in the ranges then runs without recompiling.
 """
 
 from __future__ import annotations
@@ -13,22 +17,48 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.fx.experimental import _config as fx_config
 
 from ...options import check_options
+from ...shapes import ShapeRanges
 
 logger = logging.getLogger(__name__)
 
 _COMPILE_KEYS = {"mode", "fullgraph", "dynamic", "options"}
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], options: dict[str, Any]):
+def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], options: dict[str, Any],
+                  ranges: ShapeRanges | None = None):
     check_options("the inductor backend", options, _COMPILE_KEYS | {"freezing"})
     options = dict(options)
     freezing = options.pop("freezing", example_inputs[0].device.type == "cpu")
     options.setdefault("fullgraph", True)
+    examples = [example_inputs] if ranges is None else _dynamic_examples(example_inputs, ranges)
+    if ranges is not None:
+        options["dynamic"] = False  # only the dimensions marked by _dynamic_examples are symbolic
     compiled = torch.compile(gm, backend="inductor", **options)
     # Compile now, under the chosen freezing setting, instead of on the first denoising step.
-    with torch._inductor.config.patch(freezing=freezing), torch.no_grad():
-        compiled(*example_inputs)
-    logger.info("inductor compiled %s (freezing=%s)", type(gm).__name__, freezing)
+    with torch._inductor.config.patch(freezing=freezing), fx_config.patch(use_duck_shape=False), torch.no_grad():
+        for inputs in examples:
+            compiled(*inputs)
+    logger.info("inductor compiled %s (freezing=%s, %d specializations)", type(gm).__name__, freezing, len(examples))
     return compiled
+
+
+def _dynamic_examples(example_inputs: tuple[torch.Tensor, ...], ranges: ShapeRanges) -> list[tuple]:
+    """Copies of the example inputs with their batch and spatial dimensions marked dynamic; plus, where the
+    batch range starts at 1, a batch-1 copy: Inductor specializes size-1 batches, so that case is a second
+    specialization, compiled now rather than at the first batch-1 call."""
+    batch = example_inputs[0].shape[0]
+    examples = [example_inputs]
+    if ranges.batch[0] == 1 and batch > 1:
+        examples.append(tuple(t[:1] if t.dim() and t.shape[0] == batch else t for t in example_inputs))
+    marked = []
+    for inputs in examples:
+        inputs = tuple(t.clone() for t in inputs)  # the marks stay on these copies
+        for t, (lo, hi) in zip(inputs, ranges.bounds(example_inputs)):
+            for d in range(t.dim()):
+                if lo[d] != hi[d] and (d > 0 or t.shape[0] > 1):
+                    torch._dynamo.maybe_mark_dynamic(t, d)
+        marked.append(inputs)
+    return marked

@@ -1,5 +1,6 @@
 """The `tensorrt` backend (GPU only): torch-tensorrt's dynamo path on each graph.
 
+With `ranges` (dynamic pairs) the engine gets one optimization profile from their ends.
 Options: `enabled_precisions` (default {torch.float32}; add torch.float16 for fp16 kernels) and any other
 `torch_tensorrt.dynamo.compile` keyword. `.plan` engine files are `artifacts/formats/tensorrt.py`.
 """
@@ -12,16 +13,27 @@ import torch
 from torch import fx
 
 from ...graph.trace import export_program
+from ...shapes import ShapeRanges
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], options: dict[str, Any]):
+def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], options: dict[str, Any],
+                  ranges: ShapeRanges | None = None):
     try:
         import torch_tensorrt
     except ImportError as err:
         raise ImportError("the tensorrt backend needs torch-tensorrt: pip install 'deepcache_compile[tensorrt]'") from err
     if example_inputs[0].device.type != "cuda":
         raise ValueError("the tensorrt backend runs on CUDA: move the U-Net and its inputs to a CUDA device")
-    program = export_program(gm, example_inputs)
+    program = export_program(gm, example_inputs, ranges.export_dims(example_inputs) if ranges else None)
     options = {"enabled_precisions": {torch.float32}, **options}
-    compiled = torch_tensorrt.dynamo.compile(program, inputs=list(example_inputs), **options)
+    inputs = list(example_inputs) if ranges is None else _dynamic_inputs(example_inputs, ranges)
+    compiled = torch_tensorrt.dynamo.compile(program, inputs=inputs, **options)
     return lambda *tensors: tuple(compiled(*tensors))
+
+
+def _dynamic_inputs(example_inputs: tuple[torch.Tensor, ...], ranges: ShapeRanges) -> list:
+    """One `torch_tensorrt.Input` per input: min/opt/max shapes at the ranges' ends, opt at the example."""
+    import torch_tensorrt
+
+    return [torch_tensorrt.Input(min_shape=lo, opt_shape=tuple(t.shape), max_shape=hi, dtype=t.dtype)
+            for t, (lo, hi) in zip(example_inputs, ranges.bounds(example_inputs))]

@@ -1,0 +1,140 @@
+"""`ShapeRanges`: the batch sizes and resolutions one traced graph serves, and the rule that ties every input's
+shape to the sample's. Shared by dynamic compiled pairs (`compile_deepcache(..., dynamic=True)`), exports and
+the engines that load them.
+
+The rule: a tensor whose first dimension equals the sample's batch is batched; a tensor of rank >= 4 has
+spatial dimensions that are fixed fractions (1, 1/2, 1/4, ...) of the sample's height and width (ControlNet
+residuals, the cached feature). Every other dimension (text length, channels) is fixed by the example.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import torch
+
+__all__ = ["ShapeRanges", "sample_size", "shape_class"]
+
+
+@dataclass(frozen=True)
+class ShapeRanges:
+    """What one graph accepts, in U-Net input pixels (latents for latent diffusion; x8 for SD's VAE).
+
+    Attributes:
+        batch: (min, max) batch size, counting the CFG doubling.
+        height: (min, max) sample height; must be a multiple of `multiple`.
+        width: (min, max) sample width; must be a multiple of `multiple`.
+        multiple: the U-Net's total downsampling factor (8 for SD 1.x/2.x, 4 for SDXL).
+    """
+
+    batch: tuple[int, int]
+    height: tuple[int, int]
+    width: tuple[int, int]
+    multiple: int
+
+    @classmethod
+    def from_manifest(cls, ranges: dict) -> "ShapeRanges":
+        return cls(tuple(ranges["batch"]), tuple(ranges["height"]), tuple(ranges["width"]), ranges["multiple"])
+
+    @classmethod
+    def resolve(cls, multiple: int, sample_size: int, batch: tuple[int, int] | None = None,
+                height: tuple[int, int] | None = None, width: tuple[int, int] | None = None,
+                what: str = "export") -> "ShapeRanges":
+        """Ranges from the user's (min, max) pairs, validated; defaults: batch 1..16, height and width
+        2*multiple .. max(2*sample_size, 8*multiple). `what` names the caller in error messages."""
+        default = (2 * multiple, max(2 * sample_size, 8 * multiple))
+        ranges = cls(tuple(batch or (1, 16)), tuple(height or default), tuple(width or default), multiple)
+        for name, (lo, hi) in (("height", ranges.height), ("width", ranges.width)):
+            if not (2 * multiple <= lo and hi // multiple > lo // multiple):
+                raise ValueError(f"{what}: {name}=({lo}, {hi}) is not a usable range: it needs 2*{multiple} <= min "
+                                 f"and at least two multiples of {multiple} (e.g. {name}=({2 * multiple}, "
+                                 f"{8 * multiple}))")
+        if not 1 <= ranges.batch[0] < ranges.batch[1]:
+            raise ValueError(f"{what}: batch={ranges.batch} is not a usable range: use (min, max) with "
+                             "1 <= min < max")
+        return ranges
+
+    def check(self, shape: tuple[int, ...], owner: str = "this export",
+              fix: str = "export again with {what}=({lo}, {hi})") -> None:
+        """Raises ValueError naming the dimension if a sample of `shape` is outside the ranges.
+
+        `owner` names what has the ranges; `fix` says what to do about a value outside a range, and may use
+        `{what}`, `{lo}` and `{hi}` (the range that would include the value)."""
+        for what, value, (lo, hi) in (("batch", shape[0], self.batch), ("height", shape[-2], self.height),
+                                      ("width", shape[-1], self.width)):
+            if not lo <= value <= hi:
+                hint = fix.format(what=what, lo=min(lo, value), hi=max(hi, value))
+                raise ValueError(f"sample {what}={value} is outside {owner}'s range {lo}..{hi}: {hint}")
+            if what != "batch" and value % self.multiple:
+                raise ValueError(f"sample {what}={value} is not a multiple of {self.multiple}, which {owner} "
+                                 f"needs (the U-Net downsamples by {self.multiple}): pad or resize the input")
+
+    def export_dims(self, tensors: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any] | None, ...]:
+        """`torch.export` dynamic shapes for a flat call whose first tensor is the sample (a cache tensor may
+        be appended): the batch symbol on batched dimensions, spatial symbols `multiple` pixels each."""
+        sample = tensors[0]
+        b = torch.export.Dim("batch", min=self.batch[0], max=self.batch[1])
+        h = torch.export.Dim("height", min=self.height[0] // self.multiple, max=self.height[1] // self.multiple)
+        w = torch.export.Dim("width", min=self.width[0] // self.multiple, max=self.width[1] // self.multiple)
+        dims = []
+        for t in tensors:
+            spec: dict[int, Any] = {}
+            if _batched(t, sample):
+                spec[0] = b
+            if t.dim() >= 4:
+                spec[t.dim() - 2] = h * (t.shape[-2] * self.multiple // sample.shape[-2])
+                spec[t.dim() - 1] = w * (t.shape[-1] * self.multiple // sample.shape[-1])
+            dims.append(spec or None)
+        return tuple(dims)
+
+    def bounds(self, tensors: tuple[torch.Tensor, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """(smallest, largest) shape of each tensor over the ranges (the first tensor is the sample)."""
+        example = tuple(tensors[0].shape)
+        lo = (self.batch[0], *example[1:-2], self.height[0], self.width[0])
+        hi = (self.batch[1], *example[1:-2], self.height[1], self.width[1])
+        return [(self.shape_for(tuple(t.shape), example, lo), self.shape_for(tuple(t.shape), example, hi))
+                for t in tensors]
+
+    @staticmethod
+    def shape_for(traced: tuple[int, ...], example_sample: tuple[int, ...], sample: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape a tensor traced with shape `traced` beside `example_sample` takes beside a sample of shape
+        `sample` (the rule in the module docstring)."""
+        shape = list(traced)
+        if shape and shape[0] == example_sample[0]:
+            shape[0] = sample[0]
+        if len(shape) >= 4:
+            for d in (-2, -1):
+                shape[d] = sample[d] * shape[d] // example_sample[d]
+        return tuple(shape)
+
+
+def _batched(t: torch.Tensor, sample: torch.Tensor) -> bool:
+    return t.dim() >= 1 and t.shape[0] == sample.shape[0]
+
+
+def sample_size(unet) -> int:
+    """The U-Net's configured sample size (the larger side where it is a pair)."""
+    size = unet.config.sample_size
+    return size if isinstance(size, int) else max(size)
+
+
+def shape_class(shapes: tuple[tuple[int, ...], ...]) -> tuple:
+    """What calls served by one dynamic graph have in common (the first shape is the sample's): every dimension
+    except the batch and the spatial sizes, which become markers ("batch", and fractions of the sample's size).
+
+    Example:
+        >>> shape_class(((2, 4, 64, 64), (2, 77, 768))) == shape_class(((1, 4, 32, 48), (1, 77, 768)))
+        True
+    """
+    sample = shapes[0]
+    key = []
+    for shape in shapes:
+        dims: list = list(shape)
+        if dims and dims[0] == sample[0]:
+            dims[0] = "batch"
+        if len(dims) >= 4:
+            dims[-2], dims[-1] = Fraction(shape[-2], sample[-2]), Fraction(shape[-1], sample[-1])
+        key.append(tuple(dims))
+    return tuple(key)
