@@ -136,3 +136,40 @@ def test_a_step_count_of_zero_is_refused():
         dc.full_steps(0)
     with pytest.raises(ValueError, match="num_inference_steps=0 must be >= 1"):
         compile_deepcache(make_unet("sd-mini"), branch=1, schedule="nonuniform", num_inference_steps=0)
+
+
+def test_traces_and_steps_exclude_each_other():
+    """torch.export flips process-wide flags while it traces: a trace waits for running steps, and new steps wait
+    for a waiting trace (tracing.TraceGate)."""
+    from deepcache_compile.tracing import TraceGate
+
+    gate, events = TraceGate(), []
+    step_entered, trace_waiting = threading.Event(), threading.Event()
+
+    def step(name, hold):
+        with gate.step():
+            events.append(f"{name} in")
+            step_entered.set()
+            hold.wait(5)
+            events.append(f"{name} out")
+
+    def trace():
+        trace_waiting.set()
+        with gate.trace():
+            events.append("trace")
+
+    release = threading.Event()
+    first = threading.Thread(target=step, args=("step1", release))
+    first.start()
+    step_entered.wait(5)
+    tracer = threading.Thread(target=trace)
+    tracer.start()
+    trace_waiting.wait(5)
+    while not gate._traces:  # the tracer registered and now waits for step1
+        pass
+    second = threading.Thread(target=step, args=("step2", threading.Event()))
+    second.start()
+    release.set()
+    for thread in (first, tracer, second):
+        thread.join(10)
+    assert events[:3] == ["step1 in", "step1 out", "trace"] and events[3:] == ["step2 in", "step2 out"]

@@ -19,9 +19,32 @@ def test_jobs_cover_what_the_soak_promises():
 
 @pytest.mark.filterwarnings("ignore")
 def test_short_soak():
-    report = run_soak(48, backends=("eager", "eager-dynamic"), seed=1, warmup=0.5, broken_share=0.1, progress=False)
-    assert report.generations == 48 and report.threaded > 0 and report.broken_refused > 0
+    report = run_soak(32, backends=("eager", "eager-dynamic"), seed=1, warmup=0.5, broken_share=0.1, progress=False)
+    assert report.generations == 32 and report.threaded > 0 and report.broken_refused > 0
     assert report.mismatches == [] and report.errors == []
     assert report.most_pairs == {"eager": MAX_SIGNATURES, "eager-dynamic": 1}
     assert not [name for name in report.temp_left if name.startswith("deepcache")]
     assert report.rss_growth < 0.05, report.rss_trace_mb
+
+
+def test_dropped_pairs_release_what_torch_fx_cached():
+    """Every GraphModule recompile caches its source in a process-wide table that torch never empties: dropped
+    pairs must take theirs with them, or a server compiling pair after pair grows without bound."""
+    import torch
+    from torch.fx.graph_module import _loader
+
+    from deepcache_compile import compile_deepcache
+
+    from conftest import make_call, make_unet
+
+    unet = make_unet("sd-mini")
+    dc = compile_deepcache(unet, branch=1, max_signatures=1)
+    before = len(_loader.eval_cache)
+    dc.prepare(**make_call(unet, height=8, width=8))
+    held = len(_loader.eval_cache)
+    assert held > before
+    dc.prepare(**make_call(unet, height=12, width=12))  # evicts the first pair
+    assert len(_loader.eval_cache) == held  # one pair's worth, not two
+    dc.recompile()
+    assert len(_loader.eval_cache) == before
+    assert torch.equal(dc(**make_call(unet, height=8, width=8)).sample, unet(**make_call(unet, height=8, width=8)).sample)

@@ -96,6 +96,9 @@ class DeepCacheUNet(nn.Module):
     signature is compiled once even when several threads meet it at once. For generations interleaved within
     one thread (asyncio), give each its own state with `with dc.generation(): ...`.
 
+    Shapes: one static pair per input signature (an LRU of `max_signatures`), or with `dynamic` one pair for
+    every shape in its ranges (see `compile_deepcache`).
+
     Weights that change: at the first call of each generation (never per step) the U-Net's weights are
     compared with those the pairs were compiled from (`weights_fingerprint`). Backends that bake weights in
     (Inductor with freezing, AOTInductor, ONNX Runtime, TensorRT) and any change of structure (a LoRA adapter,
@@ -180,6 +183,11 @@ class DeepCacheUNet(nn.Module):
         (with `dynamic`) at most `max_signatures` dynamic ones, each serving many signatures."""
         unique = {id(pair): pair for pair in (*self._cache.dynamic.values(), *self._cache.pairs.values())}
         return tuple(unique.values())
+
+    @property
+    def shape_ranges(self) -> ShapeRanges | None:
+        """With `dynamic`, the resolved ranges its pairs serve (None before the first call compiled one)."""
+        return self._cache.ranges
 
     def recompile(self) -> None:
         """Drops every compiled pair: the next call traces and compiles again from the U-Net's current weights."""

@@ -117,11 +117,17 @@ def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, rang
 
 
 def release(pair: CompiledPair) -> None:
-    """Frees what torch.fx keeps of a dropped pair after the pair itself is gone: every `GraphModule` recompile
+    """Frees what torch keeps of a dropped pair after the pair itself is gone: every fx `GraphModule` recompile
     caches its generated source (and a linecache entry) in a process-wide table that is never emptied, so a
     server that compiles pair after pair (new shapes through the LRU, recompiles after weight changes) would
     grow without bound. Runs of the pair already under way are unaffected (their code is compiled)."""
     _release_sources(pair.fx_sources)
+    # Fake-tensor dispatch results, keyed by shape, also stay process-wide forever (about 150 per trace of the
+    # digits U-Net); what a dropped pair's traces put there is dead. Live pairs never trace again, so clearing
+    # costs nothing but a slower next trace.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    FakeTensorMode.cache_clear()
 
 
 @contextlib.contextmanager
