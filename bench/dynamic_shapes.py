@@ -7,7 +7,8 @@ latency.
 Static: `compile_deepcache(unet, ...)` compiles one pair per resolution (one `dc.prepare` each, timed).
 Dynamic: `compile_deepcache(unet, ..., dynamic=dict(batch=(2, 4), height=..., width=...))` compiles one pair,
 timed once, that serves all of them (batch 2 is the CFG batch; a range from 1 would add Inductor's batch-1
-specialization to its compile time). Per-call latency: the full graph and the shallow graph at each size,
+specialization to its compile time). Each with its default options: Inductor's freezing is on for static
+pairs and off for dynamic ones (freezing with symbolic shapes fails in torch 2.13). Per-call latency: the full graph and the shallow graph at each size,
 static and dynamic interleaved, median of `--repeats` rounds. `verify=False` for both, so compile times are
 the compilers' alone. Writes bench/results/dynamic_shapes.{json,md}.
 """
@@ -44,8 +45,11 @@ def main() -> None:
     for backend in args.backends:
         static = compile_deepcache(unet, branch=1, backend=backend, verify=False, max_signatures=len(args.sizes))
         dynamic = compile_deepcache(unet, branch=1, backend=backend, verify=False, dynamic=ranges)
-        compile_s = {"static": [timed(lambda: static.prepare(**calls[s]))[1] for s in args.sizes],
-                     "dynamic": [timed(lambda: dynamic.prepare(**calls[args.sizes[0]]))[1]]}
+        compile_s = {"static": [], "dynamic": []}
+        for size in args.sizes:
+            compile_s["static"].append(timed(lambda: static.prepare(**calls[size]))[1])
+            print(f"{backend}: static pair for {size} px compiled in {compile_s['static'][-1]:.0f} s", flush=True)
+        compile_s["dynamic"].append(timed(lambda: dynamic.prepare(**calls[args.sizes[0]]))[1])
         print(f"{backend}: compile static {compile_s['static']} s, dynamic {compile_s['dynamic']} s", flush=True)
         candidates = {}
         for size in args.sizes:

@@ -136,7 +136,7 @@ def run_soak(generations: int = 1000, backends: tuple[str, ...] = BACKENDS, seed
                 if (job.backend, job.schedule) not in views:
                     views[job.backend, job.schedule] = models[job.backend].with_schedule(job.schedule)
             run = [(views[job.backend, job.schedule], job) for job in batch]
-            expected = [None if job.broken else _generate(model, job, scheduler) for model, job in run]
+            expected = [None if job.broken else _outcome(model, job, scheduler) for model, job in run]
             if rng.random() < 0.5:
                 results = list(pool.map(lambda item: _outcome(*item, scheduler), run))
                 report.threaded += len(batch)
@@ -185,8 +185,9 @@ def _judge(report: SoakReport, job: SoakJob, reference, result) -> None:
             report.broken_refused += 1
         else:
             report.errors.append(f"{what}: NaN latents gave {result!r:.200} instead of a clear error")
-    elif isinstance(result, Exception):
-        report.errors.append(f"{what}: {type(result).__name__}: {result}")
+    elif isinstance(result, Exception) or isinstance(reference, Exception):
+        err = result if isinstance(result, Exception) else reference
+        report.errors.append(f"{what}: {type(err).__name__}: {str(err)[:300]}")
     elif not torch.equal(result, reference):
         report.mismatches.append(f"{what}: differs from its run alone by {(result - reference).abs().max():.3g}")
 
