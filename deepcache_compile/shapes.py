@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ShapeRanges", "sample_size", "shape_class"]
+__all__ = ["ShapeRanges", "sample_size", "shape_class", "with_batch"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,14 @@ class ShapeRanges:
 
 def _batched(t: torch.Tensor, sample: torch.Tensor) -> bool:
     return t.dim() >= 1 and t.shape[0] == sample.shape[0]
+
+
+def with_batch(tensors: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
+    """The same call with `batch` rows (the first tensor is the sample): batched tensors are cut to their first
+    rows or repeated row-wise, the others kept. For example inputs of another batch size."""
+    sample = tensors[0]
+    times = -(-batch // sample.shape[0])
+    return tuple(t.repeat(times, *[1] * (t.dim() - 1))[:batch] if _batched(t, sample) else t for t in tensors)
 
 
 def sample_size(unet) -> int:

@@ -17,7 +17,7 @@ from ..config import DeepCacheConfig
 from ..graph.branches import SkipBranch, downsampling_factor, find_branches
 from ..graph.partition import SplitGraphs, split_at_branch
 from ..graph.trace import TracedUNet, trace_unet
-from ..shapes import ShapeRanges, sample_size
+from ..shapes import ShapeRanges, sample_size, with_batch
 from .backends import get_backend
 
 logger = logging.getLogger(__name__)
@@ -155,8 +155,7 @@ def _dynamic_example(call: FlatCall, ranges: ShapeRanges) -> FlatCall:
     sample = call.tensors[0]
     if sample.shape[0] >= 2 or ranges.batch[1] < 2:
         return call
-    return call.with_tensors(tuple(t.expand(2, *t.shape[1:]).contiguous() if t.dim() and t.shape[0] == 1 else t
-                                   for t in call.tensors))
+    return call.with_tensors(with_batch(call.tensors, 2))
 
 
 # Per-call agreement a compiled graph must reach with the eager graph on the example inputs: rounding-level

@@ -5,10 +5,9 @@ Inductor's freezing folds the (shared, read-only) weights into the compiled grap
 convolution weights for oneDNN on CPU. It defaults to on for CPU inputs. A frozen graph keeps its own copy of
 the weights it uses, so moving or editing the U-Net's weights afterwards does not reach it: compile again.
 
-With `ranges` (dynamic pairs) freezing defaults to off (see `compile_graph`), and the batch and spatial
-dimensions are marked dynamic, without duck sizing (equal
-sizes stay separate symbols), and compiled ahead of time at batch >= 2 and, where the range includes it, at
-batch 1 (Inductor specializes size-1 batches): every shape in the ranges then runs without recompiling.
+With `ranges` (dynamic pairs) freezing defaults to off (see `compile_graph`), the batch and spatial dimensions
+are marked dynamic without duck sizing (equal sizes stay separate symbols), and the graph is compiled ahead of
+time at batch >= 2 and, where the range includes it, at batch 1 (Inductor specializes size-1 batches).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from torch import fx
 from torch.fx.experimental import _config as fx_config
 
 from ...options import check_options
-from ...shapes import ShapeRanges
+from ...shapes import ShapeRanges, with_batch
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +51,9 @@ def _dynamic_examples(example_inputs: tuple[torch.Tensor, ...], ranges: ShapeRan
     """Copies of the example inputs with their batch and spatial dimensions marked dynamic; plus, where the
     batch range starts at 1, a batch-1 copy: Inductor specializes size-1 batches, so that case is a second
     specialization, compiled now rather than at the first batch-1 call."""
-    batch = example_inputs[0].shape[0]
     examples = [example_inputs]
-    if ranges.batch[0] == 1 and batch > 1:
-        examples.append(tuple(t[:1] if t.dim() and t.shape[0] == batch else t for t in example_inputs))
+    if ranges.batch[0] == 1 and example_inputs[0].shape[0] > 1:
+        examples.append(with_batch(example_inputs, 1))
     marked = []
     for inputs in examples:
         inputs = tuple(t.clone() for t in inputs)  # the marks stay on these copies
