@@ -23,7 +23,7 @@ import itertools
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -51,6 +51,8 @@ class Request:
     result: torch.Tensor | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    callbacks: list[Callable[["Request"], None]] = field(default_factory=list)
+    _callback_lock = threading.Lock()  # a class attribute: finishing is rare, one lock serves all requests
 
     def wait(self, timeout: float | None = None) -> torch.Tensor:
         """The final latents, once done (raises the request's error, or TimeoutError)."""
@@ -59,6 +61,14 @@ class Request:
         if self.error is not None:
             raise self.error
         return self.result
+
+    def add_done_callback(self, fn: Callable[["Request"], None]) -> None:
+        """Calls `fn(request)` once it is done (at once if it is), from the thread that finished it."""
+        with self._callback_lock:
+            if not self.done.is_set():
+                self.callbacks.append(fn)
+                return
+        fn(self)
 
     @property
     def next_is_full(self) -> bool:
@@ -157,8 +167,8 @@ class StepBatcher:
             call = {"sample": torch.cat([r.latents for r in members]), "timestep": timesteps}
             for name in members[0].conditions:
                 call[name] = torch.cat([r.conditions[name] for r in members])
-            pair = self.dc.prepare(**call)
-            tensors = self.dc.flatten((), call).tensors
+            flat = self.dc.flatten((), call)
+            pair, tensors = self.dc._pair(flat), flat.tensors
             with torch.no_grad():
                 if full:
                     sample, cache = pair.full(*tensors)
@@ -187,4 +197,11 @@ class StepBatcher:
                 return
             self._requests.pop(request.id, None)
             request.result, request.error, request.cache = result, error, None
-            request.done.set()
+            with Request._callback_lock:
+                request.done.set()
+                callbacks, request.callbacks = request.callbacks, []
+        for fn in callbacks:
+            try:
+                fn(request)
+            except Exception:  # a waiter's bug must not stop the batcher
+                logger.exception("a done-callback of request %d failed", request.id)

@@ -1,0 +1,207 @@
+"""The Ray Serve deployment over real HTTP on loopback, and the service's three batching modes.
+
+Ray is started by the test (`ray.init(num_cpus=2)`, no dashboard), serves on 127.0.0.1 only and is shut down
+at the end of the module."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from deepcache_compile import Schedule, compile_deepcache
+from deepcache_compile.eval.digits import load_digits_model
+from deepcache_compile.eval.sampling import ddim_loop
+from deepcache_compile.serve.service import DeepCacheService, ServeOptions
+
+# (seed, batch, size, steps, interval)
+JOBS = [(0, 1, 16, 8, 3), (1, 2, 12, 6, 2), (2, 1, 20, 10, 5), (3, 1, 16, 5, 1)]
+
+
+def noise(seed: int, batch: int, size: int) -> torch.Tensor:
+    return torch.randn(batch, 1, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def expected():
+    """Each job generated alone, by the plain diffusers-style loop over a static DeepCacheUNet."""
+    unet, scheduler = load_digits_model()
+    dc = compile_deepcache(unet, branch=1)
+    return {job: ddim_loop(dc.with_schedule(Schedule("uniform", interval=job[4])), {"sample": noise(*job[:3])},
+                           job[3], scheduler) for job in JOBS}
+
+
+def close(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    return out.shape == ref.shape and float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+# ------------------------------------------------------------------------------------------------ HTTP, Ray
+@pytest.fixture(scope="module")
+def server():
+    ray = pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install 'deepcache_compile[serve]'")
+    requests = pytest.importorskip("requests")
+    from ray import serve
+
+    from deepcache_compile.serve.app import build
+
+    with socket.socket() as s:  # a free loopback port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build({"batching": "step", "max_batch": "8"}), name="digits", route_prefix="/digits")
+        yield f"http://127.0.0.1:{port}/digits", requests
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def post(server, timeout=120, **body):
+    url, requests = server
+    return requests.post(f"{url}/generate", data=json.dumps(body), headers={"content-type": "application/json"},
+                         timeout=timeout)
+
+
+def test_http_generations_equal_their_single_request_runs(server, expected):
+    results = {}
+
+    def client(job):
+        seed, batch, size, steps, interval = job
+        results[job] = post(server, seed=seed, batch=batch, height=size, width=size, steps=steps,
+                            interval=interval, format="npy")
+
+    threads = [threading.Thread(target=client, args=(job,)) for job in JOBS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for job, response in results.items():
+        assert response.status_code == 200, response.text
+        assert close(torch.from_numpy(np.load(io.BytesIO(response.content))), expected[job]), job
+    # the PNG: the batch side by side, [-1, 1] mapped to 0..255
+    from PIL import Image
+
+    job = JOBS[1]
+    response = post(server, seed=job[0], batch=job[1], height=job[2], width=job[2], steps=job[3], interval=job[4])
+    assert response.headers["content-type"] == "image/png"
+    image = np.asarray(Image.open(io.BytesIO(response.content)))
+    ref = expected[job].numpy()[:, 0]  # (batch, H, W)
+    want = np.rint((np.clip(np.concatenate(list(ref), axis=1), -1, 1) + 1) * 127.5)
+    assert image.shape == want.shape and np.abs(image.astype(float) - want).max() <= 1
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (dict(steps=0), 400, "steps=0: a generation has 1..1000 steps"),
+    (dict(height=40), 400, "height=40 is outside this server's range 8..32"),
+    (dict(width=10), 400, "width=10 is not a multiple of 4"),
+    (dict(batch=9), 400, "batch=9 is outside this server's range 1..8"),
+    (dict(interval=0), 400, "interval=0"),
+    (dict(latents=[[[[1.0, 2.0], [3.0]]]]), 400, "expected sequence of length 2"),
+    (dict(latents=[[[[0.0] * 16] * 16] * 3]), 400, "latents of shape (1, 3, 16, 16): give (batch, 1, height, width)"),
+    (dict(batch="two"), 422, "batch"),
+    (dict(format="gif"), 422, "format"),
+])
+def test_bad_requests_are_4xx_with_a_message(server, body, status, message):
+    response = post(server, **body)
+    assert response.status_code == status
+    assert message in response.text
+
+
+def test_nan_latents_are_refused_and_the_replica_serves_on(server, expected):
+    latents = noise(*JOBS[0][:3]).tolist()
+    latents[0][0][3][3] = float("nan")
+    url, requests = server
+    response = requests.post(f"{url}/generate", data=json.dumps({"latents": latents}),  # json.dumps writes NaN
+                             headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 400 and "contains NaN or inf" in response.text
+    seed, batch, size, steps, interval = JOBS[0]
+    response = post(server, latents=noise(seed, batch, size).tolist(), steps=steps, interval=interval, format="npy")
+    assert close(torch.from_numpy(np.load(io.BytesIO(response.content))), expected[JOBS[0]])
+
+
+def test_a_client_that_disconnects_cancels_its_generation(server, expected):
+    url, requests = server
+    before = requests.get(f"{url}/stats").json()
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        post(server, steps=1000, timeout=1.0)  # ~1000 steps: far longer than the client waits
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stats = requests.get(f"{url}/stats").json()
+        if stats["cancelled"] > before["cancelled"] and stats["active"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats["cancelled"] == before["cancelled"] + 1 and stats["active"] == 0  # its rows are gone
+    assert stats["rows"] - before["rows"] < 1000  # it stopped before its 1000 steps
+    seed, batch, size, steps, interval = JOBS[2]
+    response = post(server, seed=seed, batch=batch, height=size, width=size, steps=steps, interval=interval,
+                    format="npy")
+    assert close(torch.from_numpy(np.load(io.BytesIO(response.content))), expected[JOBS[2]])
+
+
+# ------------------------------------------------------------------------------- the service, without Ray
+def test_one_at_a_time_is_bitwise_and_whole_generation_batches_are_close(expected):
+    async def run(service, jobs, many):
+        submitted = [service.submit(seed=j[0], batch=j[1], height=j[2], width=j[2], steps=j[3], interval=j[4])
+                     for j in jobs]
+        if many:
+            return await service.generate_many(submitted)
+        return await asyncio.gather(*(service.generate(job) for job in submitted))
+
+    alone = DeepCacheService(ServeOptions(batching="none", max_batch=8, threads=torch.get_num_threads()))
+    try:
+        outs = asyncio.run(run(alone, JOBS, many=False))
+        for job, out in zip(JOBS, outs):
+            assert torch.equal(out, expected[job]), job  # same arithmetic as the loop run alone
+    finally:
+        alone.close()
+    batched = DeepCacheService(ServeOptions(batching="generation", max_batch=3, threads=torch.get_num_threads()))
+    try:
+        jobs = JOBS + [(9, 2, 12, 6, 2)]  # joins (1, 2, 12, 6, 2): 4 rows > max_batch=3, so two calls
+        outs = asyncio.run(run(batched, jobs, many=True))
+        for job, out in zip(JOBS, outs):
+            assert close(out, expected[job]), job
+        assert close(outs[-1], ddim_loop(batched.dc.with_schedule(Schedule("uniform", interval=2)),
+                                         {"sample": noise(9, 2, 12)}, 6, batched.scheduler))
+    finally:
+        batched.close()
+
+
+def test_a_cancelled_task_stops_its_generation(expected):
+    service = DeepCacheService(ServeOptions(batching="none", threads=torch.get_num_threads()))
+
+    async def run():
+        slow = asyncio.create_task(service.generate(service.submit(steps=1000)))
+        await asyncio.sleep(0.3)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        seed, batch, size, steps, interval = JOBS[0]
+        return await service.generate(service.submit(seed=seed, batch=batch, height=size, width=size, steps=steps,
+                                                     interval=interval))
+
+    try:
+        out = asyncio.run(run())
+        assert torch.equal(out, expected[JOBS[0]])
+        stats = service.stats()
+        assert (stats["completed"], stats["cancelled"], stats["failed"]) == (1, 1, 0)
+        assert stats["calls"] < 1000  # the cancelled generation stopped early (and the next one ran its 8)
+    finally:
+        service.close()
+
+
+def test_options_from_serve_run_arguments():
+    options = ServeOptions.from_strings({"batching": "generation", "max_batch": "4", "batch_wait_s": "0.5",
+                                         "min_size": "8"})
+    assert (options.batching, options.max_batch, options.batch_wait_s, options.min_size) == ("generation", 4, 0.5, 8)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['batchsize'\]"):
+        ServeOptions.from_strings({"batchsize": "4"})
+    with pytest.raises(ValueError, match="batching='tokens': use one of step, generation, none"):
+        ServeOptions(batching="tokens")
