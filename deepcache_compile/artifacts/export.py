@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from ..calls import CallFlattener, FlatCall
-from ..graph.branches import downsampling_factor, find_branches
+from ..graph.branches import find_branches
 from ..graph.partition import split_at_branch
 from ..graph.trace import export_program, trace_unet
 from ..options import check_options
-from ..runtime.pair import select_branch
+from ..runtime.pair import select_branch, shape_ranges
 from ..schedule import nonuniform_full_steps
-from ..shapes import ShapeRanges, sample_size
+from ..shapes import ShapeRanges
 from .formats import PartIO, get_format
 from .manifest import FORMAT_VERSION, MANIFEST, cpu_isa, sha256
 
@@ -67,7 +67,7 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     call = _example(dc, example)
-    ranges = _ranges(dc.unet, call, batch, height, width)
+    ranges = shape_ranges(dc.unet, call, "export", batch=batch, height=height, width=width)
     programs, branch = _dynamic_programs(dc, call, ranges)
     files = {}
     for part, program in programs.items():
@@ -91,20 +91,15 @@ def _example(dc, example: dict | None) -> FlatCall:
     return dc.pairs[-1].traced.call
 
 
-def _ranges(unet, call: FlatCall, batch, height, width) -> ShapeRanges:
-    multiple = downsampling_factor(find_branches(trace_unet(unet, call).gm), call.tensors[0].shape[-2])
-    return ShapeRanges.resolve(multiple, sample_size(unet), batch, height, width, what="export")
-
-
 def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges):
-    traced = trace_unet(dc.unet, call, dynamic_shapes=ranges.export_dims(call.tensors))
+    traced = trace_unet(dc.unet, call, ranges)
     branch = select_branch(find_branches(traced.gm), dc.deepcache_config.branch)
     split = split_at_branch(traced.gm, branch)
     inputs = call.tensors
     with torch.no_grad():
         cache = split.full(*inputs)[1]
-    full = export_program(split.full, inputs, ranges.export_dims(inputs))
-    shallow = export_program(split.shallow, (*inputs, cache), ranges.export_dims((*inputs, cache)))
+    full = export_program(split.full, inputs, ranges)
+    shallow = export_program(split.shallow, (*inputs, cache), ranges)
     return {"full": full, "shallow": shallow}, branch
 
 

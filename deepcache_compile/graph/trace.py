@@ -17,6 +17,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..calls import FlatCall
+from ..shapes import ShapeRanges
 from ..tracing import GATE
 
 logger = logging.getLogger(__name__)
@@ -68,9 +69,9 @@ class TracedUNet:
         return self.call.tensors
 
 
-def trace_unet(unet: nn.Module, call: FlatCall, dynamic_shapes: tuple | None = None) -> TracedUNet:
-    """Exports `unet` for the signature of `call`: static shapes, or symbolic ones given `dynamic_shapes`
-    (see `ShapeRanges.export_dims`).
+def trace_unet(unet: nn.Module, call: FlatCall, ranges: ShapeRanges | None = None) -> TracedUNet:
+    """Exports `unet` for the signature of `call`: static shapes, or symbolic ones serving every shape in
+    `ranges`.
 
     Example:
         >>> call = CallFlattener(unet)((sample, 10), {"encoder_hidden_states": text})
@@ -82,7 +83,7 @@ def trace_unet(unet: nn.Module, call: FlatCall, dynamic_shapes: tuple | None = N
     was_training = unet.training
     unet.eval()
     try:
-        ep = export_program(wrapper, call.tensors, (dynamic_shapes,) if dynamic_shapes else None)
+        ep = export_program(wrapper, call.tensors, ranges, variadic=True)
     except Exception as err:  # torch.export raises many types; all mean the same to the user
         raise UNetTraceError(_explain_export_failure(err)) from err
     finally:
@@ -92,12 +93,15 @@ def trace_unet(unet: nn.Module, call: FlatCall, dynamic_shapes: tuple | None = N
     return TracedUNet(gm=gm, call=call)
 
 
-def export_program(module: nn.Module, inputs: tuple, dynamic_shapes: tuple | None = None):
-    """`torch.export.export` (non-strict). With dynamic shapes, sizes 1 stay symbolic (`backed_size_oblivious`),
-    so one program serves batch 1 and batch 2 (CFG) alike."""
+def export_program(module: nn.Module, inputs: tuple, ranges: ShapeRanges | None = None, variadic: bool = False):
+    """`torch.export.export` (non-strict) of `module(*inputs)`, static or serving every shape in `ranges`
+    (`variadic`: the module's forward takes `*tensors`, whose shapes torch.export wants as one entry). With ranges, sizes 1 stay symbolic
+    (`backed_size_oblivious`), so one program serves batch 1 and batch 2 (CFG) alike."""
     with GATE.trace():  # export flips process-wide backend flags: no step may run meanwhile (see tracing.py)
-        if dynamic_shapes is None:
+        if ranges is None:
             return torch.export.export(module, inputs, strict=False)
+        dynamic_shapes = ranges.export_dims(inputs)
+        dynamic_shapes = (dynamic_shapes,) if variadic else dynamic_shapes
         from torch.fx.experimental import _config as fx_config
 
         with fx_config.patch(backed_size_oblivious=True):

@@ -24,7 +24,7 @@ from ..config import DeepCacheConfig
 from ..schedule import Schedule
 from ..shapes import ShapeRanges, shape_class
 from .generation import GenerationStates, check_finite, run_step, timestep_mark
-from .pair import CompiledPair, compile_pair, dynamic_ranges, release
+from .pair import CompiledPair, compile_pair, release, shape_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ class DeepCacheUNet(nn.Module):
         if config.dynamic is None:
             return cache.put(cache.pairs, call.signature, compile_pair(self.unet, call, config))
         if cache.ranges is None:
-            cache.ranges = dynamic_ranges(self.unet, call, config)
+            cache.ranges = shape_ranges(self.unet, call, "dynamic", **config.dynamic)
         try:
             cache.ranges.check(tuple(call.tensors[0].shape), owner="the dynamic pair", fix=(
                 "pass dynamic=dict({what}=({lo}, {hi})) to compile_deepcache, or outside_ranges='static' to "

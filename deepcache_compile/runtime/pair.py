@@ -22,7 +22,7 @@ from .backends import get_backend
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CompiledPair", "compile_pair", "dynamic_ranges", "release", "select_branch"]
+__all__ = ["CompiledPair", "compile_pair", "shape_ranges", "release", "select_branch"]
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,13 @@ def select_branch(branches: tuple[SkipBranch, ...], branch: int) -> SkipBranch:
     return branches[branch]
 
 
-def dynamic_ranges(unet: nn.Module, call: FlatCall, config: DeepCacheConfig) -> ShapeRanges:
-    """The ranges of `config.dynamic`, resolved for this U-Net (one static trace finds its downsampling factor)."""
+def shape_ranges(unet: nn.Module, call: FlatCall, what: str, **ranges: tuple[int, int] | None) -> ShapeRanges:
+    """`ShapeRanges` from the user's (min, max) `ranges` (batch, height, width), resolved for this U-Net: one
+    static trace of `call` finds its downsampling factor. `what` names the caller in error messages."""
     with _fx_sources_added() as added:
         multiple = downsampling_factor(find_branches(trace_unet(unet, call).gm), call.tensors[0].shape[-2])
     _release_sources(added)
-    return ShapeRanges.resolve(multiple, sample_size(unet), **config.dynamic, what="dynamic")
+    return ShapeRanges.resolve(multiple, sample_size(unet), **ranges, what=what)
 
 
 def compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig,
@@ -98,7 +99,7 @@ def compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig,
 def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, ranges: ShapeRanges | None) -> CompiledPair:
     if ranges is not None:
         call = _dynamic_example(call, ranges)
-    traced = trace_unet(unet, call, ranges.export_dims(call.tensors) if ranges else None)
+    traced = trace_unet(unet, call, ranges)
     branch = select_branch(find_branches(traced.gm), config.branch)
     split = split_at_branch(traced.gm, branch)
     backend = get_backend(config.backend)

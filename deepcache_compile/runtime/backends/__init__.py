@@ -4,7 +4,7 @@ A backend is a function `compile_graph(gm, example_inputs, options) -> callable`
 into a callable with the same positional signature; it gets the example inputs (so it can compile ahead of
 time) and the user's options, and must not change the graph's numerics beyond what its compiler does. For
 `compile_deepcache(..., dynamic=...)` it is also passed `ranges=` (a `ShapeRanges`): the callable must then
-serve every shape in them (`ranges.export_dims(example_inputs)` gives torch.export's dynamic shapes).
+serve every shape in them (`graph.trace.export_program(gm, example_inputs, ranges)` exports it so).
 Optional dependencies are imported inside the backend's module. `eager` compiles nothing: it is the reference
 every other backend is verified against.
 """

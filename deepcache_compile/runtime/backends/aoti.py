@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], options: dict[str, Any],
                   ranges: ShapeRanges | None = None):
     check_options("the aoti backend", options, aoti.WRITE_OPTIONS)
-    program = export_program(gm, example_inputs, ranges.export_dims(example_inputs) if ranges else None)
+    program = export_program(gm, example_inputs, ranges)
     with tempfile.TemporaryDirectory(prefix="deepcache_aoti_") as tmp:
         path = Path(tmp) / f"{type(gm).__name__}{aoti.SUFFIX}"
         aoti.package(program, path, options.get("inductor_configs"))

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], options: dict[str, Any],
                   ranges: ShapeRanges | None = None):
     check_options("the onnxruntime backend", options, ("providers", "session_options"))
-    program = export_program(gm, example_inputs, ranges.export_dims(example_inputs) if ranges else None)
+    program = export_program(gm, example_inputs, ranges)
     names = [f"input_{i}" for i in range(len(example_inputs))]
     outputs = [f"output_{i}" for i in range(len(gm.graph.output_node().args[0]))]
     with tempfile.TemporaryDirectory(prefix="deepcache_ort_") as tmp:

@@ -24,7 +24,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], 
         raise ImportError("the tensorrt backend needs torch-tensorrt: pip install 'deepcache_compile[tensorrt]'") from err
     if example_inputs[0].device.type != "cuda":
         raise ValueError("the tensorrt backend runs on CUDA: move the U-Net and its inputs to a CUDA device")
-    program = export_program(gm, example_inputs, ranges.export_dims(example_inputs) if ranges else None)
+    program = export_program(gm, example_inputs, ranges)
     options = {"enabled_precisions": {torch.float32}, **options}
     inputs = list(example_inputs) if ranges is None else _dynamic_inputs(example_inputs, ranges)
     compiled = torch_tensorrt.dynamo.compile(program, inputs=inputs, **options)
