@@ -48,3 +48,35 @@ def test_dropped_pairs_release_what_torch_fx_cached():
     dc.recompile()
     assert len(_loader.eval_cache) == before
     assert torch.equal(dc(**make_call(unet, height=8, width=8)).sample, unet(**make_call(unet, height=8, width=8)).sample)
+
+
+def test_dropped_pairs_leave_no_trace_state_alive():
+    """Each torch.export trace makes a ShapeEnv and fake tensors that hold each other through C++ (invisible to
+    the garbage collector) and through lru_caches keyed by the ShapeEnv: pair after pair through the LRU must not
+    leave one more of them alive each time."""
+    import gc
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from deepcache_compile import compile_deepcache
+    from deepcache_compile.eval.digits import load_digits_model
+
+    def alive() -> int:
+        gc.collect()
+        return sum(isinstance(o, FakeTensor) for o in gc.get_objects())
+
+    timesteps = torch.tensor([999, 500, 10])  # as a pipeline passes them: views of the scheduler's timesteps
+
+    def prepare(size: int) -> None:
+        dc.prepare(sample=torch.randn(1, 1, size, size), timestep=timesteps[1])
+
+    unet, _ = load_digits_model()
+    dc = compile_deepcache(unet, branch=1, max_signatures=1)
+    prepare(8)
+    prepare(12)
+    held = alive()
+    assert held > 0  # the live pair's graphs carry fake tensors in their node metadata
+    for size in (16, 8, 12):  # three more traces, each evicting the pair before it
+        prepare(size)
+    assert alive() <= held  # one pair's worth, not four

@@ -78,6 +78,7 @@ def shape_ranges(unet: nn.Module, call: FlatCall, what: str, **ranges: tuple[int
     with _fx_sources_added() as added:
         multiple = downsampling_factor(find_branches(trace_unet(unet, call).gm), call.tensors[0].shape[-2])
     _release_sources(added)
+    _clear_trace_caches()
     return ShapeRanges.resolve(multiple, sample_size(unet), **ranges, what=what)
 
 
@@ -123,12 +124,22 @@ def release(pair: CompiledPair) -> None:
     server that compiles pair after pair (new shapes through the LRU, recompiles after weight changes) would
     grow without bound. Runs of the pair already under way are unaffected (their code is compiled)."""
     _release_sources(pair.fx_sources)
-    # Fake-tensor dispatch results, keyed by shape, also stay process-wide forever (about 150 per trace of the
-    # digits U-Net); what a dropped pair's traces put there is dead. Live pairs never trace again, so clearing
-    # costs nothing but a slower next trace.
+    _clear_trace_caches()
+
+
+def _clear_trace_caches() -> None:
+    """Empties what torch.export's tracing keeps process-wide: fake-tensor dispatch results keyed by shape
+    (about 150 per trace of the digits U-Net), and the `functools.lru_cache`s on `ShapeEnv` methods, which are
+    keyed by the `ShapeEnv` itself and so keep every trace's shape environment (its fake tensors, guards and
+    symbols: about 0.3 MB per digits trace) alive forever. Live pairs never trace again, so clearing costs
+    nothing but a slower next trace."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     FakeTensorMode.cache_clear()
+    for method in vars(ShapeEnv).values():
+        if hasattr(method, "cache_clear"):
+            method.cache_clear()
 
 
 @contextlib.contextmanager
