@@ -1,7 +1,7 @@
 """The Ray Serve deployment over real HTTP on loopback, and the service's three batching modes.
 
-Ray is started by the test (`ray.init(num_cpus=2)`, no dashboard), serves on 127.0.0.1 only and is shut down
-at the end of the module."""
+Ray is started by the test (`ray.init(num_cpus=2)`, no dashboard, its files under pytest's temp folder),
+serves on 127.0.0.1 only and is shut down at the end of the module."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def close(out: torch.Tensor, ref: torch.Tensor) -> bool:
 
 # ------------------------------------------------------------------------------------------------ HTTP, Ray
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     ray = pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install 'deepcache_compile[serve]'")
     requests = pytest.importorskip("requests")
     from ray import serve
@@ -54,7 +54,10 @@ def server():
     with socket.socket() as s:  # a free loopback port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Ray's session files under pytest's temp folder, not /tmp/ray: other test files running beside this one
+    # check that the temp folder gains nothing
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build({"batching": "step", "max_batch": "8"}), name="digits", route_prefix="/digits")
