@@ -70,3 +70,31 @@ def test_cancelled_and_bad_requests_take_no_other_down(digits):
         dropped.wait(0)
     with pytest.raises(ValueError, match="dynamic="):
         StepBatcher(compile_deepcache(unet, branch=1), scheduler)
+
+
+def test_a_failing_request_fails_alone_in_a_shared_call(digits, monkeypatch):
+    """A request whose U-Net call or scheduler step fails takes none of the requests batched with it down."""
+    unet, scheduler, noise, expected = digits
+    dc = compile_deepcache(unet, branch=1, dynamic=dict(batch=(1, 8), height=(8, 24), width=(8, 24)))
+    batcher = StepBatcher(dc, scheduler)
+    jobs = [JOBS[0], JOBS[1], JOBS[3], JOBS[5]]  # all 16 px: one group per step kind
+    requests = {job: batcher.submit(noise[job], steps=job[2], interval=job[3]) for job in jobs}
+    poisoned, broken = requests[JOBS[1]], requests[JOBS[3]]
+    run_unet = batcher._run_unet
+
+    def failing_unet(members, full):
+        if poisoned in members and poisoned.step == 2:
+            raise RuntimeError("poisoned input")
+        return run_unet(members, full)
+
+    monkeypatch.setattr(batcher, "_run_unet", failing_unet)
+    monkeypatch.setattr(broken.scheduler, "step", lambda *a, **k: 1 / 0)
+    while batcher.active:
+        batcher.tick()
+    with pytest.raises(RuntimeError, match="poisoned input"):
+        poisoned.wait(0)
+    with pytest.raises(ZeroDivisionError):
+        broken.wait(0)
+    for job in (JOBS[0], JOBS[5]):
+        out, ref = requests[job].wait(0), expected[job]
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), job

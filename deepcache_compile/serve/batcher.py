@@ -161,35 +161,54 @@ class StepBatcher:
             self.tick()
 
     def _step(self, members: list[Request], full: bool) -> None:
+        """One step of `members`. A failing batched call is run again request by request, so that only the
+        request that fails (its input, its scheduler) fails; no state moves before a call succeeds."""
         try:
-            rows = [r.latents.shape[0] for r in members]
-            timesteps = torch.cat([r.scheduler.timesteps[r.step].reshape(1).expand(n) for r, n in zip(members, rows)])
-            call = {"sample": torch.cat([r.latents for r in members]), "timestep": timesteps}
-            for name in members[0].conditions:
-                call[name] = torch.cat([r.conditions[name] for r in members])
-            flat = self.dc.flatten((), call)
-            pair, tensors = self.dc._pair(flat), flat.tensors
-            with torch.no_grad():
-                if full:
-                    sample, cache = pair.full(*tensors)
-                    caches = torch.split(cache, rows)
-                else:
-                    (sample,) = pair.shallow(*tensors, torch.cat([r.cache for r in members]))
-                    caches = [r.cache for r in members]
-            self.calls += 1
-            self.rows += sum(rows)
-            for request, out, cache, t in zip(members, torch.split(sample, rows), caches, timesteps.split(rows)):
-                if request.done.is_set():  # cancelled meanwhile
-                    continue
-                request.latents = request.scheduler.step(out, t[0], request.latents).prev_sample
-                request.cache = cache
-                request.step += 1
-                if request.step == request.steps:
-                    self._finish(request, result=request.latents)
-        except Exception as err:  # this group's requests fail; the others go on
-            logger.exception("a batched %s step failed", "full" if full else "shallow")
-            for request in members:
+            outs, caches = self._run_unet(members, full)
+        except Exception as err:
+            if len(members) > 1:
+                logger.warning("a batched %s step of %d requests failed (%s): running them one by one",
+                               "full" if full else "shallow", len(members), err)
+                for request in members:
+                    self._step([request], full)
+                return
+            logger.exception("request %d failed", members[0].id)
+            self._finish(members[0], error=err)
+            return
+        for request, out, cache in zip(members, outs, caches):
+            if request.done.is_set():  # cancelled meanwhile
+                continue
+            try:
+                t = request.scheduler.timesteps[request.step]
+                request.latents = request.scheduler.step(out, t, request.latents).prev_sample
+            except Exception as err:
+                logger.exception("request %d failed in its scheduler", request.id)
                 self._finish(request, error=err)
+                continue
+            request.cache = cache
+            request.step += 1
+            if request.step == request.steps:
+                self._finish(request, result=request.latents)
+
+    def _run_unet(self, members: list[Request], full: bool) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+        """One batched U-Net call for `members`: their outputs and their cache rows (new ones on a full step)."""
+        rows = [r.latents.shape[0] for r in members]
+        timesteps = torch.cat([r.scheduler.timesteps[r.step].reshape(1).expand(n) for r, n in zip(members, rows)])
+        call = {"sample": torch.cat([r.latents for r in members]), "timestep": timesteps}
+        for name in members[0].conditions:
+            call[name] = torch.cat([r.conditions[name] for r in members])
+        flat = self.dc.flatten((), call)
+        pair, tensors = self.dc._pair(flat), flat.tensors
+        with torch.no_grad():
+            if full:
+                sample, cache = pair.full(*tensors)
+                caches = list(torch.split(cache, rows))
+            else:
+                (sample,) = pair.shallow(*tensors, torch.cat([r.cache for r in members]))
+                caches = [r.cache for r in members]
+        self.calls += 1
+        self.rows += sum(rows)
+        return torch.split(sample, rows), caches
 
     def _finish(self, request: Request, result: torch.Tensor | None = None, error: BaseException | None = None):
         with self._lock:
