@@ -107,3 +107,19 @@ def test_compiled_dynamic_pair_compiles_once_for_every_shape(backend, monkeypatc
         assert (out - reference).abs().max() <= 1e-4 * reference.abs().max()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no shape compiled anything again
     assert len(compiles) == 2 and len(dc.pairs) == 1
+
+
+def test_dynamo_recompile_limit_is_explained():
+    """The soak found dynamic Inductor graphs recompiling per size at batch 1 until dynamo's limit: the bare
+    'hard failure due to fullgraph=True' becomes an error that names the cause and the alternatives."""
+    import torch._dynamo.exc
+
+    from deepcache_compile.runtime.backends.inductor import _explain_recompile_limit
+
+    def compiled(*inputs):
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+
+    with pytest.raises(RuntimeError, match=r"recompiled more than torch._dynamo.config.recompile_limit .*"
+                                           r"backend='onnxruntime' or backend='aoti'"):
+        _explain_recompile_limit(compiled)(torch.zeros(1))
+    assert _explain_recompile_limit(lambda x: x + 1)(torch.zeros(1)).item() == 1

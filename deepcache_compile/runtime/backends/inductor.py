@@ -44,7 +44,27 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], 
         for inputs in examples:
             compiled(*inputs)
     logger.info("inductor compiled %s (freezing=%s, %d specializations)", type(gm).__name__, freezing, len(examples))
-    return compiled
+    return compiled if ranges is None else _explain_recompile_limit(compiled)
+
+
+def _explain_recompile_limit(compiled):
+    """A dynamic pair's graph that dynamo recompiled too often fails with dynamo's bare 'hard failure due to
+    fullgraph=True': say what happened and what to use instead. (Measured in the 1,000-generation soak: at batch
+    1, Inductor guards on an expression of the spatial sizes, so each new size at batch 1 recompiles, and after
+    `torch._dynamo.config.recompile_limit` sizes the calls fail.)"""
+
+    def run(*inputs):
+        try:
+            return compiled(*inputs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as err:
+            raise RuntimeError(
+                f"the dynamic Inductor graph was recompiled more than torch._dynamo.config.recompile_limit "
+                f"({torch._dynamo.config.recompile_limit}) times (Inductor guards on sizes, at batch 1 on each new "
+                "height/width): use backend='onnxruntime' or backend='aoti' for dynamic pairs (they do not "
+                "recompile), or raise torch._dynamo.config.recompile_limit") from err
+
+    run.compiled = compiled
+    return run
 
 
 def _dynamic_examples(example_inputs: tuple[torch.Tensor, ...], ranges: ShapeRanges) -> list[tuple]:
