@@ -29,6 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from ..serve.service import load_pixel_model
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -167,7 +169,7 @@ def load_digits_model(folder: Path = ASSETS) -> tuple[UNet2DModel, DDIMScheduler
     """
     if not (folder / "unet" / "config.json").exists():
         raise FileNotFoundError(f"no trained digits model in {folder}: run `python bench/train_digits.py`")
-    return UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False).eval(), DDIMScheduler.from_pretrained(folder / "scheduler")
+    return load_pixel_model(folder)
 
 
 def load_classifier(folder: Path = ASSETS) -> DigitClassifier:

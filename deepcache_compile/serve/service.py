@@ -28,6 +28,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -98,7 +99,7 @@ class Job:
     schedule: Schedule
 
 
-def load_pixel_model(model: str):
+def load_pixel_model(model: str | Path):
     """`(unet, scheduler)` of "digits" or of a diffusers folder with `unet/` and `scheduler/`."""
     from diffusers import DDIMScheduler, UNet2DModel
 
@@ -161,14 +162,14 @@ class DeepCacheService:
             shape = (batch, self.channels, height or size, width or size)
             if min(shape) < 1:
                 raise ValueError(f"batch={batch}, height={height}, width={width}: sizes must be at least 1")
-            self.ranges.check(shape, owner="this server", fix=_FIX)
+        elif latents.dim() != 4 or latents.shape[1] != self.channels:
+            raise ValueError(f"latents of shape {tuple(latents.shape)}: give (batch, {self.channels}, height, width)")
+        else:
+            shape = tuple(latents.shape)
+        self.ranges.check(shape, owner="this server", fix=_FIX)  # before any noise of that size is drawn
+        if latents is None:
             latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
         else:
-            if latents.dim() != 4 or latents.shape[1] != self.channels:
-                raise ValueError(f"latents of shape {tuple(latents.shape)}: give (batch, {self.channels}, height, "
-                                 "width)")
-            self.ranges.check(tuple(latents.shape), owner="this server",
-                              fix=_FIX)
             check_finite((latents,), ("latents",))
         schedule = Schedule("uniform", interval=interval or self.options.interval)
         return Job(latents.float().contiguous(), steps, schedule)
@@ -227,17 +228,23 @@ class DeepCacheService:
             groups.setdefault((tuple(job.latents.shape[1:]), job.steps, job.schedule), []).append(i)
         results: list[torch.Tensor | None] = [None] * len(jobs)
         for indices in groups.values():
-            chunk: list[int] = []
-            for i in indices + [None]:  # split groups larger than one call's batch
-                rows = sum(jobs[j].latents.shape[0] for j in chunk)
-                if i is None or (chunk and rows + jobs[i].latents.shape[0] > self.options.max_batch):
-                    latents = self._denoise([jobs[j] for j in chunk], cancelled)
-                    for j, out in zip(chunk, latents.split([jobs[j].latents.shape[0] for j in chunk])):
-                        results[j] = out
-                    chunk = []
-                if i is not None:
-                    chunk.append(i)
+            for chunk in self._calls(jobs, indices):
+                latents = self._denoise([jobs[j] for j in chunk], cancelled)
+                for j, out in zip(chunk, latents.split([jobs[j].latents.shape[0] for j in chunk])):
+                    results[j] = out
         return results
+
+    def _calls(self, jobs: list[Job], indices: list[int]) -> Iterator[list[int]]:
+        """`indices` in runs of at most `max_batch` sample rows: a group larger than one call is split."""
+        chunk, rows = [], 0
+        for i in indices:
+            n = jobs[i].latents.shape[0]
+            if chunk and rows + n > self.options.max_batch:
+                yield chunk
+                chunk, rows = [], 0
+            chunk.append(i)
+            rows += n
+        yield chunk
 
     def _denoise(self, jobs: list[Job], cancelled: threading.Event) -> torch.Tensor:
         """One (batched) DDIM generation of jobs that share shape, steps and schedule, as `ddim_loop` runs it."""
