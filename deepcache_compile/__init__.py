@@ -24,6 +24,8 @@ _EXPORTS = {
     "DeepCacheEngine": ".artifacts.engine",
     "load_deepcache": ".artifacts.engine",
     "ManifestError": ".artifacts.manifest",
+    "AdaptiveRefresh": ".refresh",
+    "CalibratedPlan": ".refresh",
     "Schedule": ".schedule",
     "Step": ".schedule",
     "ShapeRanges": ".shapes",

@@ -13,6 +13,7 @@ from .graph.branches import find_branches
 from .graph.macs import graph_macs, node_macs
 from .graph.partition import split_at_branch
 from .graph.trace import TracedUNet, trace_unet
+from .refresh import AdaptiveRefresh, CalibratedPlan
 from .runtime.dispatch import DeepCacheUNet
 from .schedule import DEFAULT_CENTER, DEFAULT_POWER, make_schedule
 
@@ -24,7 +25,7 @@ def compile_deepcache(
     branch: int,
     interval: int | None = None,
     *,
-    schedule: str | Sequence[int] = "uniform",
+    schedule: str | Sequence[int] | CalibratedPlan = "uniform",
     num_inference_steps: int | None = None,
     center: int = DEFAULT_CENTER,
     power: float = DEFAULT_POWER,
@@ -38,6 +39,9 @@ def compile_deepcache(
     on_weight_change: str = "recompile",
     dynamic: bool | dict[str, tuple[int, int]] = False,
     outside_ranges: str = "error",
+    refresh: str | AdaptiveRefresh | None = None,
+    split: str = "auto",
+    forecast: bool = False,
 ) -> DeepCacheUNet:
     """Wraps `unet` so that it runs DeepCache; use it as `pipe.unet`.
 
@@ -49,7 +53,8 @@ def compile_deepcache(
         branch: the deepest skip recomputed on shallow steps; `list_branches(unet)` lists the valid ones.
         interval: N of the 1:N schedule (default 3, `schedule.DEFAULT_INTERVAL`). Not used with an explicit
             list of full steps.
-        schedule: "uniform", "nonuniform", or an explicit list of full steps starting at 0.
+        schedule: "uniform", "nonuniform", an explicit list of full steps starting at 0, or a `CalibratedPlan`
+            (`dc.calibrate(...)`: the full steps chosen from one recorded generation).
         num_inference_steps: total steps; needed by "nonuniform" and `always_full_last`.
         center: the nonuniform schedule's center step.
         power: the nonuniform schedule's power.
@@ -69,15 +74,27 @@ def compile_deepcache(
             and compiled once, serves every shape in the ranges (defaults in `ShapeRanges.resolve`).
         outside_ranges: with `dynamic`, what a call the pair cannot serve gets (outside the ranges, or a size
             that is not a multiple of the downsampling factor): "error", or "static" (a static pair for it).
+        refresh: "adaptive" or an `AdaptiveRefresh(threshold, max_skip, lagged)`: refresh the cache when the
+            head's features drift, instead of on the schedule (which is then unused).
+        split: "auto" (head/deep/tail graphs for adaptive refresh, the full/shallow pair otherwise), "pair" or
+            "three".
+        forecast: on shallow steps, extrapolate the cached feature from its last two full-step values.
 
     Example:
         >>> pipe.unet = compile_deepcache(pipe.unet, branch=1, interval=5)
         >>> image = pipe(prompt, num_inference_steps=50).images[0]
     """
+    if isinstance(schedule, CalibratedPlan):
+        if interval is not None or num_inference_steps not in (None, schedule.total):
+            raise ValueError(f"a calibrated plan fixes its full steps and its step count ({schedule.total}): do not "
+                             "pass interval or another num_inference_steps with it")
+        plan = schedule.schedule
+    else:
+        plan = make_schedule(schedule, interval, num_inference_steps, center, power, always_full_first,
+                             always_full_last)
     config = DeepCacheConfig(
         branch=branch,
-        schedule=make_schedule(schedule, interval, num_inference_steps, center, power, always_full_first,
-                               always_full_last),
+        schedule=plan,
         backend=backend,
         backend_options=dict(backend_options or {}),
         calls_per_step=calls_per_step,
@@ -86,6 +103,9 @@ def compile_deepcache(
         on_weight_change=on_weight_change,
         dynamic=_dynamic(dynamic),
         outside_ranges=outside_ranges,
+        refresh=AdaptiveRefresh() if refresh == "adaptive" else refresh,
+        split=split,
+        forecast=forecast,
     )
     return DeepCacheUNet(unet, config)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .refresh import AdaptiveRefresh
 from .runtime.backends import available_backends
 from .schedule import Schedule
 
@@ -33,6 +34,12 @@ class DeepCacheConfig:
         on_weight_change: what a generation does when it finds the U-Net's weights changed since its pairs were
             compiled (`load_state_dict`, `fuse_lora`, `.to(dtype)`, in-place edits): "recompile" (drop the
             pairs; they are traced and compiled again) or "error".
+        refresh: None (the schedule decides) or an `AdaptiveRefresh` (the drift of the features decides;
+            `schedule` is then unused).
+        split: "pair" (full and shallow graphs), "three" (head, deep and tail graphs: a full step runs all three,
+            a shallow step head and tail) or "auto" (three for adaptive refresh, else the pair).
+        forecast: on shallow steps, extrapolate the cached feature from its last two full-step values
+            (first order, fused into the shallow graph) instead of reusing it as it is.
 
     Example:
         >>> DeepCacheConfig(branch=1, schedule=Schedule("uniform", interval=5)).branch
@@ -49,6 +56,14 @@ class DeepCacheConfig:
     on_weight_change: str = "recompile"
     dynamic: dict[str, tuple[int, int]] | None = None
     outside_ranges: str = "error"
+    refresh: AdaptiveRefresh | None = None
+    split: str = "auto"
+    forecast: bool = False
+
+    @property
+    def graphs(self) -> str:
+        """"pair" or "three": the split the compiled pairs use."""
+        return "three" if self.split == "three" or (self.split == "auto" and self.refresh is not None) else "pair"
 
     def __post_init__(self):
         if not isinstance(self.branch, int) or isinstance(self.branch, bool) or self.branch < 0:
@@ -66,6 +81,14 @@ class DeepCacheConfig:
             raise ValueError(f"on_weight_change={self.on_weight_change!r} is unknown: use 'recompile' or 'error'")
         if self.outside_ranges not in ("error", "static"):
             raise ValueError(f"outside_ranges={self.outside_ranges!r} is unknown: use 'error' or 'static'")
+        if self.split not in ("auto", "pair", "three"):
+            raise ValueError(f"split={self.split!r} is unknown: use 'auto', 'pair' or 'three'")
+        if self.refresh is not None and not isinstance(self.refresh, AdaptiveRefresh):
+            raise ValueError(f"refresh={self.refresh!r} is not a refresh policy: pass AdaptiveRefresh(...) or "
+                             "'adaptive' (a calibrated plan is a schedule: schedule=plan)")
+        if self.refresh is not None and self.split == "pair":
+            raise ValueError("adaptive refresh decides after the head graph ran, so it needs the three-graph split: "
+                             "pass split='three' or split='auto'")
         if self.dynamic is not None:
             unknown = set(self.dynamic) - {"batch", "height", "width"}
             if unknown:

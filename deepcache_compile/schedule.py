@@ -16,13 +16,51 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Step", "Schedule", "make_schedule", "mac_speedup", "uniform_full_steps", "nonuniform_full_steps",
+__all__ = ["Step", "Schedule", "Calibration", "make_schedule", "mac_speedup", "uniform_full_steps", "nonuniform_full_steps",
            "DEFAULT_INTERVAL", "DEFAULT_CENTER", "DEFAULT_POWER"]
 
 KINDS = ("uniform", "nonuniform", "explicit")
 DEFAULT_INTERVAL = 3  # the reference README's choice
 DEFAULT_CENTER = 15  # the reference code's non-uniform center c
 DEFAULT_POWER = 1.4  # and power p
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a calibrated plan was made for (see `refresh.CalibratedPlan`); generations must match it.
+
+    Attributes:
+        timesteps: the scheduler's timesteps of the calibration run, one per step (their count is T).
+        size: the sample's (height, width) in the calibration run.
+    """
+
+    timesteps: tuple[float, ...]
+    size: tuple[int, int]
+
+    def __post_init__(self):
+        object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
+        object.__setattr__(self, "size", tuple(int(s) for s in self.size))
+        if not self.timesteps:
+            raise ValueError("a calibration needs the timesteps of at least one step")
+
+    def check(self, step: int, sample_size: tuple[int, ...], timestep) -> None:
+        """Raises ValueError where a generation's step does not fit the calibration: at steps 0 and 1 the
+        timestep (read once each: two host reads per generation) and at step 0 the size; past the last step,
+        any step."""
+        total = len(self.timesteps)
+        if step >= total:
+            raise ValueError(f"this generation runs more than the {total} steps the calibrated plan was made for: "
+                             f"calibrate again with num_inference_steps={step + 1} or more")
+        if step == 0 and tuple(sample_size) != self.size:
+            raise ValueError(f"sample size {tuple(sample_size)} differs from the calibration run's {self.size}: "
+                             "calibrate again at this resolution")
+        if step < 2 and timestep is not None:
+            value = float(timestep.reshape(-1)[0]) if hasattr(timestep, "reshape") else float(timestep)
+            if value != self.timesteps[step]:
+                raise ValueError(f"step {step} has timestep {value:g}, the calibration run had "
+                                 f"{self.timesteps[step]:g}: the plan was made for {total} steps of another "
+                                 "schedule (a plan is not truncated or stretched); calibrate again with this step "
+                                 "count and scheduler")
 
 
 class Step(enum.Enum):
@@ -43,6 +81,8 @@ class Schedule:
         power: the nonuniform schedule's starting power p (> 1).
         always_full_first: the first this-many steps are always full.
         always_full_last: the last this-many steps are always full.
+        calibration: for a calibrated plan (explicit steps), what it was made for; generations that do not
+            match it are refused.
 
     Example:
         >>> Schedule("uniform", interval=5).full_steps(12)
@@ -59,9 +99,12 @@ class Schedule:
     power: float = DEFAULT_POWER
     always_full_first: int = 0
     always_full_last: int = 0
+    calibration: Calibration | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
+        if isinstance(self.calibration, dict):  # read back from a manifest
+            object.__setattr__(self, "calibration", Calibration(**self.calibration))
         _validate(self)
 
     @property
@@ -123,6 +166,9 @@ def _validate(s: Schedule) -> None:
         raise ValueError("always_full_first and always_full_last must be >= 0")
     if s.kind == "explicit":
         _validate_explicit(s.steps, s.num_inference_steps)
+    if s.calibration is not None and (s.kind != "explicit" or s.num_inference_steps != len(s.calibration.timesteps)):
+        raise ValueError("a calibration belongs to an explicit schedule of its own step count: build it with "
+                         "CalibratedPlan.schedule")
     if s.kind == "nonuniform":
         if s.num_inference_steps is None:
             raise ValueError(

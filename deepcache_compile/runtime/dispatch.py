@@ -15,15 +15,16 @@ import logging
 import threading
 import typing
 from collections import OrderedDict
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from torch import nn
 
 from ..calls import CallFlattener, FlatCall
 from ..config import DeepCacheConfig
+from ..refresh import AdaptiveRefresh, CalibratedPlan
 from ..schedule import Schedule
 from ..shapes import ShapeRanges, shape_class
-from .generation import GenerationStates, check_finite, run_step, timestep_mark
+from .generation import GenerationStates, check_finite, run_adaptive_step, run_step, timestep_mark
 from .pair import CompiledPair, compile_pair, release, shape_ranges
 
 logger = logging.getLogger(__name__)
@@ -135,8 +136,11 @@ class DeepCacheUNet(nn.Module):
         if state.starts_generation(call.signature, mark):
             check_finite(call.tensors, call.names)
             self._check_weights()
-        pair = self._pair(call)
-        sample = run_step(state, self.deepcache_config.schedule, call, pair.full, pair.shallow, mark)
+        pair, config = self._pair(call), self.deepcache_config
+        if config.refresh is not None and state.recording is None:
+            sample = run_adaptive_step(state, config.refresh, call, pair.three, mark, pair.forecast)
+        else:
+            sample = run_step(state, config.schedule, call, pair.full, pair.shallow, mark, pair.forecast)
         if call.return_dict and self._output_type is not None:
             return self._output_type(sample=sample)
         return (sample,)
@@ -219,17 +223,50 @@ class DeepCacheUNet(nn.Module):
         """
         from ..artifacts.export import export_deepcache
 
+        config = self.deepcache_config
+        if config.refresh is not None or config.forecast:
+            raise ValueError("adaptive refresh and forecast run in Python only (engine files hold the full and "
+                             "shallow graphs): export a calibrated plan instead, dc.with_schedule(dc.calibrate(...))"
+                             " with forecast=False")
         return export_deepcache(self, directory, format, **options)
 
-    def with_schedule(self, schedule: Schedule) -> "DeepCacheUNet":
-        """A DeepCacheUNet with another schedule that shares this one's compiled pairs (no recompilation).
+    def with_schedule(self, schedule: Schedule | CalibratedPlan | AdaptiveRefresh) -> "DeepCacheUNet":
+        """A DeepCacheUNet with another schedule, calibrated plan or adaptive policy that shares this one's
+        compiled pairs (no recompilation). An adaptive policy needs pairs compiled with the three-graph split.
 
         Example:
             >>> dc10 = dc.with_schedule(Schedule("uniform", interval=10))
+            >>> planned = dc.with_schedule(dc.calibrate(lambda: pipe(prompt), full_steps=10))
         """
-        other = DeepCacheUNet(self.unet, dataclasses.replace(self.deepcache_config, schedule=schedule))
+        config = self.deepcache_config
+        if isinstance(schedule, AdaptiveRefresh):
+            if config.graphs != "three":
+                raise ValueError("adaptive refresh needs pairs compiled with the three-graph split: compile with "
+                                 "compile_deepcache(..., split='three') and call with_schedule on that one")
+            changes = dict(refresh=schedule)
+        elif isinstance(schedule, (Schedule, CalibratedPlan)):
+            changes = dict(schedule=getattr(schedule, "schedule", schedule), refresh=None,
+                           split=config.graphs)  # keep the split the shared pairs were compiled with
+        else:
+            raise TypeError(f"with_schedule takes a Schedule, a CalibratedPlan or an AdaptiveRefresh, not "
+                            f"{type(schedule).__name__}")
+        other = DeepCacheUNet(self.unet, dataclasses.replace(config, **changes))
         other._cache = self._cache
         return other
+
+    def calibrate(self, run: Callable[[], Any], full_steps: int | None = None,
+                  speedup: float | None = None) -> CalibratedPlan:
+        """Runs `run()` (one generation through this U-Net, e.g. `lambda: pipe(prompt, num_inference_steps=50)`)
+        with every step full, records the cached feature per step, and returns the plan of `full_steps` full
+        steps (or the most that reach a MAC `speedup`) with the least drift; see `refresh.CalibratedPlan`.
+
+        Example:
+            >>> plan = pipe.unet.calibrate(lambda: pipe(prompt, num_inference_steps=50), full_steps=10)
+            >>> pipe.unet = pipe.unet.with_schedule(plan)
+        """
+        from .calibrate import calibrate
+
+        return calibrate(self, run, full_steps, speedup)
 
     def prepare(self, *args, **kwargs) -> CompiledPair:
         """Traces and compiles the pair for this call's signature now (ahead of the first denoising step)."""

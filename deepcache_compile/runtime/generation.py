@@ -18,12 +18,33 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..calls import FlatCall
+from ..refresh import AdaptiveController, AdaptiveRefresh
 from ..schedule import Schedule
 from ..tracing import GATE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GenerationState", "GenerationStates", "check_finite", "run_step", "timestep_mark"]
+__all__ = ["GenerationState", "GenerationStates", "check_finite", "run_step", "run_adaptive_step", "timestep_mark"]
+
+
+class _Extrapolation:
+    """One slot's forecast inputs: the slope of the cached feature between its last two full steps."""
+
+    def __init__(self):
+        self.cache: torch.Tensor | None = None
+        self.step = 0
+        self.slope: torch.Tensor | None = None
+
+    def full(self, cache: torch.Tensor, step: int) -> None:
+        if self.cache is None:
+            self.slope = torch.zeros_like(cache)  # one full step so far: plain reuse
+        else:
+            self.slope = torch.sub(cache, self.cache).div_(step - self.step)
+        self.cache, self.step = cache, step
+
+    def inputs(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(slope, steps since the last full step)` for a shallow step."""
+        return self.slope, torch.full((), float(step - self.step), dtype=self.slope.dtype, device=self.slope.device)
 
 
 class GenerationState:
@@ -35,18 +56,35 @@ class GenerationState:
         caches: the latest full step's cached tensor per slot (None before the first full step).
         history: one letter per call of this generation, "F" (full) or "S" (shallow).
         step: the index of the next step (calls // calls_per_step).
+        recording: while calibrating, every step runs full and appends `(step, slot, timestep, size, cache)`
+            here (survives `reset`).
     """
 
     def __init__(self, calls_per_step: int):
         self.calls_per_step = calls_per_step
         self.signature: Any = None
+        self.recording: list | None = None
         self.reset()
 
     def reset(self) -> None:
         self.calls = 0
         self.caches: list[torch.Tensor | None] = [None] * self.calls_per_step
+        self.controllers: list[AdaptiveController | None] = [None] * self.calls_per_step
+        self.extrapolations: list[_Extrapolation | None] = [None] * self.calls_per_step
         self.history = ""
         self.mark: tuple | None = None
+
+    def controller(self, slot: int, policy: AdaptiveRefresh) -> AdaptiveController:
+        controller = self.controllers[slot]
+        if controller is None:
+            controller = self.controllers[slot] = AdaptiveController(policy)
+        return controller
+
+    def extrapolation(self, slot: int) -> _Extrapolation:
+        extrapolation = self.extrapolations[slot]
+        if extrapolation is None:
+            extrapolation = self.extrapolations[slot] = _Extrapolation()
+        return extrapolation
 
     @property
     def step(self) -> int:
@@ -69,10 +107,13 @@ class GenerationState:
         self.mark = mark
         return divmod(self.calls, self.calls_per_step)
 
-    def end(self, slot: int, cache: torch.Tensor | None) -> None:
-        """Records a finished call: a full step passes its new cache, a shallow step None."""
+    def end(self, slot: int, cache: torch.Tensor | None, forecast: bool = False) -> None:
+        """Records a finished call: a full step passes its new cache, a shallow step None; with `forecast` a new
+        cache also updates the slot's extrapolation."""
         if cache is not None:
             self.caches[slot] = cache
+            if forecast:
+                self.extrapolation(slot).full(cache, self.calls // self.calls_per_step)
         self.history += "S" if cache is None else "F"
         self.calls += 1
 
@@ -113,20 +154,53 @@ class GenerationStates:
 
 
 def run_step(state: GenerationState, schedule: Schedule, call: FlatCall, full: Callable, shallow: Callable,
-             mark: tuple | None = None) -> torch.Tensor:
+             mark: tuple | None = None, forecast: bool = False) -> torch.Tensor:
     """Runs one U-Net call: full or shallow by the schedule, keeping the cache of the call's slot.
 
-    `mark` is the call's `timestep_mark` where the caller has it already. The state advances only after the
-    graph returned, so an exception leaves it consistent.
+    `mark` is the call's `timestep_mark` where the caller has it already; `forecast`: the shallow graph takes
+    the slot's extrapolation inputs after the cache. The state advances only after the graph returned, so an
+    exception leaves it consistent.
     """
     step, slot = state.begin(call.signature, timestep_mark(call.timestep) if mark is None else mark)
+    if schedule.calibration is not None:
+        schedule.calibration.check(step, call.tensors[0].shape[-2:], call.timestep)
     cache = state.caches[slot]
     with torch.no_grad(), GATE.step():
-        if cache is None or schedule.is_full(step):
+        if cache is None or state.recording is not None or schedule.is_full(step):
             sample, cache = full(*call.tensors)
         else:
-            (sample,), cache = shallow(*call.tensors, cache), None
-    state.end(slot, cache)
+            extra = state.extrapolation(slot).inputs(step) if forecast else ()
+            (sample,), cache = shallow(*call.tensors, cache, *extra), None
+    if state.recording is not None:
+        state.recording.append((step, slot, call.timestep, tuple(call.tensors[0].shape[-2:]), cache.detach().clone()))
+    state.end(slot, cache, forecast)
+    return sample
+
+
+def keep_cache(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forecast inputs `(slope, steps)` that reuse `cache` unchanged: zeros, and 0 steps. (Never `cache`
+    itself as the slope: tracers merge an input passed twice into one.)"""
+    return torch.zeros_like(cache), torch.zeros((), dtype=cache.dtype, device=cache.device)
+
+
+def run_adaptive_step(state: GenerationState, policy: AdaptiveRefresh, call: FlatCall, three, mark: tuple | None,
+                      forecast: bool = False) -> torch.Tensor:
+    """Runs one U-Net call with adaptive refresh on a `CompiledThree`: the head, then the slot's controller
+    decides from the head's probe whether the deep graph runs (a full step) or the cache is reused; the tail.
+    One host read of one scalar per step (none that waits, with `policy.lagged`)."""
+    step, slot = state.begin(call.signature, mark)
+    inputs = call.tensors
+    with torch.no_grad(), GATE.step():
+        links = three.head(*inputs)
+        full = state.controller(slot, policy).decide(links[three.probe]) or state.caches[slot] is None
+        if full:
+            (cache,) = three.deep(*inputs, *links)
+            extra = keep_cache(cache) if forecast else ()
+        else:
+            cache = state.caches[slot]
+            extra = state.extrapolation(slot).inputs(step) if forecast else ()
+        (sample,) = three.tail(*inputs, *links, cache, *extra)
+    state.end(slot, cache if full else None, forecast)
     return sample
 
 

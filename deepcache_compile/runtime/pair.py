@@ -15,14 +15,36 @@ from torch import nn
 from ..calls import FlatCall
 from ..config import DeepCacheConfig
 from ..graph.branches import SkipBranch, downsampling_factor, find_branches
-from ..graph.partition import SplitGraphs, split_at_branch
+from ..graph.partition import SplitGraphs, ThreeGraphs, add_forecast, split_at_branch, split_three
 from ..graph.trace import TracedUNet, trace_unet
 from ..shapes import ShapeRanges, sample_size, with_batch
 from .backends import get_backend
+from .generation import keep_cache
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CompiledPair", "compile_pair", "shape_ranges", "release", "select_branch"]
+__all__ = ["CompiledPair", "CompiledThree", "compile_pair", "shape_ranges", "release", "select_branch"]
+
+
+@dataclass(frozen=True)
+class CompiledThree:
+    """The compiled head, deep and tail graphs (see `partition.ThreeGraphs`); the adaptive dispatcher runs them.
+
+    Attributes:
+        graphs: the graph modules before compilation.
+        head: compiled `(*inputs) -> (*links)`.
+        deep: compiled `(*inputs, *links) -> (cache,)`.
+        tail: compiled `(*inputs, *links, cache[, slope, steps]) -> (sample,)`.
+    """
+
+    graphs: ThreeGraphs
+    head: Callable[..., tuple[torch.Tensor, ...]]
+    deep: Callable[..., tuple[torch.Tensor]]
+    tail: Callable[..., tuple[torch.Tensor]]
+
+    @property
+    def probe(self) -> int:
+        return self.graphs.probe
 
 
 @dataclass(frozen=True)
@@ -35,6 +57,8 @@ class CompiledPair:
         full: compiled `(*inputs) -> (sample, cache)`.
         shallow: compiled `(*inputs, cache) -> (sample,)`.
         ranges: None for a static pair (the traced shapes only); else the batch sizes and resolutions it serves.
+        three: with the three-graph split, its compiled graphs (`full` and `shallow` then run them in turn).
+        forecast: the shallow graph takes `(*inputs, cache, slope, steps)` and extrapolates the cache.
         fx_sources: the keys of the generated sources torch.fx cached while compiling it (see `release`).
     """
 
@@ -43,6 +67,8 @@ class CompiledPair:
     full: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     shallow: Callable[..., tuple[torch.Tensor]]
     ranges: ShapeRanges | None = None
+    three: CompiledThree | None = None
+    forecast: bool = False
     fx_sources: frozenset[str] = field(default=frozenset(), repr=False)
 
     @property
@@ -60,7 +86,7 @@ class CompiledPair:
                 f"cache input {shape}/{dtype} for branch {self.branch.index}: pass the cache returned by the full "
                 "graph for the same input signature"
             )
-        return self.shallow(*inputs, cache)[0]
+        return self.shallow(*inputs, cache, *(keep_cache(cache) if self.forecast else ()))[0]
 
 
 def select_branch(branches: tuple[SkipBranch, ...], branch: int) -> SkipBranch:
@@ -104,18 +130,61 @@ def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, rang
     branch = select_branch(find_branches(traced.gm), config.branch)
     split = split_at_branch(traced.gm, branch)
     backend = get_backend(config.backend)
-    inputs = traced.example_inputs
     shapes = {"ranges": ranges} if ranges is not None else {}  # static-only backends need not know the word
+
+    def compile_graph(gm, inputs):
+        return backend(gm, inputs, config.backend_options, **shapes)
+
     with torch.no_grad():
-        full = backend(split.full, inputs, config.backend_options, **shapes)
-        # The cache as the compiled full graph lays it out (Inductor may choose channels-last), so the shallow
-        # graph is compiled for the tensors it will get.
-        cache = full(*inputs)[1]
-        shallow = backend(split.shallow, (*inputs, cache), config.backend_options, **shapes)
-    pair = CompiledPair(traced=traced, split=split, full=full, shallow=shallow, ranges=ranges)
+        if config.graphs == "three":
+            three = _compile_three(split_three(traced.gm, branch), traced.example_inputs, compile_graph, config.forecast)
+            full, shallow = _run_three(three, config.forecast)
+        else:
+            three, (full, shallow) = None, _compile_two(split, traced.example_inputs, compile_graph, config.forecast)
+    pair = CompiledPair(traced=traced, split=split, full=full, shallow=shallow, ranges=ranges, three=three,
+                        forecast=config.forecast)
     if config.backend != "eager" and config.verify:
         verify_pair(pair, config.backend)
     return pair
+
+
+def _compile_two(split: SplitGraphs, inputs: tuple, compile_graph: Callable, forecast: bool) -> tuple:
+    full = compile_graph(split.full, inputs)
+    # The cache as the compiled full graph lays it out (Inductor may choose channels-last), so the shallow
+    # graph is compiled for the tensors it will get.
+    cache = full(*inputs)[1]
+    if not forecast:
+        return full, compile_graph(split.shallow, (*inputs, cache))
+    return full, compile_graph(add_forecast(split.shallow), (*inputs, cache, *keep_cache(cache)))
+
+
+def _compile_three(graphs: ThreeGraphs, inputs: tuple, compile_graph: Callable, forecast: bool) -> CompiledThree:
+    head = compile_graph(graphs.head, inputs)
+    links = tuple(head(*inputs))
+    deep = compile_graph(graphs.deep, (*inputs, *links))
+    (cache,) = deep(*inputs, *links)
+    if forecast:
+        tail = compile_graph(add_forecast(graphs.tail), (*inputs, *links, cache, *keep_cache(cache)))
+    else:
+        tail = compile_graph(graphs.tail, (*inputs, *links, cache))
+    return CompiledThree(graphs, head, deep, tail)
+
+
+def _run_three(three: CompiledThree, forecast: bool) -> tuple[Callable, Callable]:
+    """`full` and `shallow` with the two-graph pair's signatures, running head -> deep -> tail and head -> tail."""
+    head, deep, tail = three.head, three.deep, three.tail
+
+    def full(*inputs):
+        links = head(*inputs)
+        (cache,) = deep(*inputs, *links)
+        return tail(*inputs, *links, cache, *(keep_cache(cache) if forecast else ()))[0], cache
+
+    def shallow(*inputs_and_cache):
+        n = len(inputs_and_cache) - (3 if forecast else 1)
+        inputs = inputs_and_cache[:n]
+        return tail(*inputs, *head(*inputs), *inputs_and_cache[n:])
+
+    return full, shallow
 
 
 def release(pair: CompiledPair) -> None:
@@ -183,8 +252,12 @@ def verify_pair(pair: CompiledPair, backend: str) -> None:
     inputs = pair.traced.example_inputs
     with torch.no_grad():
         expected, cache = pair.split.full(*inputs)
-        checks = (("full", pair.full(*inputs)[0], expected),
-                  ("shallow", pair.shallow(*inputs, cache)[0], pair.split.shallow(*inputs, cache)[0]))
+        if pair.forecast:  # cache + slope * steps with slope = cache / 2 and one step: the shallow graph on 1.5 cache
+            extra = (cache / 2, torch.ones((), dtype=cache.dtype, device=cache.device))
+            shallow, reference = pair.shallow(*inputs, cache, *extra), pair.split.shallow(*inputs, cache * 1.5)
+        else:
+            shallow, reference = pair.shallow(*inputs, cache), pair.split.shallow(*inputs, cache)
+        checks = (("full", pair.full(*inputs)[0], expected), ("shallow", shallow[0], reference[0]))
     for part, actual, reference in checks:
         error = ((actual.float() - reference.float()).abs().max() / reference.float().abs().max().clamp_min(1e-6)).item()
         if not error <= _VERIFY_TOLERANCE.get(reference.dtype, 1e-3):

@@ -67,11 +67,14 @@ def default_providers(device: torch.device) -> list[str]:
 class OrtRunner:
     """Runs an ONNX file with torch tensors in and out: `(*tensors) -> tuple[tensor, ...]`.
 
-    The session holds the weights once it is created: the files may be removed afterwards.
+    The session holds the weights once it is created: the files may be removed afterwards. `names` names the
+    positional arguments as they were exported: the exporter drops inputs the graph does not use (a tail graph
+    does not read the sample), so arguments are bound by name; without `names` the file's inputs are taken to
+    be all the arguments, in order.
     """
 
     def __init__(self, path: Path, device: torch.device, providers: Sequence[str] | None = None,
-                 session_options: dict[str, Any] | None = None):
+                 session_options: dict[str, Any] | None = None, names: Sequence[str] | None = None):
         ort = _ort()
         options = ort.SessionOptions()
         for key, value in (session_options or {}).items():
@@ -80,6 +83,7 @@ class OrtRunner:
         self.providers = list(providers or default_providers(self.device))
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self._positions = [list(names).index(n) for n in self.input_names] if names else None
         self.output_names = [o.name for o in self.session.get_outputs()]
         # Where onnxruntime reads and writes: the device's memory if the first provider runs there, else host.
         on_device = self.device.type == "cuda" and self.session.get_providers()[0] != "CPUExecutionProvider"
@@ -87,6 +91,8 @@ class OrtRunner:
 
     def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         binding = self.session.io_binding()
+        if self._positions is not None:
+            tensors = [tensors[i] for i in self._positions]
         kept = [t.to(self._where[0]).contiguous() for t in tensors]  # alive until the run returns
         for name, t in zip(self.input_names, kept):
             binding.bind_input(name, *self._where, _TORCH_TO_ONNX[t.dtype], tuple(t.shape), t.data_ptr())

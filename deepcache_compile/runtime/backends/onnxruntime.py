@@ -32,6 +32,6 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], 
     with tempfile.TemporaryDirectory(prefix="deepcache_ort_") as tmp:
         path = Path(tmp) / f"{type(gm).__name__}.onnx"
         write_onnx(program, path, names, outputs)
-        runner = OrtRunner(path, example_inputs[0].device, **options)
+        runner = OrtRunner(path, example_inputs[0].device, **options, names=names)
     logger.info("onnxruntime session for %s on %s", type(gm).__name__, runner.session.get_providers())
     return runner
