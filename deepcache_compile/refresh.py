@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .schedule import Calibration, Schedule, mac_speedup, uniform_full_steps
+from .schedule import Calibration, Schedule, mac_speedup
 
 __all__ = ["AdaptiveRefresh", "AdaptiveController", "CalibratedPlan", "plan_full_steps", "reuse_drift",
            "similarity_matrix", "relative_l1", "DEFAULT_THRESHOLD"]
@@ -129,7 +129,7 @@ def reuse_drift(similarity: torch.Tensor, full_steps) -> float:
     for t in range(total):
         last = t if t in full else last
         drift += 1 - sim[t, last]
-    return drift / total
+    return float(drift / total)
 
 
 def plan_full_steps(similarity: torch.Tensor, full_steps: int) -> tuple[int, ...]:
@@ -177,7 +177,7 @@ class CalibratedPlan:
         calibration: the step count, timesteps and sample size it was made for.
         branch: the branch whose cached feature was recorded.
         drift: the plan's predicted `reuse_drift` (mean 1 - cosine similarity to the reused feature).
-        uniform_drift: the same for the uniform schedule with as many full steps (or the closest).
+        uniform_drift: the same for as many full steps evenly spaced (uniform 1:N where N divides T).
         mac_share: shallow MACs / full MACs at this branch (for `mac_speedup`), if known.
     """
 
@@ -208,14 +208,14 @@ class CalibratedPlan:
         total = len(similarity)
         full_steps = budget_full_steps(total, full_steps, speedup, mac_share)
         steps = plan_full_steps(similarity, full_steps)
-        uniform = uniform_full_steps(total, max(1, round(total / full_steps)))
-        return cls(steps, calibration, branch, reuse_drift(similarity, steps), reuse_drift(similarity, uniform),
+        even = tuple(sorted({round(i * total / full_steps) for i in range(full_steps)}))
+        return cls(steps, calibration, branch, reuse_drift(similarity, steps), reuse_drift(similarity, even),
                    mac_share)
 
     def __str__(self) -> str:
         speed = f", {self.mac_speedup:.2f}x fewer MACs" if self.mac_share is not None else ""
         return (f"{len(self.steps)} full steps of {self.total} at branch {self.branch}{speed}: {list(self.steps)}; "
-                f"predicted drift {self.drift:.4f} (uniform with as many full steps: {self.uniform_drift:.4f})")
+                f"predicted drift {self.drift:.4f} (as many full steps evenly spaced: {self.uniform_drift:.4f})")
 
 
 def budget_full_steps(total: int, full_steps: int | None, speedup: float | None, mac_share: float | None) -> int:

@@ -1,4 +1,5 @@
-"""The core invariant: in eager fp32, shallow(inputs, full(inputs).cache) == full(inputs) == U-Net, bitwise."""
+"""The core invariant: in eager fp32, shallow(inputs, full(inputs).cache) == full(inputs) == U-Net, bitwise; and
+the same for the three-graph split: tail(head, deep(head)) == U-Net, and tail on a cache == the shallow graph."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from deepcache_compile.graph.branches import find_branches
-from deepcache_compile.graph.partition import split_at_branch
+from deepcache_compile.graph.partition import add_forecast, split_at_branch, split_three
 
 from conftest import EXPECTED_SKIPS, controlnet_residuals, make_call, make_unet, trace
 
@@ -24,7 +25,18 @@ def _assert_exact_for_all_branches(unet, call):
             assert tuple(cache.shape) == branch.cache_shape
             (shallow,) = split.shallow(*inputs, cache)
             assert torch.equal(shallow, expected), f"shallow graph differs at branch {branch.index}"
+            _assert_three_exact(traced.gm, branch, inputs, expected, split)
     return branches
+
+
+def _assert_three_exact(gm, branch, inputs, expected, split):
+    three = split_three(gm, branch)
+    links = three.head(*inputs)
+    (cache,) = three.deep(*inputs, *links)
+    assert torch.equal(three.tail(*inputs, *links, cache)[0], expected), f"head/deep/tail differ at {branch.index}"
+    other = cache * 0.5  # a shallow step on a cache of another step: tail == the two-graph shallow graph
+    assert torch.equal(three.tail(*inputs, *links, other)[0], split.shallow(*inputs, other)[0])
+    assert torch.equal(links[three.probe], _value_of(gm, inputs, branch.producer))
 
 
 @pytest.mark.parametrize("arch", ["sd", "sd21", "sdxl", "ddpm", "ddpm-class"])
@@ -86,3 +98,43 @@ def test_timestep_cond_input_lcm_style():
     unet = cls(**config, time_cond_proj_dim=8).eval()
     call = {**make_call(unet), "timestep_cond": torch.randn(1, 8)}
     assert len(_assert_exact_for_all_branches(unet, call)) == 12
+
+
+def _value_of(gm, inputs, name):
+    """The value of node `name` of the traced graph, by running the graph with that node as an extra output."""
+    from deepcache_compile.eval.analyze import probe_graph
+    from types import SimpleNamespace
+
+    return probe_graph(gm, (SimpleNamespace(cached=name),))(*inputs)[1]
+
+
+def test_three_graphs_run_each_layer_once_and_share_the_weights():
+    unet = make_unet("sd")
+    traced = trace(unet, make_call(unet))
+    branch = find_branches(traced.gm)[1]
+    three, split = split_three(traced.gm, branch), split_at_branch(traced.gm, branch)
+
+    def computing(gm):
+        return [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
+
+    head, deep, tail = (computing(g) for g in (three.head, three.deep, three.tail))
+    assert len(head) + len(deep) + len(tail) == len(computing(traced.gm))
+    assert sorted(head + tail) == sorted(computing(split.shallow))  # a shallow step: exactly the shallow graph
+    assert not set(head) & set(deep) and not set(deep) & set(tail)
+    originals = {id(p) for p in unet.parameters()}
+    for gm in (three.head, three.deep, three.tail):
+        assert {id(p) for p in gm.parameters()} <= originals
+
+
+def test_forecast_graph_reads_the_extrapolated_cache():
+    unet = make_unet("sd")
+    traced = trace(unet, make_call(unet))
+    split = split_at_branch(traced.gm, find_branches(traced.gm)[1])
+    forecast = add_forecast(split.shallow)
+    inputs = traced.example_inputs
+    with torch.no_grad():
+        _, cache = split.full(*inputs)
+        slope, steps = torch.randn_like(cache), torch.tensor(3.0)
+        expected = split.shallow(*inputs, cache + slope * steps)[0]
+        assert torch.equal(forecast(*inputs, cache, slope, steps)[0], expected)
+        assert torch.equal(forecast(*inputs, cache, slope, torch.tensor(0.0))[0], split.shallow(*inputs, cache)[0])

@@ -48,6 +48,9 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _quality(args: argparse.Namespace) -> None:
+    if args.policies:
+        _policies(args)
+        return
     from .quality import QualityOptions, evaluate_quality, quality_table, write_results
 
     opts = QualityOptions(steps=tuple(args.steps), intervals=tuple(args.interval), branches=tuple(args.branch),
@@ -56,6 +59,19 @@ def _quality(args: argparse.Namespace) -> None:
     rows = evaluate_quality(opts)
     print(quality_table(rows))
     print(f"written to {write_results(rows, opts)}")
+
+
+def _policies(args: argparse.Namespace) -> None:
+    from .refresh_study import RefreshStudyOptions, evaluate_refresh, refresh_table, write_refresh_results
+
+    if len(args.branch) != 1:
+        raise SystemExit("--policies compares policies at one branch: pass one --branch (e.g. --branch 1)")
+    opts = RefreshStudyOptions(steps=tuple(args.steps), intervals=tuple(args.interval), branch=args.branch[0],
+                               samples=args.samples, seed=args.seed,
+                               out=args.out if args.out != "bench/results/quality" else "bench/results/refresh")
+    rows = evaluate_refresh(opts)
+    print(refresh_table(rows))
+    print(f"written to {write_refresh_results(rows, opts)}")
 
 
 def _analyze(args: argparse.Namespace) -> None:
@@ -145,6 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     quality.add_argument("--always-full-last", type=int, default=Q.always_full_last,
                          help="the last this-many steps are full steps")
     quality.add_argument("--out", default=Q.out)
+    quality.add_argument("--policies", action="store_true",
+                         help="compare refresh policies (uniform, non-uniform, calibrated, adaptive, each with and "
+                              "without forecast) at the budgets of the given intervals, at one --branch; writes "
+                              "bench/results/refresh/")
     quality.set_defaults(func=_quality)
 
     analyze = sub.add_parser("analyze", help="feature similarity across steps (paper Fig. 2), branch/interval hint")

@@ -9,6 +9,7 @@ plan (`refresh.plan_full_steps`).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -19,12 +20,41 @@ from ..schedule import Calibration
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["calibrate"]
+__all__ = ["calibrate", "Recording", "record"]
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One all-full generation's cached features, as a step-by-step similarity.
+
+    Attributes:
+        similarity: `(T, T)` mean cosine similarity of the cached feature between steps.
+        calibration: the step count, timesteps and sample size of the run.
+        branch: the branch whose feature was recorded.
+        mac_share: shallow MACs / full MACs at that branch.
+    """
+
+    similarity: torch.Tensor
+    calibration: Calibration
+    branch: int
+    mac_share: float
+
+    def plan(self, full_steps: int | None = None, speedup: float | None = None) -> CalibratedPlan:
+        """The plan for a budget (`full_steps`, or a MAC `speedup`); many budgets can share one recording."""
+        return CalibratedPlan.from_similarity(self.similarity, self.calibration, self.branch, full_steps, speedup,
+                                              self.mac_share)
 
 
 def calibrate(dc, run: Callable[[], Any], full_steps: int | None = None, speedup: float | None = None,
               ) -> CalibratedPlan:
     """See `DeepCacheUNet.calibrate`."""
+    plan = record(dc, run).plan(full_steps, speedup)
+    logger.info("calibrated plan: %s", plan)
+    return plan
+
+
+def record(dc, run: Callable[[], Any]) -> Recording:
+    """Runs `run()` through `dc` with every step full and records its cached feature per step."""
     records: list = []
     with dc._states.generation() as state:
         state.recording = records
@@ -41,10 +71,7 @@ def calibrate(dc, run: Callable[[], Any], full_steps: int | None = None, speedup
     features = [torch.cat([r[4] for r in records if r[0] == step], dim=0) for step in range(total)]
     calibration = Calibration(tuple(_value(r[2]) for r in records if r[1] == 0), records[0][3])
     pair = dc.pairs[-1]
-    plan = CalibratedPlan.from_similarity(similarity_matrix(features), calibration, pair.branch.index,
-                                          full_steps, speedup, _mac_share(pair))
-    logger.info("calibrated plan: %s", plan)
-    return plan
+    return Recording(similarity_matrix(features), calibration, pair.branch.index, _mac_share(pair))
 
 
 def _value(timestep) -> float:
