@@ -19,7 +19,7 @@ from deepcache_compile.artifacts.manifest import cpu_isa, read_manifest
 from deepcache_compile.artifacts.native import library_path, load_library
 from deepcache_compile.eval.digits import load_digits_model
 from deepcache_compile.eval.sampling import ddim_loop
-from deepcache_compile.schedule import Schedule, nonuniform_full_steps
+from deepcache_compile.schedule import Calibration, Schedule, nonuniform_full_steps
 
 ROOT = Path(__file__).parents[1]
 BUILD = ROOT / "build"
@@ -53,6 +53,10 @@ def test_native_schedule_equals_python_schedule():
                  Schedule("nonuniform", interval=10, num_inference_steps=50)]
     assert [torch.ops.deepcache.full_steps(_manifest_json(s), 50) for s in reference] == \
            [[0, 5, 9, 13, 17, 21, 26, 31, 37, 43], [0, 9, 17, 26, 37]]  # DEEPCACHE.md
+    # A calibrated plan is an explicit schedule with its calibration beside it: the native runtime runs it as is.
+    plan = Schedule("explicit", steps=(0, 4, 7, 9), num_inference_steps=10,
+                    calibration=Calibration(tuple(range(900, -100, -100)), (16, 16)))
+    assert torch.ops.deepcache.full_steps(_manifest_json(plan), 10) == [0, 4, 7, 9]
     rng = random.Random(0)
     for _ in range(300):
         total = rng.randint(5, 120)

@@ -265,3 +265,19 @@ def test_adaptive_and_forecast_compiled_match_eager(backend):
     # 10 DDIM steps: per call the backends differ at rounding level (test_backends); the loop amplifies it.
     torch.testing.assert_close(ddim_loop(compiled, call, 10), ddim_loop(eager, call, 10), rtol=5e-4, atol=5e-4)
     assert compiled.history == eager.history and "S" in eager.history and eager.history.count("F") > 1
+
+
+def test_calibrated_plan_exports_into_the_manifest(tmp_path):
+    from deepcache_compile import load_deepcache
+
+    unet = make_unet("sd-mini")
+    call = make_call(unet, batch=2)
+    dc = compile_deepcache(unet, branch=1)
+    planned = dc.with_schedule(dc.calibrate(lambda: ddim_loop(dc, call, 6), full_steps=3))
+    planned.export(tmp_path, format="pt2", example=call)
+    engine = load_deepcache(tmp_path)
+    assert engine.schedule == planned.deepcache_config.schedule  # steps and calibration, read back
+    torch.testing.assert_close(ddim_loop(engine, call, 6), ddim_loop(planned, call, 6), rtol=1e-5, atol=1e-5)
+    assert engine.history == planned.history
+    with pytest.raises(ValueError, match="the plan was made for 6 steps"):
+        ddim_loop(engine, call, 8)

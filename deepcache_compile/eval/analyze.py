@@ -29,7 +29,8 @@ from ..api import branch_infos
 from ..calls import CallFlattener
 from ..graph.branches import SkipBranch, find_branches
 from ..graph.trace import trace_unet
-from ..schedule import mac_speedup, uniform_full_steps
+from ..refresh import CalibratedPlan, similarity_matrix
+from ..schedule import Calibration, mac_speedup, uniform_full_steps
 from .sampling import ddim_loop
 
 __all__ = ["FeatureSimilarity", "Suggestion", "feature_similarity", "probe_graph", "suggest", "plot_similarity"]
@@ -61,6 +62,14 @@ class FeatureSimilarity:
     similarity: dict[int, torch.Tensor]
     mac_share: dict[int, float]
     threshold: float = 0.95
+    size: tuple[int, int] | None = None
+
+    def plan(self, branch: int, full_steps: int) -> CalibratedPlan:
+        """The calibrated plan of `full_steps` full steps for `branch` from this run (`refresh.plan_full_steps`),
+        with its predicted drift next to that of evenly spaced full steps."""
+        calibration = Calibration(self.timesteps, self.size)
+        return CalibratedPlan.from_similarity(self.similarity[branch], calibration, branch, full_steps=full_steps,
+                                              mac_share=self.mac_share[branch])
 
     def share_above(self, branch: int) -> torch.Tensor:
         """Per step, the share of the other steps whose feature similarity exceeds the threshold."""
@@ -111,11 +120,8 @@ def feature_similarity(unet, call: dict, steps: int, scheduler=None, threshold: 
 
     ddim_loop(model, call, steps, scheduler)
     shares = {b.index: b.mac_share for b in branch_infos(traced)}
-    similarity = {}
-    for b in branches:
-        feats = torch.nn.functional.normalize(torch.stack([r[b.index] for r in records]), dim=2)  # (T, B, D)
-        similarity[b.index] = torch.einsum("ibd,jbd->ij", feats, feats) / feats.shape[1]
-    return FeatureSimilarity(tuple(timesteps), similarity, shares, threshold)
+    similarity = {b.index: similarity_matrix([r[b.index] for r in records]) for b in branches}
+    return FeatureSimilarity(tuple(timesteps), similarity, shares, threshold, tuple(call["sample"].shape[-2:]))
 
 
 @dataclass(frozen=True)

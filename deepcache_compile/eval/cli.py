@@ -102,6 +102,11 @@ def _analyze(args: argparse.Namespace) -> None:
         adjacent = sim.similarity[b].diagonal(1).mean().item()
         print(f"{b:>6} {sim.mac_share[b]:>12.1%} {adjacent:>13.3f} {sim.share_above(b).mean().item():>12.1%}")
     print(f"\nsuggestion: {record['suggestion'].get('text', record['suggestion'].get('error'))}")
+    if args.budget:
+        print(f"\ncalibrated plans for {args.budget} full steps of {args.steps} (predicted drift = mean 1 - cosine "
+              "similarity between each step's feature and the one it reuses):")
+        for b in branches:
+            print(f"  {sim.plan(b, args.budget)}")
     print(f"written: {args.out} and {Path(args.out).with_suffix('.json')}")
 
 
@@ -175,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     analyze.add_argument("--resolution", type=int, default=None, help="architectures: image pixels (latent = /8)")
     analyze.add_argument("--branch", type=int, nargs="*", default=None, help="branches to plot (default: 0..3)")
     analyze.add_argument("--threshold", type=float, default=0.95)
+    analyze.add_argument("--budget", type=int, default=None,
+                         help="also print the calibrated plan with this many full steps for each plotted branch")
     analyze.add_argument("--seed", type=int, default=0)
     analyze.add_argument("--out", default="bench/results/similarity_digits.png")
     analyze.set_defaults(func=_analyze)
