@@ -31,9 +31,21 @@ def test_digits_demo_generates_grids_and_prints_speed_and_quality(tmp_path, caps
 def test_analyze_writes_the_heatmap_and_a_suggestion(tmp_path, capsys):
     import json
 
-    main(["analyze", "--steps", "10", "--batch", "2", "--branch", "0", "3", "--out", str(tmp_path / "sim.png")])
+    main(["analyze", "--steps", "10", "--batch", "2", "--branch", "0", "3", "--budget", "3",
+          "--out", str(tmp_path / "sim.png")])
     out = capsys.readouterr().out
     record = json.loads((tmp_path / "sim.json").read_text())
+    # The calibrated plans printed are the best 3-step plans for the recorded similarity (brute force).
+    import itertools
+
+    import torch
+
+    from deepcache_compile.refresh import reuse_drift
+
+    for b in (0, 3):
+        sim = torch.tensor(record["similarity"][str(b)])
+        best = min(((0, *r) for r in itertools.combinations(range(1, 10), 2)), key=lambda p: reuse_drift(sim, p))
+        assert f"3 full steps of 10 at branch {b}" in out and str(list(best)) in out
     # The printed suggestion is the best of the recorded candidates above the threshold (or the error, if none).
     ok = [c for c in record["candidates"] if c["reuse_similarity"] >= 0.997]
     if ok:

@@ -53,3 +53,25 @@ def test_reduced_evaluation_runs_and_is_sane(tmp_path):
     out = write_results(rows, opts)
     assert (out / "quality.png").stat().st_size > 1000
     assert quality_table(rows).count("\n") == 2 + len(rows)
+
+
+def test_reduced_refresh_study_spends_the_budgets(tmp_path):
+    from deepcache_compile import list_branches
+    from deepcache_compile.eval.digits import load_digits_model
+    from deepcache_compile.eval.refresh_study import RefreshStudyOptions, evaluate_refresh, write_refresh_results
+
+    opts = RefreshStudyOptions(steps=(10,), intervals=(2, 5), samples=32, calibration_samples=16, out=str(tmp_path))
+    rows = evaluate_refresh(opts)
+    unet, _ = load_digits_model()
+    share = list_branches(unet, torch.zeros(1, 1, 16, 16), 0)[1].mac_share
+    cached = [r for r in rows if r["policy"] != "full model"]
+    # No non-uniform schedule exists for T=10 (its center step is 15): that row is left out, not faked.
+    assert {(r["policy"], r["forecast"]) for r in cached} == {(p, f) for p in ("uniform", "calibrated", "adaptive")
+                                                               for f in (False, True)}
+    for r in cached:
+        if r["policy"] != "adaptive":  # static plans spend exactly the uniform schedule's full steps
+            assert r["full_steps"] == r["budget"] == len(range(0, 10, r["interval"]))
+        assert r["mac_fraction"] == pytest.approx((r["full_steps"] + (10 - r["full_steps"]) * share) / 10)
+        assert 5 < r["psnr"] < math.inf
+    out = write_refresh_results(rows, opts)
+    assert (out / "refresh.png").stat().st_size > 1000 and (out / "refresh.md").read_text().count("\n") == 2 + len(rows)
