@@ -55,12 +55,17 @@ class Calibration:
             raise ValueError(f"sample size {tuple(sample_size)} differs from the calibration run's {self.size}: "
                              "calibrate again at this resolution")
         if step < 2 and timestep is not None:
-            value = float(timestep.reshape(-1)[0]) if hasattr(timestep, "reshape") else float(timestep)
+            value = timestep_value(timestep)
             if value != self.timesteps[step]:
                 raise ValueError(f"step {step} has timestep {value:g}, the calibration run had "
                                  f"{self.timesteps[step]:g}: the plan was made for {total} steps of another "
                                  "schedule (a plan is not truncated or stretched); calibrate again with this step "
                                  "count and scheduler")
+
+
+def timestep_value(timestep) -> float:
+    """A timestep (a number or a tensor, possibly batched) as one float: a host read, a sync for device tensors."""
+    return float(timestep.reshape(-1)[0]) if hasattr(timestep, "reshape") else float(timestep)
 
 
 class Step(enum.Enum):

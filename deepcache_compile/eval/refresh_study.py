@@ -111,18 +111,18 @@ def evaluate_refresh(opts: RefreshStudyOptions = RefreshStudyOptions()) -> list[
                 threshold = None
                 for policy in opts.policies:
                     for forecast in opts.forecast:
-                        bar.update()
                         if policy == "adaptive":
                             dc = study.dcs[("three", forecast)]
                             if threshold is None:
                                 threshold = study.tune_threshold(dc, steps, budget, 2 * interval)
                             rows.append(study.row(dc.with_schedule(AdaptiveRefresh(threshold, 2 * interval)), steps,
                                                   interval, policy, forecast, full, threshold=threshold))
-                            continue
-                        schedule = _schedule(policy, steps, interval, budget, recording)
-                        if schedule is not None:
-                            dc = study.dcs[("pair", forecast)].with_schedule(schedule)
-                            rows.append(study.row(dc, steps, interval, policy, forecast, full))
+                        else:
+                            schedule = _schedule(policy, steps, interval, budget, recording)
+                            if schedule is not None:
+                                dc = study.dcs[("pair", forecast)].with_schedule(schedule)
+                                rows.append(study.row(dc, steps, interval, policy, forecast, full))
+                        bar.update()  # after the run: the bar counts finished runs
     return [dict(r, samples=opts.samples, seed=opts.seed) for r in rows]
 
 

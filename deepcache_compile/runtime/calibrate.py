@@ -16,7 +16,7 @@ import torch
 
 from ..graph.macs import graph_macs, node_macs
 from ..refresh import CalibratedPlan, similarity_matrix
-from ..schedule import Calibration
+from ..schedule import Calibration, timestep_value
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +69,9 @@ def record(dc, run: Callable[[], Any]) -> Recording:
                          "with the step count and resolution the plan is for)")
     total = steps[-1] + 1
     features = [torch.cat([r[4] for r in records if r[0] == step], dim=0) for step in range(total)]
-    calibration = Calibration(tuple(_value(r[2]) for r in records if r[1] == 0), records[0][3])
+    calibration = Calibration(tuple(timestep_value(r[2]) for r in records if r[1] == 0), records[0][3])
     pair = dc.pairs[-1]
     return Recording(similarity_matrix(features), calibration, pair.branch.index, _mac_share(pair))
-
-
-def _value(timestep) -> float:
-    return float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
 
 
 def _mac_share(pair) -> float:
