@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -14,10 +15,13 @@ from .graph.macs import graph_macs, node_macs
 from .graph.partition import split_at_branch
 from .graph.trace import TracedUNet, trace_unet
 from .refresh import AdaptiveRefresh, CalibratedPlan
+from .runtime.backends import choose_backend
 from .runtime.dispatch import DeepCacheUNet
 from .schedule import DEFAULT_CENTER, DEFAULT_POWER, make_schedule
 
 __all__ = ["compile_deepcache", "list_branches", "BranchInfo"]
+
+logger = logging.getLogger(__name__)
 
 
 def compile_deepcache(
@@ -61,7 +65,9 @@ def compile_deepcache(
         always_full_first: the first this-many steps are always full.
         always_full_last: the last this-many steps are always full.
         backend: "eager" (the reference), "inductor", "aoti", "onnxruntime" or "tensorrt" (CUDA); see
-            `available_backends()`.
+            `available_backends()`. "auto": the fastest installed backend for the U-Net's device and dtype, as
+            the benchmark measured it (`choose_backend`; CPU: onnxruntime in fp32, inductor in bf16); the
+            choice is logged and is `dc.deepcache_config.backend`.
         backend_options: passed to the backend (inductor: mode, fullgraph, dynamic, options, freezing;
             aoti: inductor_configs; onnxruntime: providers, session_options; tensorrt: torch_tensorrt options).
         calls_per_step: 2 for pipelines that call the U-Net twice per step (conditional, unconditional).
@@ -92,6 +98,8 @@ def compile_deepcache(
     else:
         plan = make_schedule(schedule, interval, num_inference_steps, center, power, always_full_first,
                              always_full_last)
+    if backend == "auto":
+        backend = _auto_backend(unet, backend_options)
     config = DeepCacheConfig(
         branch=branch,
         schedule=plan,
@@ -108,6 +116,16 @@ def compile_deepcache(
         forecast=forecast,
     )
     return DeepCacheUNet(unet, config)
+
+
+def _auto_backend(unet: nn.Module, backend_options: dict | None) -> str:
+    if backend_options:
+        raise ValueError("backend='auto' takes no backend_options (each backend has its own): name the backend")
+    weight = next(unet.parameters())
+    chosen = choose_backend(weight.device, weight.dtype)
+    logger.info("backend='auto' chose %s for %s %s (the fastest measured; see choose_backend)", chosen,
+                weight.device.type, str(weight.dtype).removeprefix("torch."))
+    return chosen
 
 
 def _dynamic(dynamic: bool | dict) -> dict | None:

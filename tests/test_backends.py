@@ -109,3 +109,39 @@ def test_onnxruntime_runner_binds_bf16_inputs_and_outputs(tmp_path):
     assert out.dtype == torch.bfloat16 and total.dtype == torch.float32
     assert torch.equal(out, Mixed()(x, y)[0])
     torch.testing.assert_close(total, y.float().sum())
+
+
+class _GraphReplay:
+    """Like a CUDA graph on CPU: every call writes its outputs into the same buffers and returns them."""
+
+    def __init__(self, gm, declare: bool):
+        self.gm, self.buffers = gm, None
+        if declare:
+            self.static_outputs = True
+
+    def __call__(self, *inputs):
+        outputs = self.gm(*inputs)
+        if self.buffers is None:
+            self.buffers = tuple(torch.empty_like(o) for o in outputs)
+        for buffer, o in zip(self.buffers, outputs):
+            buffer.copy_(o)
+        return self.buffers
+
+
+@pytest.mark.parametrize("declare", [True, False])
+def test_outputs_a_graph_overwrites_are_never_kept(declare):
+    """The cache of a full step must survive the shallow steps after it, and with separate CFG calls the first
+    call's sample must survive the second call: with `static_outputs` declared the pair copies them (equal to the
+    eager pair), without it the replayed buffers are visibly overwritten (this test can fail)."""
+    name = f"replayed-{declare}"
+    register_backend(name, lambda gm, inputs, options, **shapes: _GraphReplay(gm, declare))
+    unet = make_unet("ddpm-class")
+    first, second = make_call(unet, batch=2, seed=1), make_call(unet, batch=2, seed=2)
+    replayed = compile_deepcache(unet, branch=1, interval=3, backend=name, calls_per_step=2, verify=False)
+    eager = compile_deepcache(unet, branch=1, interval=3, calls_per_step=2)
+    matches = []
+    for t in (900, 800, 700, 600):  # full, shallow, shallow, full: two calls per step
+        a = [replayed(**{**c, "timestep": t}).sample for c in (first, second)]
+        b = [eager(**{**c, "timestep": t}).sample for c in (first, second)]
+        matches += [torch.equal(x, y) for x, y in zip(a, b)]
+    assert all(matches) == declare

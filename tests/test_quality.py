@@ -75,3 +75,36 @@ def test_reduced_refresh_study_spends_the_budgets(tmp_path):
         assert 5 < r["psnr"] < math.inf
     out = write_refresh_results(rows, opts)
     assert (out / "refresh.png").stat().st_size > 1000 and (out / "refresh.md").read_text().count("\n") == 2 + len(rows)
+
+
+def test_bf16_evaluation_scores_the_reduced_precision_against_fp32(tmp_path):
+    """The bf16 full-model row's PSNR equals one computed here from a loop of our own (a bf16 copy of the model
+    against the fp32 model, same noise), and the bf16 DeepCache rows are scored against fp32 too."""
+    from diffusers import DDIMScheduler
+
+    from deepcache_compile.eval.digits import load_digits_model
+
+    opts = QualityOptions(steps=(10,), intervals=(2,), branches=(0,), schedules=("uniform",), samples=32,
+                          dtype="bf16", out=str(tmp_path))
+    rows = evaluate_quality(opts)
+    low = next(r for r in rows if r["kind"] == "full-lowp")
+    cached = next(r for r in rows if r["kind"] == "deepcache")
+    assert low["name"] == "DDIM 10 bf16" and cached["dtype"] == "bf16" and "bf16" in cached["name"]
+
+    unet, scheduler = load_digits_model()
+    noise = torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    images = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = unet.to(dtype)
+        sched = DDIMScheduler.from_config(scheduler.config)
+        sched.set_timesteps(10)
+        x = noise.to(dtype)
+        with torch.no_grad():
+            for t in sched.timesteps:
+                x = sched.step(model(x, t).sample, t, x).prev_sample
+        images[dtype] = x.float().clamp(-1, 1)
+    mse = ((images[torch.bfloat16] - images[torch.float32]) / 2).pow(2).mean().item()
+    assert low["psnr"] == pytest.approx(10 * math.log10(1 / mse), rel=1e-6)
+    assert math.isfinite(cached["psnr"]) and cached["psnr"] < low["psnr"]  # caching adds to the precision's error
+    write_results(rows, opts)
+    assert "| 10 | full model bf16 |" in (tmp_path / "quality.md").read_text()

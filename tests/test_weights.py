@@ -90,3 +90,36 @@ def test_a_lora_fused_after_compiling_reaches_the_images(backend):
     reference = compile_deepcache(unet, branch=1, interval=2)
     reference(**call)
     torch.testing.assert_close(shallow, reference(**{**call, "timestep": t}).sample, **tolerance)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "aoti"])
+def test_release_weights_keeps_one_copy_and_refuses_what_needs_the_other(backend):
+    pytest.importorskip("onnxruntime") if backend == "onnxruntime" else None
+    unet = make_unet("ddpm-class")
+    call, other = make_call(unet, batch=2), make_call(unet, batch=1)
+    expected_bytes = sum(t.numel() * t.element_size() for t in (*unet.parameters(), *unet.buffers()))
+    eager = compile_deepcache(unet, branch=1, interval=2)
+    expected = [eager(**{**call, "timestep": t}).sample for t in (900, 800, 700)]
+    dc = compile_deepcache(unet, branch=1, interval=2, backend=backend)
+    with pytest.raises(ValueError, match="nothing is compiled yet"):
+        dc.release_weights()
+    dc.prepare(**call)
+    assert dc.release_weights() >= expected_bytes  # the U-Net's storages (and any the trace made of its own)
+    assert all(p.numel() == 0 for p in unet.parameters())
+    got = [dc(**{**call, "timestep": t}).sample for t in (900, 800, 700)]  # a new generation: weight check skipped
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="weights were released"):
+        dc(**{**other, "timestep": 900})
+    with pytest.raises(RuntimeError, match="cannot recompile"):
+        dc.recompile()
+
+
+def test_release_weights_is_refused_where_the_graphs_read_the_module():
+    unet = make_unet("ddpm-class")
+    call = make_call(unet, batch=2)
+    dc = compile_deepcache(unet, branch=1)
+    dc.prepare(**call)
+    with pytest.raises(ValueError, match="eager graphs read the U-Net's weights at run time"):
+        dc.release_weights()
+    assert all(p.numel() > 0 for p in unet.parameters())

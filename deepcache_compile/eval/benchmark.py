@@ -1,22 +1,31 @@
 """Latency benchmarks: DeepCache against the baselines a user would pick instead, measured in one run.
 
-For one preset, resolution, batch and step count it measures
-- per-call latency of the full and shallow graphs (torch.utils.benchmark medians) per backend;
+For one preset, resolution, batch and step count, and for each dtype, it measures
 - DDIM loop latency of: the eager U-Net, `torch.compile` of the U-Net, the reference helper
-  (`DeepCacheSDHelper` from PyPI `DeepCache`, when installed) and `compile_deepcache` per backend, schedule and
-  interval, interleaved repeat by repeat so that machine noise hits all alike;
-- MACs (FlopCounterMode) of full and shallow graphs, hence each row's MAC-bound speedup;
+  (`DeepCacheSDHelper` from PyPI `DeepCache`, when installed), all in that dtype, and `compile_deepcache` per
+  backend, schedule and interval; plus the fp32 eager U-Net, the common reference row of every dtype. All of
+  one dtype's rows run interleaved repeat by repeat, so that machine noise hits all alike;
+- per-call latency of the full and shallow graphs (torch.utils.benchmark medians) per backend;
+- MACs (FlopCounterMode) of full and shallow graphs, hence each row's MAC-bound speedup and FLOPs;
+- this machine's matmul peak per dtype (a large `torch.matmul`, best of several), hence each row's roofline
+  time (its loop's FLOPs at that peak) and the fraction of it reached (roofline / measured);
+- memory: what compiling each configuration added to the resident set (its own copy of the weights, packed
+  kernels, ...) and the peak above the pre-run resident set while it ran (activations, workspaces);
 - dispatch efficiency = (F * t_full + S * t_shallow) / measured loop time, from the per-graph medians.
-Rows go to CSV and JSON with every setting, the machine and library versions; a Markdown table and PNG plots
-are written beside them.
+A backend that fails to compile for a dtype (e.g. onnxruntime has no bf16 convolution on CPU) gives a row with
+its error instead of times. Rows go to CSV and JSON with every setting, the machine and library versions; a
+Markdown table and PNG plots are written beside them.
 """
 
 from __future__ import annotations
 
+import ast
+import copy
 import csv
+import gc
 import json
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -27,15 +36,23 @@ from tqdm import tqdm
 
 from ..api import compile_deepcache
 from ..graph.macs import graph_macs, node_macs
+from ..runtime.backends import runnable_backends
 from ..schedule import DEFAULT_CENTER, mac_speedup, make_schedule
-from .presets import build_unet, example_call
-from .sampling import ddim_loop, interleaved, median, median_ms
+from .memory import peak_during, resident
+from .presets import DTYPES, build_unet, example_call
+from .sampling import ddim_loop, median, median_ms, timed
 
-__all__ = ["BenchOptions", "run_benchmark", "markdown_table"]
+__all__ = ["BenchOptions", "DTYPES", "run_benchmark", "markdown_table", "matmul_peak", "parse_backend"]
+
+_GB = 1e9
 
 
 @dataclass(frozen=True)
 class BenchOptions:
+    """What `run_benchmark` compares. `dtypes` / `backends` None: every dtype / backend the device runs
+    (`default_dtypes`, `runnable_backends`). A backend may carry options: "inductor:freezing=False",
+    "onnxruntime:share_weights=False" (`parse_backend`)."""
+
     preset: str = "sd15"
     resolution: int = 256  # image pixels (latent = /8)
     batch: int = 2  # CFG doubles the prompt batch
@@ -43,11 +60,52 @@ class BenchOptions:
     branch: int = 1
     intervals: tuple[int, ...] = (2, 3, 5, 10)
     schedules: tuple[str, ...] = ("uniform", "nonuniform")
-    backends: tuple[str, ...] = ("eager", "inductor")
+    backends: tuple[str, ...] | None = None
+    dtypes: tuple[str, ...] | None = None
     baselines: tuple[str, ...] = ("unet-eager", "unet-compile", "reference-helper")
+    device: str = "cpu"
     repeats: int = 3
     min_run_time: float = 6.0  # seconds of per-graph timing (after one warm-up call)
     out: str = "bench/results"
+
+
+def default_dtypes(device: str) -> tuple[str, ...]:
+    """fp32 and the reduced precisions the device runs fast: bf16 on CPU, fp16 and bf16 on CUDA."""
+    return ("fp32", "fp16", "bf16") if torch.device(device).type == "cuda" else ("fp32", "bf16")
+
+
+def parse_backend(spec: str) -> tuple[str, dict]:
+    """"name" or "name:key=value,key=value" (values are Python literals) -> (name, options).
+
+    Example:
+        >>> parse_backend("inductor:freezing=False")
+        ('inductor', {'freezing': False})
+    """
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"backend spec {spec!r}: write options as name:key=value,key=value")
+        try:
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError) as err:
+            raise ValueError(f"backend spec {spec!r}: {value!r} is not a Python literal (True, 3, 'max-autotune')"
+                             ) from err
+    return name, options
+
+
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
+    """This machine's matmul throughput in FLOP/s for `dtype`: best of `repeats` n x n `torch.matmul` runs."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def run():
+        torch.matmul(a, b)
+        sync()
+
+    run()
+    return 2 * n**3 / min(timed(run)[1] for _ in range(repeats))
 
 
 def _machine() -> dict:
@@ -88,72 +146,151 @@ def _reference_helper(unet, branch: int, interval: int, call: dict, steps: int):
     return loop
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Candidate:
     name: str
-    run: Callable[[], None]
+    run: Callable[[], None] | None  # None: it failed to build (see settings["error"])
     settings: dict
+    full_steps: int  # of opts.steps
+    held: int = 0  # bytes compiling it added to the resident set
+    graphs: tuple[float, float] | None = None  # per-call ms of the full and shallow graphs
+    peaks: list[int] = field(default_factory=list)  # bytes above the pre-run resident set, per run
 
 
 def run_benchmark(opts: BenchOptions) -> list[dict]:
     """Runs the benchmark and writes CSV, JSON, Markdown and plots under `opts.out`; returns the rows.
 
-    Inductor's freezing is on for the whole run, so the `torch.compile` baseline and the inductor backend
-    compile under the same setting (and the baseline never recompiles because the setting changed).
+    One interleaved run per dtype (a dtype's compiled graphs are released before the next is built, so that the
+    resident set holds one dtype's copies at a time). Inductor's freezing is on for the whole run, so the
+    `torch.compile` baseline and the inductor backend compile under the same setting (and the baseline never
+    recompiles because the setting changed); "inductor:freezing=False" measures the backend without it.
 
     Example:
         >>> rows = run_benchmark(BenchOptions(preset="tiny-sd", resolution=64, steps=4, backends=("eager",)))
     """
+    dtypes = opts.dtypes or default_dtypes(opts.device)
+    backends = opts.backends or runnable_backends(opts.device)
+    for name in dtypes:
+        if name not in DTYPES:
+            raise ValueError(f"dtype {name!r} is unknown: choose from {sorted(DTYPES)}")
+    for spec in backends:
+        parse_backend(spec)
     with torch._inductor.config.patch(freezing=True):
-        return _run(opts)
-
-
-def _run(opts: BenchOptions) -> list[dict]:
-    unet = build_unet(opts.preset)
-    latent = opts.resolution // 8
-    call = example_call(unet, batch=opts.batch, height=latent, width=latent)
-    graphs, candidates = {}, []
-    bar = tqdm(total=len(opts.backends) + 2, desc="compiling", leave=False)
-    for backend in opts.backends:
-        dc = compile_deepcache(unet, branch=opts.branch, backend=backend)
-        pair = dc.prepare(**call)
-        inputs = pair.traced.example_inputs
-        with torch.no_grad():
-            _, cache = pair.full(*inputs)
-            graphs[backend] = (median_ms(lambda: pair.full(*inputs), opts.min_run_time),
-                               median_ms(lambda: pair.shallow(*inputs, cache), opts.min_run_time))
-        candidates += _deepcache_candidates(dc, call, opts, backend)
-        bar.update()
-    macs = node_macs(pair.traced.gm, pair.traced.example_inputs)
-    full_macs, shallow_macs = sum(macs.values()), graph_macs(pair.split.shallow, macs)
-    candidates = _baselines(unet, call, opts) + candidates
-    bar.update(2)
-    bar.close()
-    times = interleaved({c.name: c.run for c in candidates}, opts.repeats, progress=True)
-    rows = _rows(candidates, times, graphs, full_macs, shallow_macs, opts)
+        peaks = {name: matmul_peak(DTYPES[name], opts.device) for name in {"fp32", *dtypes}}
+        unet32 = build_unet(opts.preset).to(opts.device)
+        latent = opts.resolution // 8
+        call32 = example_call(unet32, batch=opts.batch, height=latent, width=latent)
+        macs = _macs(unet32, call32, opts.branch)
+        rows = []
+        for name in dtypes:
+            rows += _run_dtype(opts, name, backends, unet32, call32, macs, peaks)
+            torch._dynamo.reset()  # releases the compiled U-Net's cache entries (and their frozen weights)
+            gc.collect()
     _write(rows, opts)
     return rows
 
 
-def _baselines(unet, call: dict, opts: BenchOptions) -> list[_Candidate]:
+def _macs(unet, call: dict, branch: int) -> tuple[int, int]:
+    """MACs of a full and a shallow step (dtype independent)."""
+    pair = compile_deepcache(unet, branch=branch).prepare(**call)
+    macs = node_macs(pair.traced.gm, pair.traced.example_inputs)
+    return sum(macs.values()), graph_macs(pair.split.shallow, macs)
+
+
+def _run_dtype(opts: BenchOptions, dtype_name: str, backends, unet32, call32, macs, peaks) -> list[dict]:
+    dtype = DTYPES[dtype_name]
+    unet = unet32 if dtype == torch.float32 else copy.deepcopy(unet32).to(dtype)
+    call = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in call32.items()}
+    fp32_base = _Candidate("unet-eager fp32", lambda: ddim_loop(unet32, call32, opts.steps),
+                           {"backend": "eager", "dtype": "fp32"}, opts.steps)
+    candidates = [fp32_base]
+    bar = tqdm(total=len(backends) + 1, desc=f"compiling {dtype_name}", leave=False)
+    candidates += _baselines(unet, call, opts, dtype_name)
+    bar.update()
+    for spec in backends:
+        candidates += _deepcache_candidates(unet, call, opts, spec, dtype_name)
+        bar.update()
+    bar.close()
+    runnable = [c for c in candidates if c.run is not None]
+    for _ in tqdm(range(opts.repeats), desc=f"interleaved repeats {dtype_name}"):
+        for c in runnable:
+            before = resident(opts.device)
+            (_, seconds), top = peak_during(lambda: timed(c.run), opts.device)
+            c.settings.setdefault("times", []).append(seconds)
+            c.peaks.append(top - before)
+    return _rows(candidates, macs, peaks, _parameters(unet32), opts, dtype_name)
+
+
+def _parameters(module) -> int:
+    return sum(t.numel() for t in [*module.parameters(), *module.buffers()])
+
+
+def _built(device: str, build: Callable[[], Callable[[], None]]) -> tuple[Callable[[], None], int]:
+    """`build()` (which compiles and runs once) and the resident bytes it added."""
+    gc.collect()
+    before = resident(device)
+    run = build()
+    gc.collect()
+    return run, resident(device) - before
+
+
+def _baselines(unet, call: dict, opts: BenchOptions, dtype: str) -> list[_Candidate]:
+    """The eager U-Net (non-fp32 dtypes: the fp32 one is every run's reference row), the reference helper per
+    interval and `torch.compile` of the U-Net, in that dtype. The helper runs once before the U-Net is compiled:
+    enabling it patches the U-Net's module forwards, and a compiled U-Net first run before that would be
+    recompiled (a guard on the modules' attributes) in the timed loop."""
     out = []
-    if "unet-eager" in opts.baselines:
-        out.append(_Candidate("unet-eager", lambda: ddim_loop(unet, call, opts.steps), {"backend": "eager"}))
-    if "unet-compile" in opts.baselines:
-        compiled = torch.compile(unet)
-        ddim_loop(compiled, call, opts.steps)  # compile, and warm up on the loop's own timesteps
-        out.append(_Candidate("unet-compile", lambda: ddim_loop(compiled, call, opts.steps), {"backend": "inductor"}))
+    settings = {"backend": "eager", "dtype": dtype}
+    if "unet-eager" in opts.baselines and dtype != "fp32":
+        out.append(_Candidate(f"unet-eager {dtype}", lambda: ddim_loop(unet, call, opts.steps), settings, opts.steps))
     if "reference-helper" in opts.baselines:
         for interval in opts.intervals:
             loop = _reference_helper(unet, opts.branch, interval, call, opts.steps)
             if loop is not None:
-                out.append(_Candidate(f"reference-helper N={interval}", loop,
-                                      {"backend": "eager", "schedule": "uniform", "interval": interval}))
+                loop()
+                full = len(make_schedule("uniform", interval).full_steps(opts.steps))
+                out.append(_Candidate(f"reference-helper {dtype} N={interval}", loop,
+                                      {**settings, "schedule": "uniform", "interval": interval}, full))
+    if "unet-compile" in opts.baselines:
+        def build():
+            compiled = torch.compile(unet)
+            ddim_loop(compiled, call, opts.steps)  # compile, and warm up on the loop's own timesteps
+            return lambda: ddim_loop(compiled, call, opts.steps)
+
+        out.append(_guarded(f"unet-compile {dtype}", {"backend": "inductor", "dtype": dtype}, opts, build))
     return out
 
 
-def _deepcache_candidates(dc, call: dict, opts: BenchOptions, backend: str) -> list[_Candidate]:
-    """One candidate per schedule and interval, all sharing `dc`'s compiled pair."""
+def _guarded(name: str, settings: dict, opts: BenchOptions, build, full_steps: int | None = None) -> _Candidate:
+    """A candidate built by `build`, with the memory it added; a failed build becomes a row with its error."""
+    try:
+        run, held = _built(opts.device, build)
+    except Exception as err:  # one backend that cannot run this dtype must not stop the others
+        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+        return _Candidate(name, None, {**settings, "error": message}, full_steps or opts.steps)
+    return _Candidate(name, run, settings, full_steps or opts.steps, held=held)
+
+
+def _deepcache_candidates(unet, call: dict, opts: BenchOptions, spec: str, dtype: str) -> list[_Candidate]:
+    """One candidate per schedule and interval, all sharing one compiled pair of backend `spec`."""
+    backend, options = parse_backend(spec)
+    state = {}
+
+    def build():
+        dc = compile_deepcache(unet, branch=opts.branch, backend=backend, backend_options=options)
+        pair = dc.prepare(**call)
+        inputs = pair.traced.example_inputs
+        with torch.no_grad():
+            _, cache = pair.full(*inputs)
+            state["graphs"] = (median_ms(lambda: pair.full(*inputs), opts.min_run_time),
+                               median_ms(lambda: pair.shallow(*inputs, cache), opts.min_run_time))
+        del cache
+        state["dc"] = dc
+        return lambda: None
+
+    first = _guarded(f"deepcache {spec} {dtype}", {"backend": spec, "dtype": dtype}, opts, build)
+    if first.run is None:
+        return [first]
     out = []
     for kind in opts.schedules:
         for interval in opts.intervals:
@@ -163,32 +300,61 @@ def _deepcache_candidates(dc, call: dict, opts: BenchOptions, backend: str) -> l
                                          center=min(DEFAULT_CENTER, opts.steps // 3))
             except ValueError:  # no non-uniform schedule with ceil(T/N) full steps for this T and N
                 continue
-            candidate = dc.with_schedule(schedule)
-            full = len(candidate.full_steps(opts.steps))
-            out.append(_Candidate(f"deepcache {backend} {kind} N={interval}",
-                                  (lambda d: lambda: ddim_loop(d, call, opts.steps))(candidate),
-                                  {"backend": backend, "schedule": kind, "interval": interval, "full_steps": full}))
+            candidate = state["dc"].with_schedule(schedule)
+            out.append(_Candidate(
+                f"deepcache {spec} {dtype} {kind} N={interval}",
+                (lambda d: lambda: ddim_loop(d, call, opts.steps))(candidate),
+                {"backend": spec, "dtype": dtype, "schedule": kind, "interval": interval},
+                len(candidate.full_steps(opts.steps)), held=first.held, graphs=state["graphs"]))
     return out
 
 
-def _rows(candidates, times: dict, graphs, full_macs, shallow_macs, opts: BenchOptions) -> list[dict]:
-    base = median(times["unet-eager"]) if "unet-eager" in times else None
+def _rows(candidates: list[_Candidate], macs: tuple[int, int], peaks: dict[str, float], parameters: int,
+          opts: BenchOptions, dtype: str) -> list[dict]:
+    full_macs, shallow_macs = macs
+    base = median(candidates[0].settings["times"])
+    helpers = {c.settings["interval"]: median(c.settings["times"]) for c in candidates
+               if c.name.startswith("reference-helper") and c.run is not None}
     machine = _machine()
+    fixed = {k: v for k, v in asdict(opts).items() if k not in ("intervals", "schedules", "backends", "dtypes",
+                                                                 "baselines", "out")}
     rows = []
     for c in candidates:
-        seconds = median(times[c.name])
-        row = {"name": c.name, **{k: v for k, v in asdict(opts).items() if k not in ("intervals", "schedules",
-               "backends", "baselines", "out")}, **c.settings, "median_s": seconds, "min_s": min(times[c.name]),
-               "max_s": max(times[c.name]), "speedup_vs_unet_eager": base / seconds if base else None, **machine}
-        if "full_steps" in c.settings:
-            full, shallow = c.settings["full_steps"], opts.steps - c.settings["full_steps"]
-            t_full, t_shallow = graphs[c.settings["backend"]]
-            row.update(full_ms=t_full, shallow_ms=t_shallow, full_gmacs=full_macs / 1e9,
-                       shallow_gmacs=shallow_macs / 1e9,
-                       mac_bound_speedup=mac_speedup(opts.steps, full, shallow_macs / full_macs),
-                       dispatch_efficiency=(full * t_full + shallow * t_shallow) / 1e3 / seconds)
+        times = c.settings.pop("times", None)
+        row = {"name": c.name, **fixed, **c.settings, **machine, "run_dtype": dtype}
+        if times is None:
+            rows.append(row)
+            continue
+        seconds, peak = median(times), peaks[c.settings["dtype"]]
+        shallow = opts.steps - c.full_steps
+        flops = 2 * (c.full_steps * full_macs + shallow * shallow_macs)
+        uniform = c.settings.get("schedule") == "uniform" and c.settings.get("interval") in helpers
+        row.update(median_s=seconds, min_s=min(times), max_s=max(times), full_steps=c.full_steps,
+                   speedup_vs_unet_eager_fp32=base / seconds,
+                   speedup_vs_reference_helper=helpers[c.settings["interval"]] / seconds if uniform else None,
+                   gflop=flops / 1e9, matmul_peak_gflops=peak / 1e9, roofline_s=flops / peak,
+                   roofline_fraction=flops / peak / seconds,
+                   weights_gb=parameters * DTYPES[c.settings["dtype"]].itemsize / _GB,
+                   held_gb=c.held / _GB, peak_extra_gb=max(c.peaks) / _GB,
+                   full_gmacs=full_macs / 1e9, shallow_gmacs=shallow_macs / 1e9,
+                   mac_bound_speedup=mac_speedup(opts.steps, c.full_steps, shallow_macs / full_macs))
+        if c.graphs:
+            t_full, t_shallow = c.graphs
+            row.update(full_ms=t_full, shallow_ms=t_shallow,
+                       dispatch_efficiency=(c.full_steps * t_full + shallow * t_shallow) / 1e3 / seconds)
         rows.append(row)
     return rows
+
+
+def fastest(rows: list[dict]) -> dict[str, dict]:
+    """Per dtype, the row with the smallest median among the DeepCache rows that ran (the backends compared)."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["name"].startswith("deepcache") and "median_s" in r and r["dtype"] == r["run_dtype"]:
+            key = f"{r['dtype']} N={r.get('interval')}"
+            if key not in best or r["median_s"] < best[key]["median_s"]:
+                best[key] = r
+    return best
 
 
 def _write(rows: list[dict], opts: BenchOptions) -> None:
@@ -206,16 +372,31 @@ def _write(rows: list[dict], opts: BenchOptions) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    def fmt(v, spec):
-        return "" if v is None else format(v, spec)
+    """One table per dtype run (its fp32 reference row first), then the fastest backend per dtype and N."""
+    def fmt(v, spec, suffix=""):
+        return "" if v is None else format(v, spec) + suffix
 
-    lines = ["| configuration | median s (min-max) | vs eager U-Net | MAC bound | dispatch eff. |",
-             "| --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['name']} | {r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f}) | "
-                     f"{fmt(r['speedup_vs_unet_eager'], '.2f')}x | {fmt(r.get('mac_bound_speedup'), '.2f')} | "
-                     f"{fmt(r.get('dispatch_efficiency'), '.2f')} |")
-    return "\n".join(lines) + "\n"
+    lines = []
+    for dtype in dict.fromkeys(r["run_dtype"] for r in rows):
+        lines += [f"\n**{dtype}**\n",
+                  "| configuration | median s (min-max) | vs eager fp32 | vs helper | roofline s | of roofline | "
+                  "held GB | peak +GB | MAC bound | dispatch eff. |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in (r for r in rows if r["run_dtype"] == dtype):
+            if "median_s" not in r:
+                lines.append(f"| {r['name']} | failed: {r.get('error', '')} | | | | | | | | |")
+                continue
+            lines.append(
+                f"| {r['name']} | {r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f}) | "
+                f"{r['speedup_vs_unet_eager_fp32']:.2f}x | {fmt(r.get('speedup_vs_reference_helper'), '.2f', 'x')} | "
+                f"{fmt(r.get('roofline_s'), '.2f')} | {fmt(r.get('roofline_fraction'), '.0%')} | "
+                f"{r['held_gb']:.2f} | {r['peak_extra_gb']:.2f} | {r['mac_bound_speedup']:.2f} | "
+                f"{fmt(r.get('dispatch_efficiency'), '.2f')} |")
+    best = fastest(rows)
+    if best:
+        lines += ["", "Fastest DeepCache backend (of the backends in this run):", ""]
+        lines += [f"- {key}: {r['backend']}, {r['median_s']:.2f} s" for key, r in best.items()]
+    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -226,22 +407,22 @@ def _plot(rows: list[dict], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4))
     series = {}
     for r in rows:
-        if "interval" in r and r.get("full_steps") is not None:
-            series.setdefault(f"{r['backend']} {r['schedule']}", []).append((r["interval"], r["speedup_vs_unet_eager"]))
-            series.setdefault("MAC bound (uniform)" if r["schedule"] == "uniform" else "_", []).append(
-                (r["interval"], r["mac_bound_speedup"]))
+        if r.get("full_steps") is not None and "interval" in r and "median_s" in r and r["dtype"] == r["run_dtype"]:
+            label = (f"{r['backend']} {r['dtype']} {r['schedule']}" if r["name"].startswith("deepcache")
+                     else f"reference helper {r['dtype']}")
+            series.setdefault(label, []).append((r["interval"], r["speedup_vs_unet_eager_fp32"]))
+            if r.get("schedule") == "uniform":
+                series.setdefault("MAC bound (uniform)", []).append((r["interval"], r["mac_bound_speedup"]))
     for label, points in series.items():
-        if label == "_":
-            continue
         points = sorted(set(points))
         ax.plot([p[0] for p in points], [p[1] for p in points], "k--" if "MAC" in label else "o-", label=label)
     ax.set_xlabel("interval N")
-    ax.set_ylabel("speedup vs eager U-Net")
+    ax.set_ylabel("speedup vs eager fp32 U-Net")
     ax.set_title(f"{rows[0]['preset']} {rows[0]['resolution']} px, batch {rows[0]['batch']}, branch {rows[0]['branch']}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -41,8 +41,10 @@ def _bench(args: argparse.Namespace) -> None:
 
     rows = run_benchmark(BenchOptions(
         preset=args.preset, resolution=args.resolution, batch=args.batch, steps=args.steps, branch=args.branch,
-        intervals=tuple(args.interval), schedules=tuple(args.schedule), backends=tuple(args.backend),
-        baselines=tuple(args.baseline), repeats=args.repeats, out=args.out, min_run_time=args.min_run_time,
+        intervals=tuple(args.interval), schedules=tuple(args.schedule),
+        backends=tuple(args.backend) if args.backend else None, dtypes=tuple(args.dtype) if args.dtype else None,
+        device=args.device, baselines=tuple(args.baseline), repeats=args.repeats, out=args.out,
+        min_run_time=args.min_run_time,
     ))
     print(markdown_table(rows))
 
@@ -55,20 +57,23 @@ def _quality(args: argparse.Namespace) -> None:
 
     opts = QualityOptions(steps=tuple(args.steps), intervals=tuple(args.interval), branches=tuple(args.branch),
                           schedules=tuple(args.schedule), samples=args.samples, seed=args.seed,
-                          always_full_last=args.always_full_last, out=args.out)
+                          always_full_last=args.always_full_last, dtype=args.dtype,
+                          out=args.out if args.dtype == "fp32" or args.out != QualityOptions.out
+                          else f"{QualityOptions.out}_{args.dtype}")
     rows = evaluate_quality(opts)
     print(quality_table(rows))
     print(f"written to {write_results(rows, opts)}")
 
 
 def _policies(args: argparse.Namespace) -> None:
+    from .quality import QualityOptions
     from .refresh_study import RefreshStudyOptions, evaluate_refresh, refresh_table, write_refresh_results
 
     if len(args.branch) != 1:
         raise SystemExit("--policies compares policies at one branch: pass one --branch (e.g. --branch 1)")
     opts = RefreshStudyOptions(steps=tuple(args.steps), intervals=tuple(args.interval), branch=args.branch[0],
                                samples=args.samples, seed=args.seed,
-                               out=args.out if args.out != "bench/results/quality" else "bench/results/refresh")
+                               out=args.out if args.out != QualityOptions.out else "bench/results/refresh")
     rows = evaluate_refresh(opts)
     print(refresh_table(rows))
     print(f"written to {write_refresh_results(rows, opts)}")
@@ -146,7 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--branch", type=int, default=1)
     bench.add_argument("--interval", type=int, nargs="+", default=[2, 3, 5, 10])
     bench.add_argument("--schedule", nargs="+", default=["uniform", "nonuniform"], choices=["uniform", "nonuniform"])
-    bench.add_argument("--backend", nargs="+", default=["eager", "inductor"])
+    bench.add_argument("--backend", nargs="+", default=None,
+                       help="backends, optionally with options: inductor:freezing=False (default: every backend "
+                            "that runs on the device)")
+    bench.add_argument("--dtype", nargs="+", default=None, choices=["fp32", "bf16", "fp16"],
+                       help="default: fp32 and bf16 on CPU; fp32, fp16 and bf16 on CUDA")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda")
     bench.add_argument("--baseline", nargs="*", default=["unet-eager", "unet-compile", "reference-helper"],
                        choices=["unet-eager", "unet-compile", "reference-helper"])
     bench.add_argument("--repeats", type=int, default=3)
@@ -165,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     quality.add_argument("--seed", type=int, default=Q.seed)
     quality.add_argument("--always-full-last", type=int, default=Q.always_full_last,
                          help="the last this-many steps are full steps")
+    quality.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                         help="run the full model and DeepCache in this precision, scored against the fp32 full "
+                              "model (default out: bench/results/quality_<dtype>)")
     quality.add_argument("--out", default=Q.out)
     quality.add_argument("--policies", action="store_true",
                          help="compare refresh policies (uniform, non-uniform, calibrated, adaptive, each with and "

@@ -11,7 +11,10 @@ from torch import nn
 
 from ..calls import example_call
 
-__all__ = ["PRESETS", "build_unet", "example_call"]  # example_call re-exported: presets and their calls go together
+__all__ = ["DTYPES", "PRESETS", "build_unet", "example_call"]
+
+# The precisions the evaluation runs in, by the names its command line takes.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # example_call re-exported: presets and their calls go together
 
 _SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")

@@ -13,10 +13,16 @@ the same initial noise (DDIM with eta = 0 is deterministic, so samples are paire
   measured sampling time of that run (runs are sequential, so noisier than `bench/`'s interleaved timings).
 The same-throughput comparison (Table 4) runs plain DDIM with k = round(T / mac_speedup) steps next to each
 DeepCache row: the step count that costs the same MACs.
+
+With `dtype="bf16"` (or "fp16") the full model and DeepCache run in that precision (weights, latents and the
+scheduler's arithmetic, as a pipeline in that dtype runs them) and are scored against the fp32 full model from
+the same noise: the rows "DDIM T bf16" (kind "full-lowp") give the cost of the precision alone, the DeepCache
+rows the cost of both.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -29,6 +35,7 @@ from tqdm import tqdm
 from ..api import compile_deepcache, list_branches
 from ..schedule import make_schedule
 from .digits import ASSETS, digit_images, load_classifier, load_digits_model
+from .presets import DTYPES
 from .sampling import ddim_loop, timed
 
 __all__ = ["Judge", "QualityOptions", "frechet_distance", "evaluate_quality", "quality_table", "summary_table",
@@ -46,6 +53,7 @@ class QualityOptions:
     always_full_last: int = 0  # the last this-many steps are full (all schedules)
     out: str = "bench/results/quality"
     assets: str = str(ASSETS)  # the trained model and classifier (digits.save_assets)
+    dtype: str = "fp32"  # the precision DeepCache (and a full-model row) run in; the reference stays fp32
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -112,35 +120,50 @@ class Judge:
                 {"name": "Gaussian noise", "fd": frechet_distance(self.features(noise), self.real)}]
 
 
-def _sample(model, scheduler, noise: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
-    images, seconds = timed(lambda: ddim_loop(model, {"sample": noise}, steps, scheduler))
-    return images.clamp(-1, 1), seconds
+def _sample(model, scheduler, noise: torch.Tensor, steps: int, dtype: torch.dtype = torch.float32
+            ) -> tuple[torch.Tensor, float]:
+    images, seconds = timed(lambda: ddim_loop(model, {"sample": noise.to(dtype)}, steps, scheduler))
+    return images.float().clamp(-1, 1), seconds
 
 
 class _Evaluation:
     """The model, the judge, the shared noise, one DeepCacheUNet per branch and the plain-DDIM runs so far."""
 
     def __init__(self, opts: QualityOptions):
+        if opts.dtype not in DTYPES:
+            raise ValueError(f"dtype={opts.dtype!r} is unknown: choose one of {sorted(DTYPES)}")
         self.unet, self.scheduler = load_digits_model(Path(opts.assets))
+        self.dtype, self.dtype_name = DTYPES[opts.dtype], opts.dtype
+        self.model = self.unet if opts.dtype == "fp32" else copy.deepcopy(self.unet).to(self.dtype)
         self.judge = Judge(Path(opts.assets))
         self.noise = torch.randn(opts.samples, 1, 16, 16, generator=torch.Generator().manual_seed(opts.seed))
         self.shares = {b.index: b.mac_share for b in list_branches(self.unet, self.noise[:1], 0)}
-        self.compiled = {b: compile_deepcache(self.unet, branch=b) for b in opts.branches}
+        self.compiled = {b: compile_deepcache(self.model, branch=b) for b in opts.branches}
         for dc in self.compiled.values():
-            dc.prepare(self.noise, torch.tensor(999))  # trace now, not inside a timed run
-        self._plain: dict[int, tuple[torch.Tensor, float]] = {}
+            dc.prepare(self.noise.to(self.dtype), torch.tensor(999))  # trace now, not inside a timed run
+        self._plain: dict[tuple[int, bool], tuple[torch.Tensor, float]] = {}
         self.always_full_last = opts.always_full_last
 
-    def plain(self, steps: int) -> tuple[torch.Tensor, float]:
-        """The full model's samples and sampling time at `steps` DDIM steps (each step count run once)."""
-        if steps not in self._plain:
-            self._plain[steps] = _sample(self.unet, self.scheduler, self.noise, steps)
-        return self._plain[steps]
+    def plain(self, steps: int, low_precision: bool = False) -> tuple[torch.Tensor, float]:
+        """The full model's samples and sampling time at `steps` DDIM steps, in fp32 or in the run's dtype
+        (each run once)."""
+        if (steps, low_precision) not in self._plain:
+            model, dtype = (self.model, self.dtype) if low_precision else (self.unet, torch.float32)
+            self._plain[steps, low_precision] = _sample(model, self.scheduler, self.noise, steps, dtype)
+        return self._plain[steps, low_precision]
 
-    def full_row(self, steps: int) -> dict:
+    def full_rows(self, steps: int) -> list[dict]:
+        """The fp32 full model; in a reduced-precision run also the full model in that precision, scored against
+        the fp32 one."""
         images, seconds = self.plain(steps)
-        return {"name": f"DDIM {steps}", "kind": "full", "steps": steps, "interval": 1, "mac_speedup": 1.0,
-                "seconds": seconds, **self.judge.score(images)}
+        rows = [{"name": f"DDIM {steps}", "kind": "full", "steps": steps, "interval": 1, "mac_speedup": 1.0,
+                 "seconds": seconds, "dtype": "fp32", **self.judge.score(images)}]
+        if self.dtype_name != "fp32":
+            low, seconds = self.plain(steps, low_precision=True)
+            rows.append({"name": f"DDIM {steps} {self.dtype_name}", "kind": "full-lowp", "steps": steps,
+                         "interval": 1, "mac_speedup": 1.0, "seconds": seconds, "dtype": self.dtype_name,
+                         **self.judge.score(low, images)})
+        return rows
 
     def deepcache_row(self, steps: int, branch: int, interval: int, kind: str) -> dict | None:
         """DeepCache at (branch, N, schedule) and plain DDIM at the same MACs, scored against the full model."""
@@ -151,12 +174,15 @@ class _Evaluation:
         dc = self.compiled[branch].with_schedule(schedule)
         n_full = len(dc.full_steps(steps))
         mac_speedup = schedule.mac_speedup(steps, self.shares[branch])
-        images, seconds = _sample(dc, self.scheduler, self.noise, steps)
+        low = self.dtype_name != "fp32"
+        images, seconds = _sample(dc, self.scheduler, self.noise, steps, self.dtype)
         matched = max(1, round(steps / mac_speedup))
-        matched_images, matched_seconds = self.plain(matched)
+        matched_images, matched_seconds = self.plain(matched, low_precision=low)
         full = self.plain(steps)[0]
         last = f" +{self.always_full_last} full last" if self.always_full_last else ""
-        return {"name": f"DeepCache {kind}{last} N={interval} b={branch}", "kind": "deepcache", "steps": steps,
+        precision = f" {self.dtype_name}" if low else ""
+        return {"name": f"DeepCache{precision} {kind}{last} N={interval} b={branch}", "kind": "deepcache",
+                "dtype": self.dtype_name, "steps": steps,
                 "branch": branch, "interval": interval, "schedule": kind, "always_full_last": self.always_full_last,
                 "full_steps": n_full,
                 "shallow_mac_share": self.shares[branch], "mac_speedup": mac_speedup, "seconds": seconds,
@@ -175,7 +201,7 @@ def evaluate_quality(opts: QualityOptions = QualityOptions()) -> list[dict]:
     grid = [(b, n, s) for b in opts.branches for n in opts.intervals for s in opts.schedules]
     with tqdm(total=len(opts.steps) * (1 + len(grid)), desc="quality", mininterval=5) as bar:
         for steps in opts.steps:
-            rows.append(run.full_row(steps))
+            rows += run.full_rows(steps)
             bar.update()
             for branch, interval, kind in grid:
                 row = run.deepcache_row(steps, branch, interval, kind)
@@ -195,6 +221,9 @@ def quality_table(rows: list[dict]) -> str:
         elif r["kind"] == "full":
             lines.append(f"| {r['steps']} | {r['name']} (full model) | {r['steps']} | 1.00x | {r['seconds']:.1f} | "
                          f"{r['fd']:.2f} | {r['confidence']:.3f} | 1 | inf | |")
+        elif r["kind"] == "full-lowp":
+            lines.append(f"| {r['steps']} | {r['name']} (full model) | {r['steps']} | 1.00x | {r['seconds']:.1f} | "
+                         f"{r['fd']:.2f} | {r['confidence']:.3f} | {r['agreement']:.3f} | {r['psnr']:.1f} | |")
         else:
             lines.append(
                 f"| {r['steps']} | {r['name']} | {r['full_steps']} | {r['mac_speedup']:.2f}x | {r['seconds']:.1f} | "
@@ -216,6 +245,8 @@ def summary_table(rows: list[dict]) -> str:
     for steps in sorted({r["steps"] for r in cached}, reverse=True):
         full = next(r for r in rows if r["kind"] == "full" and r["steps"] == steps)
         lines.append(f"| {steps} | full model | 1 | 1.00x | {full['fd']:.2f} | | | | |")
+        for low in (r for r in rows if r["kind"] == "full-lowp" and r["steps"] == steps):
+            lines.append(f"| {steps} | full model {low['dtype']} | 1 | 1.00x | {low['fd']:.2f} | | {low['psnr']:.1f} | | |")
         for branch in sorted({r["branch"] for r in cached}):
             for n in sorted({r["interval"] for r in cached}):
                 pick = {r["schedule"]: r for r in cached if (r["steps"], r["branch"], r["interval"]) == (steps, branch, n)}

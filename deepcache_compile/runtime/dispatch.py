@@ -17,6 +17,7 @@ import typing
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
+import torch
 from torch import nn
 
 from ..calls import CallFlattener, FlatCall
@@ -61,6 +62,7 @@ class _PairCache:
         self.ranges: ShapeRanges | None = None
         self.lock = threading.Lock()
         self.fingerprint: tuple | None = None
+        self.released = False  # the U-Net's weights were released: nothing can be compiled any more
 
     def put(self, table: OrderedDict, key: Any, pair: CompiledPair) -> CompiledPair:
         table[key] = pair
@@ -196,11 +198,50 @@ class DeepCacheUNet(nn.Module):
     def recompile(self) -> None:
         """Drops every compiled pair: the next call traces and compiles again from the U-Net's current weights."""
         with self._cache.lock:
+            self._refuse_if_released("recompile")
             self._cache.clear()
+
+    def release_weights(self) -> int:
+        """Frees the PyTorch copy of the U-Net's weights, so that the process holds one copy (the compiled
+        graphs') instead of two; returns the bytes released.
+
+        For backends whose compiled graphs hold their own weights: onnxruntime, aoti, tensorrt (not eager, and
+        not Inductor, whose graphs read the module's parameters at run time). Compile every shape you serve
+        first (`prepare`, or `dynamic=`): afterwards a new shape, `recompile()`, `export` and the weight-change
+        check are refused, and the U-Net module itself is left without weights (do not run it).
+
+        Example:
+            >>> dc = compile_deepcache(unet, branch=1, interval=5, backend="onnxruntime")
+            >>> dc.prepare(**call)
+            >>> dc.release_weights()  # about the U-Net's size, e.g. 3.44e9 for SD 1.5 in fp32
+        """
+        with self._cache.lock:
+            cache = self._cache
+            pairs = list({id(p): p for p in (*cache.pairs.values(), *cache.dynamic.values())}.values())
+            if not pairs:
+                raise ValueError("nothing is compiled yet: prepare() every shape you serve (or compile with "
+                                 "dynamic=...) before release_weights()")
+            if not all(p.owns_weights for p in pairs):
+                raise ValueError(f"the {self.deepcache_config.backend} graphs read the U-Net's weights at run time: "
+                                 "release_weights() needs a backend whose graphs hold their own (onnxruntime, aoti, "
+                                 "tensorrt)")
+            modules = [self.unet, *(m for p in pairs for m in (p.traced.gm, p.split.full, p.split.shallow))]
+            modules += [g for p in pairs if p.three for g in (p.three.graphs.head, p.three.graphs.deep, p.three.graphs.tail)]
+            tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()}
+            for t in tensors.values():
+                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+            cache.released = True
+        return sum(storages.values())
+
+    def _refuse_if_released(self, what: str) -> None:
+        if self._cache.released:
+            raise RuntimeError(f"cannot {what}: the U-Net's weights were released (release_weights()); compile "
+                               "every shape before releasing, or build a new DeepCacheUNet from a U-Net with weights")
 
     def _check_weights(self) -> None:
         cache = self._cache
-        if cache.fingerprint is None:
+        if cache.fingerprint is None or cache.released:
             return
         structure, state = weights_fingerprint(self.unet)
         if (structure, state) == cache.fingerprint:
@@ -223,6 +264,7 @@ class DeepCacheUNet(nn.Module):
         """
         from ..artifacts.export import export_deepcache
 
+        self._refuse_if_released("export")
         config = self.deepcache_config
         if config.refresh is not None or config.forecast:
             raise ValueError("adaptive refresh and forecast run in Python only (engine files hold the full and "
@@ -293,6 +335,7 @@ class DeepCacheUNet(nn.Module):
                 "without a device sync; call reset() before each generation (pipelines that iterate over "
                 "scheduler.timesteps do not need this)"
             )
+        self._refuse_if_released(f"compile a pair for a new input signature {call.signature[1]}")
         cache, config = self._cache, self.deepcache_config
         if not cache.pairs and not cache.dynamic:
             cache.fingerprint = weights_fingerprint(self.unet)

@@ -60,6 +60,8 @@ class CompiledPair:
         three: with the three-graph split, its compiled graphs (`full` and `shallow` then run them in turn).
         forecast: the shallow graph takes `(*inputs, cache, slope, steps)` and extrapolates the cache.
         fx_sources: the keys of the generated sources torch.fx cached while compiling it (see `release`).
+        owns_weights: every compiled graph holds its own copy of the weights (declared by the backend's callables
+            with `owns_weights`): the U-Net's copy may be released (`DeepCacheUNet.release_weights`).
     """
 
     traced: TracedUNet
@@ -70,6 +72,7 @@ class CompiledPair:
     three: CompiledThree | None = None
     forecast: bool = False
     fx_sources: frozenset[str] = field(default=frozenset(), repr=False)
+    owns_weights: bool = False
 
     @property
     def branch(self) -> SkipBranch:
@@ -132,8 +135,11 @@ def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, rang
     backend = get_backend(config.backend)
     shapes = {"ranges": ranges} if ranges is not None else {}  # static-only backends need not know the word
 
+    compiled = []
+
     def compile_graph(gm, inputs):
-        return backend(gm, inputs, config.backend_options, **shapes)
+        compiled.append(backend(gm, inputs, config.backend_options, **shapes))
+        return owned_outputs(compiled[-1])
 
     with torch.no_grad():
         if config.graphs == "three":
@@ -142,10 +148,25 @@ def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, rang
         else:
             three, (full, shallow) = None, _compile_two(split, traced.example_inputs, compile_graph, config.forecast)
     pair = CompiledPair(traced=traced, split=split, full=full, shallow=shallow, ranges=ranges, three=three,
-                        forecast=config.forecast)
+                        forecast=config.forecast,
+                        owns_weights=all(getattr(c, "owns_weights", False) for c in compiled))
     if config.backend != "eager" and config.verify:
         verify_pair(pair, config.backend)
     return pair
+
+
+def owned_outputs(compiled: Callable) -> Callable:
+    """`compiled` as it is, or, where it declares `static_outputs` (CUDA graphs: every replay writes its outputs
+    into the same buffers), wrapped to return copies. The cache of a full step must survive the shallow steps
+    that follow (and, with calls_per_step=2, the other call's outputs the scheduler has not read yet): the
+    dispatcher never keeps a buffer a graph may overwrite."""
+    if not getattr(compiled, "static_outputs", False):
+        return compiled
+
+    def copied(*inputs):
+        return tuple(t.clone() for t in compiled(*inputs))
+
+    return copied
 
 
 def _compile_two(split: SplitGraphs, inputs: tuple, compile_graph: Callable, forecast: bool) -> tuple:

@@ -32,4 +32,9 @@ def load(path: Path, device: torch.device):
     device = torch.device(device)
     index = -1 if device.type == "cpu" else (device.index or 0)
     runner = torch._inductor.aoti_load_package(str(path), device_index=index)
-    return lambda *tensors: tuple(runner(*tensors))
+
+    def run(*tensors):
+        return tuple(runner(*tensors))
+
+    run.owns_weights = True  # the package's constants: the U-Net's own tensors are not read
+    return run

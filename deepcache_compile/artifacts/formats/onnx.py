@@ -73,6 +73,8 @@ class OrtRunner:
     be all the arguments, in order.
     """
 
+    owns_weights = True  # the session holds its own copy of every initializer (measured: at every optimization level)
+
     def __init__(self, path: Path, device: torch.device, providers: Sequence[str] | None = None,
                  session_options: dict[str, Any] | None = None, names: Sequence[str] | None = None):
         ort = _ort()

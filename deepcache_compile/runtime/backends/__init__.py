@@ -5,19 +5,22 @@ into a callable with the same positional signature; it gets the example inputs (
 time) and the user's options, and must not change the graph's numerics beyond what its compiler does. For
 `compile_deepcache(..., dynamic=...)` it is also passed `ranges=` (a `ShapeRanges`): the callable must then
 serve every shape in them (`graph.trace.export_program(gm, example_inputs, ranges)` exports it so).
-Optional dependencies are imported inside the backend's module. `eager` compiles nothing: it is the reference
+A callable whose outputs live in buffers it overwrites on its next call (CUDA graphs) sets `static_outputs = True` on
+itself: the pair then hands out copies (`runtime.pair.owned_outputs`). Optional dependencies are imported inside
+the backend's module. `eager` compiles nothing: it is the reference
 every other backend is verified against.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any, Callable, Protocol
 
 import torch
 from torch import fx
 
-__all__ = ["Backend", "available_backends", "get_backend", "register_backend"]
+__all__ = ["Backend", "available_backends", "choose_backend", "get_backend", "register_backend", "runnable_backends"]
 
 
 class Backend(Protocol):
@@ -35,8 +38,49 @@ _REGISTRY: dict[str, str | Backend] = {
 }
 
 
+# What `backend="auto"` picks: the fastest DeepCache backend per device and dtype, measured by `deepcache-compile
+# bench` (SD 1.5 architecture, 256 px, batch 2, 10 DDIM steps, N=5; bench/results/sd15_256px_b2_branch1.md), in
+# order of preference: the first that is installed and runs the dtype is taken.
+_FASTEST: dict[tuple[str, torch.dtype], tuple[str, ...]] = {
+    ("cpu", torch.float32): ("onnxruntime", "inductor"),
+    ("cpu", torch.bfloat16): ("inductor",),
+    ("cpu", torch.float16): ("inductor",),
+    ("cuda", torch.float32): ("tensorrt", "inductor"),
+    ("cuda", torch.float16): ("tensorrt", "inductor"),
+    ("cuda", torch.bfloat16): ("tensorrt", "inductor"),
+}
+# The Python package each backend needs beyond torch.
+_NEEDS = {"onnxruntime": "onnxruntime", "tensorrt": "torch_tensorrt"}
+
+
 def available_backends() -> tuple[str, ...]:
     return tuple(_REGISTRY)
+
+
+def _installed(name: str) -> bool:
+    return name not in _NEEDS or importlib.util.find_spec(_NEEDS[name]) is not None
+
+
+def runnable_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
+    """The built-in backends that run on `device` with what is installed (tensorrt needs CUDA)."""
+    cuda = torch.device(device).type == "cuda"
+    return tuple(name for name in ("eager", "inductor", "aoti", "onnxruntime", "tensorrt")
+                 if _installed(name) and (cuda or name != "tensorrt"))
+
+
+def choose_backend(device: torch.device | str, dtype: torch.dtype) -> str:
+    """What `backend="auto"` compiles with on this device and dtype: the fastest that is installed, as measured
+    by the benchmark (see `_FASTEST`); "inductor" where nothing was measured.
+
+    Example:
+        >>> choose_backend("cpu", torch.float32)  # with onnxruntime installed
+        'onnxruntime'
+    """
+    device = torch.device(device)
+    for name in _FASTEST.get((device.type, dtype), ("inductor",)):
+        if _installed(name):
+            return name
+    return "inductor"
 
 
 def register_backend(name: str, compile_graph: Backend) -> None:

@@ -44,7 +44,31 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], 
         for inputs in examples:
             compiled(*inputs)
     logger.info("inductor compiled %s (freezing=%s, %d specializations)", type(gm).__name__, freezing, len(examples))
-    return compiled if ranges is None else _explain_recompile_limit(compiled)
+    run = compiled if ranges is None else _explain_recompile_limit(compiled)
+    if _cudagraphs(options, example_inputs[0].device):
+        run = _Replayed(run)
+    return run
+
+
+def _cudagraphs(options: dict, device: torch.device) -> bool:
+    """Whether Inductor runs the graph as a CUDA graph: mode "reduce-overhead" / "max-autotune", or the
+    "triton.cudagraphs" option, on a CUDA device."""
+    extra = options.get("options") or {}
+    return device.type == "cuda" and (options.get("mode") in ("reduce-overhead", "max-autotune")
+                                      or bool(extra.get("triton.cudagraphs")))
+
+
+class _Replayed:
+    """A CUDA-graphed callable: its outputs are overwritten by its next replay (`static_outputs`)."""
+
+    static_outputs = True
+
+    def __init__(self, run):
+        self.run = run
+
+    def __call__(self, *inputs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.run(*inputs)
 
 
 def _explain_recompile_limit(compiled):

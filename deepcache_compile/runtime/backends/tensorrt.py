@@ -1,7 +1,7 @@
 """The `tensorrt` backend (GPU only): torch-tensorrt's dynamo path on each graph.
 
 With `ranges` (dynamic pairs) the engine gets one optimization profile from their ends.
-Options: `enabled_precisions` (default {torch.float32}; add torch.float16 for fp16 kernels) and any other
+Options: `enabled_precisions` (default: the sample's dtype, e.g. {torch.float16} for an fp16 U-Net) and any other
 `torch_tensorrt.dynamo.compile` keyword. `.plan` engine files are `artifacts/formats/tensorrt.py`.
 """
 
@@ -25,10 +25,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], 
     if example_inputs[0].device.type != "cuda":
         raise ValueError("the tensorrt backend runs on CUDA: move the U-Net and its inputs to a CUDA device")
     program = export_program(gm, example_inputs, ranges)
-    options = {"enabled_precisions": {torch.float32}, **options}
+    options = {"enabled_precisions": {example_inputs[0].dtype}, **options}
     inputs = list(example_inputs) if ranges is None else _dynamic_inputs(example_inputs, ranges)
     compiled = torch_tensorrt.dynamo.compile(program, inputs=inputs, **options)
-    return lambda *tensors: tuple(compiled(*tensors))
+    def run(*tensors):
+        return tuple(compiled(*tensors))
+
+    run.owns_weights = True  # the engine's weights
+    return run
 
 
 def _dynamic_inputs(example_inputs: tuple[torch.Tensor, ...], ranges: ShapeRanges) -> list:

@@ -1,0 +1,121 @@
+"""Where the time of one full step goes, per backend: Inductor against ONNX Runtime on the same graph.
+
+    python bench/profile_backends.py --preset sd15 --resolution 256 --batch 2
+
+Compiles the full graph of one DeepCache pair (branch 1) with each backend and profiles `--calls` calls:
+Inductor under `torch.profiler` (its generated C++ kernels named through `cpp.enable_kernel_profile`), ONNX
+Runtime with its own profiler (`SessionOptions.enable_profiling`, one event per graph node). Both are summed
+into the same categories (convolution, matmul, attention, group norm, elementwise and other) and written to
+bench/results/profile_backends.{json,md}, with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from deepcache_compile import compile_deepcache
+from deepcache_compile.eval.benchmark import DTYPES, _machine
+from deepcache_compile.eval.presets import build_unet, example_call
+
+# A kernel or node name -> a category, first match wins (Inductor names fused kernels after the ops they fuse).
+_CATEGORIES = [
+    ("attention", r"attention|sdpa|softmax|flash"),
+    ("convolution", r"conv"),
+    ("matmul", r"gemm|matmul|\bmm\b|bmm|addmm|linear|mkl"),
+    ("group norm", r"group_norm|groupnorm|instancenorm|layernorm|layer_norm|native_layer_norm|var_mean|reduce"),
+    ("elementwise", r"cpp_fused|add|mul|silu|gelu|sigmoid|div|sub|cat|erf|tanh|pow|sqrt|cast|where|expand|"
+                    r"reshape|transpose|permute|clone|copy|unsqueeze|slice|view"),
+]
+
+
+def category(name: str) -> str:
+    name = name.lower()
+    return next((c for c, pattern in _CATEGORIES if re.search(pattern, name)), "other")
+
+
+def profile_inductor(pair, inputs, calls: int) -> dict[str, float]:
+    """Milliseconds per call by category: every profiled event's self time (wrappers' own time is "other")."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.no_grad():
+        for _ in range(calls):
+            pair.full(*inputs)
+    totals = defaultdict(float)
+    for event in prof.key_averages():
+        totals[event.key] += event.self_cpu_time_total / 1e3 / calls
+    return _by_category(totals)
+
+
+def profile_onnxruntime(pair, inputs, calls: int) -> dict[str, float]:
+    """Milliseconds per call by category: the node events of the last `calls` runs of the full graph's session
+    (compiled with profiling on; earlier runs are the verification and the warm-up)."""
+    with torch.no_grad():
+        for _ in range(calls):
+            pair.full(*inputs)
+    events = json.loads(Path(pair.full.session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"][-calls:]
+    start = runs[0]["ts"]
+    totals = defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+            totals[e["args"]["op_name"]] += e["dur"] / 1e3 / calls
+    return _by_category(totals)
+
+
+def _by_category(totals: dict[str, float]) -> dict[str, float]:
+    out = defaultdict(float)
+    for name, ms in totals.items():
+        out[category(name)] += ms
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="sd15")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--out", default="bench/results/profile_backends")
+    args = parser.parse_args()
+
+    torch._inductor.config.cpp.enable_kernel_profile = True
+    unet = build_unet(args.preset, dtype=DTYPES[args.dtype])
+    call = example_call(unet, batch=args.batch, height=args.resolution // 8, width=args.resolution // 8)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        profiling = {"session_options": {"enable_profiling": True, "profile_file_prefix": f"{tmp}/ort"}}
+        for backend, options in (("inductor", {}), ("onnxruntime", profiling)):
+            pair = compile_deepcache(unet, branch=1, backend=backend, backend_options=options).prepare(**call)
+            inputs = pair.traced.example_inputs
+            with torch.no_grad():
+                pair.full(*inputs)
+            results[backend] = (profile_inductor(pair, inputs, args.calls) if backend == "inductor"
+                                else profile_onnxruntime(pair, inputs, args.calls))
+            del pair
+    categories = sorted({c for r in results.values() for c in r}, key=lambda c: -results["inductor"].get(c, 0))
+    lines = [f"{args.preset} {args.resolution} px, batch {args.batch}, {args.dtype}, full step (branch 1); "
+             f"ms per call, {args.calls} profiled calls; {_machine()['cpu']}, {torch.get_num_threads()} threads", "",
+             "| category | inductor ms | onnxruntime ms | inductor / onnxruntime |", "| --- | --- | --- | --- |"]
+    for c in categories:
+        a, b = results["inductor"].get(c, 0.0), results["onnxruntime"].get(c, 0.0)
+        lines.append(f"| {c} | {a:.1f} | {b:.1f} | {a / b:.2f} |" if b else f"| {c} | {a:.1f} | {b:.1f} | |")
+    total = {k: sum(v.values()) for k, v in results.items()}
+    lines.append(f"| total | {total['inductor']:.1f} | {total['onnxruntime']:.1f} | "
+                 f"{total['inductor'] / total['onnxruntime']:.2f} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "ms": results, **_machine()}, indent=2))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
