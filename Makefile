@@ -28,7 +28,7 @@ native: $(STAMP)
 test: native
 	# Two workers, one file each (module fixtures stay shared); tests/conftest.py gives each worker one thread.
 	# The C++ unit tests (ctest) run inside the suite (tests/test_native.py).
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache build deepcache_compile/_native

@@ -1,12 +1,17 @@
 """CUDA paths, checked against eager and timed: one prepared run for a machine with an NVIDIA GPU.
 
-    python bench/gpu_check.py            # about 5-8 minutes on one H100
+    bash bench/gpu_check.sh            # or: python bench/gpu_check.py
 
-For the tiny-sd preset (fp32) and SD 1.5 at 512 px, batch 2, fp16: every backend (eager, inductor, aoti,
-onnxruntime, tensorrt), every export format where its runtime is installed, and the native runtime. Each path's full-step output is
-compared with the eager U-Net and its shallow-step output with the eager shallow graph, as the relative max
-error max|a - b| / max|b|. The run exits 1 if any path exceeds the tolerance of its dtype or fails with an
-error; a runtime that is not installed is reported as skipped and does not fail the run.
+1. SD 1.5 architecture at 512 px, fp16, 50 DDIM steps, batch 2, branch 1, N=5: the eager U-Net, `torch.compile`
+   of the U-Net, the reference helper (when PyPI `DeepCache` is installed) and this project with eager, Inductor
+   with CUDA graphs (mode="reduce-overhead"), AOTInductor, ONNX Runtime (CUDA EP) and TensorRT, timed
+   interleaved by `deepcache-compile bench`'s harness (`run_benchmark`), which checks every compiled pair against
+   the eager graphs once (`verify`) and every loop's final latents against the eager loop in fp16. The table
+   goes to bench/results/gpu/.
+2. The tiny-sd preset in fp32: every backend per call, every export format (TensorRT engine files built and
+   loaded) and the native runtime, against eager.
+The run exits 1 if a path fails, a pair fails its verification, or a loop's latents differ from eager by more
+than the tolerance of its dtype; a runtime that is not installed is reported as skipped and does not fail.
 """
 
 from __future__ import annotations
@@ -21,11 +26,16 @@ from torch.utils import benchmark
 
 from deepcache_compile import compile_deepcache, load_deepcache
 from deepcache_compile.calls import example_call
+from deepcache_compile.eval.benchmark import BenchOptions, markdown_table, run_benchmark
 from deepcache_compile.eval.presets import build_unet
 
 # Relative max error against eager, per call: rounding-level differences of fused kernels pass, a wrong
 # graph (a dropped or reordered layer, a stale cache) gives O(1) and fails.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+# Final latents of a 50-step loop against the eager loop: fp16 rounding compounds over the steps, a stale or
+# overwritten cache is O(1).
+LOOP_TOLERANCE = {"fp32": 1e-2, "fp16": 1e-1, "bf16": 2e-1}
+SD15_BACKENDS = ("eager", "inductor:mode='reduce-overhead'", "aoti", "onnxruntime", "tensorrt")
 
 
 def _ms(fn) -> float:
@@ -83,25 +93,44 @@ def _export_check(unet, call, reference, fmt, runtime="python"):
     return check
 
 
+def sd15_loops(results: list) -> None:
+    """Part 1: the timed, checked loops; each row that failed or drifted fails the run."""
+    import importlib.util
+
+    backends = tuple(b for b in SD15_BACKENDS
+                     if b != "tensorrt" or importlib.util.find_spec("torch_tensorrt") is not None)
+    rows = run_benchmark(BenchOptions(preset="sd15", resolution=512, batch=2, steps=50, branch=1, intervals=(5,),
+                                      schedules=("uniform",), backends=backends, dtypes=("fp16",), device="cuda",
+                                      repeats=3, min_run_time=1.0, out="bench/results/gpu"))
+    print(markdown_table(rows), flush=True)
+    for r in rows:
+        error = r.get("latent_error")
+        ok = "error" not in r and (error is None or error <= LOOP_TOLERANCE[r["dtype"]])
+        results.append(ok)
+        if not ok:
+            print(f"FAIL {r['name']}: {r.get('error') or f'latents differ from eager by {error:.3g}'}", flush=True)
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this script checks the GPU paths")
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     results: list[bool] = []
-    for preset, px, dtype in (("tiny-sd", 64, torch.float32), ("sd15", 512, torch.float16)):
-        unet = build_unet(preset, dtype=dtype).cuda()
-        call = example_call(unet, batch=2, height=px // 8, width=px // 8)
-        with torch.no_grad():
-            reference = unet(**call).sample
-            eager_ms = _ms(lambda: unet(**call))
-        print(f"\n{preset} {px}px batch 2 {dtype}: eager U-Net {eager_ms:.2f} ms", flush=True)
-        for backend in ("eager", "inductor", "aoti", "onnxruntime", "tensorrt"):
-            _run_path(f"{backend} b=1", _backend_check(unet, call, reference, backend), results)
-        if preset == "tiny-sd":
-            for fmt in ("pt2", "aoti", "onnx", "tensorrt"):
-                _run_path(f"export {fmt}", _export_check(unet, call, reference, fmt), results)
-            # The C++ runtime of kernels/ on the device (needs `make native` on the GPU machine).
-            _run_path("export aoti, native runtime", _export_check(unet, call, reference, "aoti", "native"), results)
+    def loops():  # its rows are counted by sd15_loops; here only an exception fails the part
+        sd15_loops(results)
+        return 0.0, 1.0, "every row checked above"
+
+    _run_path("sd15 512px fp16 loops", loops, results)
+    unet = build_unet("tiny-sd").cuda()
+    call = example_call(unet, batch=2, height=8, width=8)
+    with torch.no_grad():
+        reference = unet(**call).sample
+    for backend in ("eager", "inductor", "aoti", "onnxruntime", "tensorrt"):
+        _run_path(f"tiny-sd {backend}", _backend_check(unet, call, reference, backend), results)
+    for fmt in ("pt2", "aoti", "onnx", "tensorrt"):
+        _run_path(f"export {fmt}", _export_check(unet, call, reference, fmt), results)
+    # The C++ runtime of kernels/ on the device (needs `make native` on the GPU machine).
+    _run_path("export aoti, native runtime", _export_check(unet, call, reference, "aoti", "native"), results)
     print(f"\n{sum(results)} passed, {len(results) - sum(results)} failed", flush=True)
     sys.exit(0 if all(results) else 1)
 

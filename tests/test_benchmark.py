@@ -55,6 +55,9 @@ def test_bench_writes_rows_table_and_plot_for_each_dtype(tmp_path, capsys):
                 assert r["dispatch_efficiency"] == pytest.approx(expected)
                 if r["schedule"] == "uniform":
                     assert r["speedup_vs_reference_helper"] == pytest.approx(helpers[r["interval"]] / r["median_s"])
+                assert r["latent_error"] == 0  # the eager pair is its own reference: bitwise
+            if r["name"].startswith("reference-helper"):  # the helper's DeepCache against ours, same schedule
+                assert r["latent_error"] < (1e-5 if dtype == "fp32" else 5e-2)
     with open(stem.with_suffix(".csv")) as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert stem.with_suffix(".png").stat().st_size > 1000

@@ -84,20 +84,20 @@ def test_bf16_evaluation_scores_the_reduced_precision_against_fp32(tmp_path):
 
     from deepcache_compile.eval.digits import load_digits_model
 
-    opts = QualityOptions(steps=(10,), intervals=(2,), branches=(0,), schedules=("uniform",), samples=32,
+    opts = QualityOptions(steps=(6,), intervals=(2,), branches=(0,), schedules=("uniform",), samples=16,
                           dtype="bf16", out=str(tmp_path))
     rows = evaluate_quality(opts)
     low = next(r for r in rows if r["kind"] == "full-lowp")
     cached = next(r for r in rows if r["kind"] == "deepcache")
-    assert low["name"] == "DDIM 10 bf16" and cached["dtype"] == "bf16" and "bf16" in cached["name"]
+    assert low["name"] == "DDIM 6 bf16" and cached["dtype"] == "bf16" and "bf16" in cached["name"]
 
     unet, scheduler = load_digits_model()
-    noise = torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     images = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = unet.to(dtype)
         sched = DDIMScheduler.from_config(scheduler.config)
-        sched.set_timesteps(10)
+        sched.set_timesteps(6)
         x = noise.to(dtype)
         with torch.no_grad():
             for t in sched.timesteps:
@@ -107,4 +107,4 @@ def test_bf16_evaluation_scores_the_reduced_precision_against_fp32(tmp_path):
     assert low["psnr"] == pytest.approx(10 * math.log10(1 / mse), rel=1e-6)
     assert math.isfinite(cached["psnr"]) and cached["psnr"] < low["psnr"]  # caching adds to the precision's error
     write_results(rows, opts)
-    assert "| 10 | full model bf16 |" in (tmp_path / "quality.md").read_text()
+    assert "| 6 | full model bf16 |" in (tmp_path / "quality.md").read_text()

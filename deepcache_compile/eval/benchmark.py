@@ -11,7 +11,10 @@ For one preset, resolution, batch and step count, and for each dtype, it measure
   time (its loop's FLOPs at that peak) and the fraction of it reached (roofline / measured);
 - memory: what compiling each configuration added to the resident set (its own copy of the weights, packed
   kernels, ...) and the peak above the pre-run resident set while it ran (activations, workspaces);
-- dispatch efficiency = (F * t_full + S * t_shallow) / measured loop time, from the per-graph medians.
+- dispatch efficiency = (F * t_full + S * t_shallow) / measured loop time, from the per-graph medians;
+- each row's final latents against the eager reference in its dtype (the eager U-Net for the compiled U-Net,
+  the eager DeepCache pair on the same schedule for DeepCache rows and the reference helper), as the relative
+  max error `max|a - b| / max|b|`: a stale or overwritten cache shows as O(1).
 A backend that fails to compile for a dtype (e.g. onnxruntime has no bf16 convolution on CPU) gives a row with
 its error instead of times. Rows go to CSV and JSON with every setting, the machine and library versions; a
 Markdown table and PNG plots are written beside them.
@@ -70,8 +73,12 @@ class BenchOptions:
 
 
 def default_dtypes(device: str) -> tuple[str, ...]:
-    """fp32 and the reduced precisions the device runs fast: bf16 on CPU, fp16 and bf16 on CUDA."""
-    return ("fp32", "fp16", "bf16") if torch.device(device).type == "cuda" else ("fp32", "bf16")
+    """fp32 and the reduced precisions the device has fast kernels for: on CPU bf16 / fp16 only where oneDNN
+    reports them (AVX-512 BF16 / AMX, AVX-512 FP16); fp16 and bf16 on CUDA."""
+    if torch.device(device).type == "cuda":
+        return ("fp32", "fp16", "bf16")
+    fast = {"bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(), "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported()}
+    return ("fp32", *(name for name, supported in fast.items() if supported))
 
 
 def parse_backend(spec: str) -> tuple[str, dict]:
@@ -95,17 +102,25 @@ def parse_backend(spec: str) -> tuple[str, dict]:
     return name, options
 
 
-def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
-    """This machine's matmul throughput in FLOP/s for `dtype`: best of `repeats` n x n `torch.matmul` runs."""
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", largest: int = 2048, repeats: int = 5) -> float:
+    """This machine's matmul throughput in FLOP/s for `dtype`: the best of `repeats` n x n `torch.matmul` runs,
+    n doubled from 256 up to `largest` while one run takes under 50 ms (so that a dtype without fast kernels,
+    e.g. bf16 on a CPU without AVX-512 BF16, is measured in seconds, not minutes)."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    n = 128
+    while True:
+        n *= 2
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
 
-    def run():
-        torch.matmul(a, b)
-        sync()
+        def run():
+            torch.matmul(a, b)
+            sync()
 
-    run()
-    return 2 * n**3 / min(timed(run)[1] for _ in range(repeats))
+        run()
+        seconds = timed(run)[1]
+        if n >= largest or seconds > 0.05:
+            break
+    return 2 * n**3 / min(seconds, *(timed(run)[1] for _ in range(repeats - 1)))
 
 
 def _machine() -> dict:
@@ -116,7 +131,9 @@ def _machine() -> dict:
         pass
     import diffusers
 
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_bf16_kernels": torch.ops.mkldnn._is_mkldnn_bf16_supported(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
             "diffusers": diffusers.__version__,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
@@ -139,7 +156,7 @@ def _reference_helper(unet, branch: int, interval: int, call: dict, steps: int):
     def loop():
         helper.enable()
         try:
-            ddim_loop(unet, call, steps, scheduler)
+            return ddim_loop(unet, call, steps, scheduler)
         finally:
             helper.disable()
 
@@ -154,6 +171,7 @@ class _Candidate:
     full_steps: int  # of opts.steps
     held: int = 0  # bytes compiling it added to the resident set
     graphs: tuple[float, float] | None = None  # per-call ms of the full and shallow graphs
+    reference: tuple | None = None  # what its latents are checked against: ("unet",) or ("deepcache", kind, N)
     peaks: list[int] = field(default_factory=list)  # bytes above the pre-run resident set, per run
 
 
@@ -212,6 +230,7 @@ def _run_dtype(opts: BenchOptions, dtype_name: str, backends, unet32, call32, ma
         bar.update()
     bar.close()
     runnable = [c for c in candidates if c.run is not None]
+    _check_latents(runnable, unet, call, opts)
     for _ in tqdm(range(opts.repeats), desc=f"interleaved repeats {dtype_name}"):
         for c in runnable:
             before = resident(opts.device)
@@ -219,6 +238,28 @@ def _run_dtype(opts: BenchOptions, dtype_name: str, backends, unet32, call32, ma
             c.settings.setdefault("times", []).append(seconds)
             c.peaks.append(top - before)
     return _rows(candidates, macs, peaks, _parameters(unet32), opts, dtype_name)
+
+
+def _check_latents(candidates: list[_Candidate], unet, call: dict, opts: BenchOptions) -> None:
+    """Runs each candidate once (also its warm-up) and stores the relative max error of its latents against
+    its eager reference in `settings["latent_error"]`."""
+    eager = compile_deepcache(unet, branch=opts.branch)
+    references = {}
+    for c in candidates:
+        if c.reference is None:
+            continue
+        if c.reference not in references:
+            model = unet if c.reference == ("unet",) else eager.with_schedule(_schedule(opts, *c.reference[1:]))
+            references[c.reference] = ddim_loop(model, call, opts.steps).float()
+        expected = references[c.reference]
+        with torch.no_grad():
+            actual = c.run().float()
+        c.settings["latent_error"] = ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def _schedule(opts: BenchOptions, kind: str, interval: int):
+    total = opts.steps if kind == "nonuniform" else None
+    return make_schedule(kind, interval, num_inference_steps=total, center=min(DEFAULT_CENTER, opts.steps // 3))
 
 
 def _parameters(module) -> int:
@@ -250,14 +291,17 @@ def _baselines(unet, call: dict, opts: BenchOptions, dtype: str) -> list[_Candid
                 loop()
                 full = len(make_schedule("uniform", interval).full_steps(opts.steps))
                 out.append(_Candidate(f"reference-helper {dtype} N={interval}", loop,
-                                      {**settings, "schedule": "uniform", "interval": interval}, full))
+                                      {**settings, "schedule": "uniform", "interval": interval}, full,
+                                      reference=("deepcache", "uniform", interval)))
     if "unet-compile" in opts.baselines:
         def build():
             compiled = torch.compile(unet)
             ddim_loop(compiled, call, opts.steps)  # compile, and warm up on the loop's own timesteps
             return lambda: ddim_loop(compiled, call, opts.steps)
 
-        out.append(_guarded(f"unet-compile {dtype}", {"backend": "inductor", "dtype": dtype}, opts, build))
+        compiled = _guarded(f"unet-compile {dtype}", {"backend": "inductor", "dtype": dtype}, opts, build)
+        compiled.reference = ("unet",)
+        out.append(compiled)
     return out
 
 
@@ -284,7 +328,6 @@ def _deepcache_candidates(unet, call: dict, opts: BenchOptions, spec: str, dtype
             _, cache = pair.full(*inputs)
             state["graphs"] = (median_ms(lambda: pair.full(*inputs), opts.min_run_time),
                                median_ms(lambda: pair.shallow(*inputs, cache), opts.min_run_time))
-        del cache
         state["dc"] = dc
         return lambda: None
 
@@ -295,9 +338,7 @@ def _deepcache_candidates(unet, call: dict, opts: BenchOptions, spec: str, dtype
     for kind in opts.schedules:
         for interval in opts.intervals:
             try:
-                total = opts.steps if kind == "nonuniform" else None
-                schedule = make_schedule(kind, interval, num_inference_steps=total,
-                                         center=min(DEFAULT_CENTER, opts.steps // 3))
+                schedule = _schedule(opts, kind, interval)
             except ValueError:  # no non-uniform schedule with ceil(T/N) full steps for this T and N
                 continue
             candidate = state["dc"].with_schedule(schedule)
@@ -305,7 +346,8 @@ def _deepcache_candidates(unet, call: dict, opts: BenchOptions, spec: str, dtype
                 f"deepcache {spec} {dtype} {kind} N={interval}",
                 (lambda d: lambda: ddim_loop(d, call, opts.steps))(candidate),
                 {"backend": spec, "dtype": dtype, "schedule": kind, "interval": interval},
-                len(candidate.full_steps(opts.steps)), held=first.held, graphs=state["graphs"]))
+                len(candidate.full_steps(opts.steps)), held=first.held, graphs=state["graphs"],
+                reference=("deepcache", kind, interval)))
     return out
 
 
@@ -380,18 +422,18 @@ def markdown_table(rows: list[dict]) -> str:
     for dtype in dict.fromkeys(r["run_dtype"] for r in rows):
         lines += [f"\n**{dtype}**\n",
                   "| configuration | median s (min-max) | vs eager fp32 | vs helper | roofline s | of roofline | "
-                  "held GB | peak +GB | MAC bound | dispatch eff. |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "held GB | peak +GB | MAC bound | dispatch eff. | latents vs eager |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in (r for r in rows if r["run_dtype"] == dtype):
             if "median_s" not in r:
-                lines.append(f"| {r['name']} | failed: {r.get('error', '')} | | | | | | | | |")
+                lines.append(f"| {r['name']} | failed: {r.get('error', '')} | | | | | | | | | |")
                 continue
             lines.append(
                 f"| {r['name']} | {r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f}) | "
                 f"{r['speedup_vs_unet_eager_fp32']:.2f}x | {fmt(r.get('speedup_vs_reference_helper'), '.2f', 'x')} | "
                 f"{fmt(r.get('roofline_s'), '.2f')} | {fmt(r.get('roofline_fraction'), '.0%')} | "
                 f"{r['held_gb']:.2f} | {r['peak_extra_gb']:.2f} | {r['mac_bound_speedup']:.2f} | "
-                f"{fmt(r.get('dispatch_efficiency'), '.2f')} |")
+                f"{fmt(r.get('dispatch_efficiency'), '.2f')} | {fmt(r.get('latent_error'), '.1e')} |")
     best = fastest(rows)
     if best:
         lines += ["", "Fastest DeepCache backend (of the backends in this run):", ""]

@@ -80,7 +80,10 @@ class OrtRunner:
         ort = _ort()
         options = ort.SessionOptions()
         for key, value in (session_options or {}).items():
-            setattr(options, key, value)
+            if "." in key:  # a session config entry, e.g. "session.intra_op.allow_spinning"
+                options.add_session_config_entry(key, str(value))
+            else:
+                setattr(options, key, value)
         self.device = torch.device(device)
         self.providers = list(providers or default_providers(self.device))
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)

@@ -1,7 +1,8 @@
 """The `onnxruntime` backend: each graph exported to ONNX (torch.onnx, dynamo) and run by an InferenceSession.
 
 Options: `providers` (default: CUDA when the inputs are on CUDA and onnxruntime-gpu has it, else CPU),
-`session_options` (a dict of `onnxruntime.SessionOptions` attributes). The ONNX files go to a temporary folder
+`session_options` (a dict of `onnxruntime.SessionOptions` attributes, and of session config entries by their dotted
+names, e.g. {"session.intra_op.allow_spinning": "0"}). The ONNX files go to a temporary folder
 that is removed once the session holds the weights: nothing is left in the temp folder.
 """
 
