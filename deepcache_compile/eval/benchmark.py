@@ -102,10 +102,11 @@ def parse_backend(spec: str) -> tuple[str, dict]:
     return name, options
 
 
-def matmul_peak(dtype: torch.dtype, device: str = "cpu", largest: int = 2048, repeats: int = 5) -> float:
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", largest: int = 2048, repeats: int = 10) -> float:
     """This machine's matmul throughput in FLOP/s for `dtype`: the best of `repeats` n x n `torch.matmul` runs,
     n doubled from 256 up to `largest` while one run takes under 50 ms (so that a dtype without fast kernels,
-    e.g. bf16 on a CPU without AVX-512 BF16, is measured in seconds, not minutes)."""
+    e.g. bf16 on a CPU without AVX-512 BF16, is measured in seconds, not minutes). On a shared machine a
+    neighbour's load lowers it: `run_benchmark` measures it before and after the timed runs and keeps the best."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     n = 128
     while True:
@@ -199,11 +200,15 @@ def run_benchmark(opts: BenchOptions) -> list[dict]:
         latent = opts.resolution // 8
         call32 = example_call(unet32, batch=opts.batch, height=latent, width=latent)
         macs = _macs(unet32, call32, opts.branch)
-        rows = []
+        runs = []
         for name in dtypes:
-            rows += _run_dtype(opts, name, backends, unet32, call32, macs, peaks)
+            runs.append(_run_dtype(opts, name, backends, unet32, call32))
             torch._dynamo.reset()  # releases the compiled U-Net's cache entries (and their frozen weights)
             gc.collect()
+        peaks = {name: max(peak, matmul_peak(DTYPES[name], opts.device)) for name, peak in peaks.items()}
+        parameters = _parameters(unet32)
+        rows = [row for name, candidates in zip(dtypes, runs)
+                for row in _rows(candidates, macs, peaks, parameters, opts, name)]
     _write(rows, opts)
     return rows
 
@@ -215,7 +220,8 @@ def _macs(unet, call: dict, branch: int) -> tuple[int, int]:
     return sum(macs.values()), graph_macs(pair.split.shallow, macs)
 
 
-def _run_dtype(opts: BenchOptions, dtype_name: str, backends, unet32, call32, macs, peaks) -> list[dict]:
+def _run_dtype(opts: BenchOptions, dtype_name: str, backends, unet32, call32) -> list[_Candidate]:
+    """Builds and times one dtype's candidates (interleaved); returns them with their times."""
     dtype = DTYPES[dtype_name]
     unet = unet32 if dtype == torch.float32 else copy.deepcopy(unet32).to(dtype)
     call = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in call32.items()}
@@ -237,7 +243,9 @@ def _run_dtype(opts: BenchOptions, dtype_name: str, backends, unet32, call32, ma
             (_, seconds), top = peak_during(lambda: timed(c.run), opts.device)
             c.settings.setdefault("times", []).append(seconds)
             c.peaks.append(top - before)
-    return _rows(candidates, macs, peaks, _parameters(unet32), opts, dtype_name)
+    for c in candidates:  # the run is over: drop the compiled graphs before the next dtype's are built
+        c.run = c.run and (lambda: None)
+    return candidates
 
 
 def _check_latents(candidates: list[_Candidate], unet, call: dict, opts: BenchOptions) -> None:
