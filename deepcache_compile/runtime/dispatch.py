@@ -203,7 +203,8 @@ class DeepCacheUNet(nn.Module):
 
     def release_weights(self) -> int:
         """Frees the PyTorch copy of the U-Net's weights, so that the process holds one copy (the compiled
-        graphs') instead of two; returns the bytes released.
+        graphs') instead of two; returns the bytes of the storages the U-Net and the pairs' graph modules let go
+        (freed unless something else still holds them: measured on SD 1.5 with onnxruntime, 2.47 of 3.44 GB).
 
         For backends whose compiled graphs hold their own weights: onnxruntime, aoti, tensorrt (not eager, and
         not Inductor, whose graphs read the module's parameters at run time). Compile every shape you serve
@@ -226,7 +227,8 @@ class DeepCacheUNet(nn.Module):
                                  "release_weights() needs a backend whose graphs hold their own (onnxruntime, aoti, "
                                  "tensorrt)")
             modules = [self.unet, *(m for p in pairs for m in (p.traced.gm, p.split.full, p.split.shallow))]
-            modules += [g for p in pairs if p.three for g in (p.three.graphs.head, p.three.graphs.deep, p.three.graphs.tail)]
+            modules += [g for p in pairs if p.three
+                        for g in (p.three.graphs.head, p.three.graphs.deep, p.three.graphs.tail)]
             tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
             storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()}
             for t in tensors.values():
