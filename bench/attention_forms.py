@@ -1,0 +1,58 @@
+"""Attention for Inductor on CPU: fused SDPA against the decomposed form ONNX Runtime runs (two matmuls and a
+softmax), both compiled by torch.compile, side by side on the attention shapes of SD 1.5 at 256 px, batch 2.
+
+    python bench/attention_forms.py     # writes bench/results/attention_forms.{json,md}
+
+Shapes (batch 2, 8 heads): self-attention at 1,024 / 256 / 64 tokens (head dim 40 / 80 / 160) and
+cross-attention of 1,024 tokens to 77 text tokens. torch.utils.benchmark medians, interleaved per shape.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark
+
+from deepcache_compile.eval.benchmark import _machine
+
+SHAPES = ((1024, 1024, 40), (1024, 77, 40), (256, 256, 80), (64, 64, 160))
+
+
+def fused(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def decomposed(q, k, v):
+    return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v
+
+
+def main() -> None:
+    torch._dynamo.config.recompile_limit = 64  # one compiled graph per shape and form
+    rows = []
+    for tokens, keys, dim in SHAPES:
+        q, k, v = torch.randn(2, 8, tokens, dim), torch.randn(2, 8, keys, dim), torch.randn(2, 8, keys, dim)
+        row = {"tokens": tokens, "keys": keys, "head_dim": dim}
+        with torch.no_grad():
+            for name, fn in (("sdpa_ms", fused), ("decomposed_ms", decomposed)):
+                compiled = torch.compile(fn, dynamic=False)
+                compiled(q, k, v)
+                row[name] = benchmark.Timer("c(q, k, v)", globals=dict(c=compiled, q=q, k=k, v=v)
+                                            ).blocked_autorange(min_run_time=2).median * 1e3
+        rows.append(row)
+        print(row, flush=True)
+    lines = [f"torch.compile (Inductor) on CPU, batch 2, 8 heads; {_machine()['cpu']} "
+             f"({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads", "",
+             "| tokens | keys | head dim | SDPA ms | matmul-softmax-matmul ms |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['tokens']} | {r['keys']} | {r['head_dim']} | {r['sdpa_ms']:.2f} | {r['decomposed_ms']:.2f} |"
+              for r in rows]
+    out = Path("bench/results/attention_forms")
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, **_machine()}, indent=2))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
