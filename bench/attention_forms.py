@@ -9,14 +9,12 @@ cross-attention of 1,024 tokens to 77 text tokens. torch.utils.benchmark medians
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
-from deepcache_compile.eval.benchmark import _machine
+from deepcache_compile.eval.report import machine, write_report
 
 SHAPES = ((1024, 1024, 40), (1024, 77, 40), (256, 256, 80), (64, 64, 160))
 
@@ -43,15 +41,12 @@ def main() -> None:
                                             ).blocked_autorange(min_run_time=2).median * 1e3
         rows.append(row)
         print(row, flush=True)
-    lines = [f"torch.compile (Inductor) on CPU, batch 2, 8 heads; {_machine()['cpu']} "
+    lines = [f"torch.compile (Inductor) on CPU, batch 2, 8 heads; {machine()['cpu']} "
              f"({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads", "",
              "| tokens | keys | head dim | SDPA ms | matmul-softmax-matmul ms |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['tokens']} | {r['keys']} | {r['head_dim']} | {r['sdpa_ms']:.2f} | {r['decomposed_ms']:.2f} |"
               for r in rows]
-    out = Path("bench/results/attention_forms")
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, **_machine()}, indent=2))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report("bench/results/attention_forms", {"rows": rows, **machine()}, lines)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ adaptive rule sums the changes, so a linear relation is what it needs) and Spear
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +19,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from deepcache_compile.calls import CallFlattener
 from deepcache_compile.eval.digits import load_digits_model
+from deepcache_compile.eval.report import write_report
 from deepcache_compile.graph.branches import find_branches
 from deepcache_compile.graph.partition import split_three
 from deepcache_compile.graph.trace import trace_unet
@@ -61,14 +60,10 @@ def main() -> None:
     traced = trace_unet(unet, flatten((noise, torch.tensor(999)), {}))
     rows = [r for steps in (50, 100) for branch in (0, 1, 2)
             for r in run(steps, branch, unet, scheduler, noise, traced, flatten)]
-    out = Path("bench/results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "probe_choice.json").write_text(json.dumps(rows, indent=1))
     lines = ["| DDIM steps | branch | head output | Pearson r | Spearman rho |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['steps']} | {r['branch']} | {r['candidate']} | {r['pearson']:.3f} | {r['spearman']:.3f} |"
               for r in rows]
-    (out / "probe_choice.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report("bench/results/probe_choice", rows, lines)
 
 
 if __name__ == "__main__":

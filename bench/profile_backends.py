@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from deepcache_compile import compile_deepcache
-from deepcache_compile.eval.benchmark import DTYPES, _machine
-from deepcache_compile.eval.presets import build_unet, example_call
+from deepcache_compile.eval.presets import DTYPES, build_unet, example_call
+from deepcache_compile.eval.report import machine, write_report
 
 # A kernel or node name -> a category, first match wins (Inductor names fused kernels after the ops they fuse).
 _CATEGORIES = [
@@ -102,7 +102,7 @@ def main() -> None:
             del pair
     categories = sorted({c for r in results.values() for c in r}, key=lambda c: -results["inductor"].get(c, 0))
     lines = [f"{args.preset} {args.resolution} px, batch {args.batch}, {args.dtype}, full step (branch 1); "
-             f"ms per call, {args.calls} profiled calls; {_machine()['cpu']}, {torch.get_num_threads()} threads", "",
+             f"ms per call, {args.calls} profiled calls; {machine()['cpu']}, {torch.get_num_threads()} threads", "",
              "| category | inductor ms | onnxruntime ms | inductor / onnxruntime |", "| --- | --- | --- | --- |"]
     for c in categories:
         a, b = results["inductor"].get(c, 0.0), results["onnxruntime"].get(c, 0.0)
@@ -110,11 +110,7 @@ def main() -> None:
     total = {k: sum(v.values()) for k, v in results.items()}
     lines.append(f"| total | {total['inductor']:.1f} | {total['onnxruntime']:.1f} | "
                  f"{total['inductor'] / total['onnxruntime']:.2f} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "ms": results, **_machine()}, indent=2))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, {"args": vars(args), "ms": results, **machine()}, lines)
 
 
 if __name__ == "__main__":

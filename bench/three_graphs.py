@@ -16,7 +16,6 @@ Writes bench/results/three_graphs.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 
 from deepcache_compile import compile_deepcache
 from deepcache_compile.eval.presets import build_unet, example_call
+from deepcache_compile.eval.report import write_report
 from deepcache_compile.eval.sampling import interleaved, median
 
 
@@ -72,18 +72,13 @@ def _repeat(fn, calls):
 
 
 def _write(rows: list[dict], args) -> None:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    (out / "three_graphs.json").write_text(json.dumps({"options": vars(args), "machine": machine, "rows": rows},
-                                                      indent=2))
     lines = [f"{args.preset} at {args.resolution} px, batch {args.batch}, branch {args.branch}; {machine}; medians of "
              f"{args.repeats} interleaved rounds of {args.calls} calls", "",
              "| backend | step | pair ms | three graphs ms | three / pair |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['backend']} | {r['step']} | {r['pair_ms']:.1f} | {r['three_ms']:.1f} | {r['three_over_pair']:.3f} |"
               for r in rows]
-    (out / "three_graphs.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(Path(args.out) / "three_graphs", {"options": vars(args), "machine": machine, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 GB = 1e9
 
@@ -26,7 +25,8 @@ def measure(preset: str, resolution: int, batch: int, spec: str, dtype: str) -> 
     import torch
 
     from deepcache_compile import compile_deepcache
-    from deepcache_compile.eval.benchmark import _machine, parse_backend
+    from deepcache_compile.eval.benchmark import parse_backend
+    from deepcache_compile.eval.report import machine
     from deepcache_compile.eval.memory import resident
     from deepcache_compile.eval.presets import DTYPES, build_unet, example_call
     from deepcache_compile.eval.sampling import ddim_loop, median_ms
@@ -44,7 +44,7 @@ def measure(preset: str, resolution: int, batch: int, spec: str, dtype: str) -> 
     with torch.no_grad():
         full_ms = median_ms(lambda: pair.full(*inputs), 3.0)
     row = {"backend": spec, "dtype": dtype, "weights_gb": weights / GB, "unet_alone_gb": r0 / GB,
-           "added_gb": (r1 - r0) / GB, "full_ms": full_ms, **_machine()}
+           "added_gb": (r1 - r0) / GB, "full_ms": full_ms, **machine()}
     try:
         row["released_gb"] = dc.release_weights() / GB
     except ValueError as err:
@@ -96,11 +96,9 @@ def main() -> None:
         times = f"{r['full_ms']:.0f}" + (f" / {r['full_ms_after_release']:.0f}" if "full_ms_after_release" in r else "")
         lines.append(f"| {r['backend']} | {r['added_gb']:.2f} | {after} | "
                      f"{'met' if final <= 0.15 * r['weights_gb'] else 'not met'} | {times} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    from deepcache_compile.eval.report import write_report
+
+    write_report(args.out, rows, lines)
 
 
 if __name__ == "__main__":

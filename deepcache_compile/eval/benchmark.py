@@ -27,7 +27,6 @@ import copy
 import csv
 import gc
 import json
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,6 +42,7 @@ from ..runtime.backends import runnable_backends
 from ..schedule import DEFAULT_CENTER, mac_speedup, make_schedule
 from .memory import peak_during, resident
 from .presets import DTYPES, build_unet, example_call
+from .report import machine
 from .sampling import ddim_loop, median, median_ms, timed
 
 __all__ = ["BenchOptions", "DTYPES", "run_benchmark", "markdown_table", "matmul_peak", "parse_backend"]
@@ -122,21 +122,6 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu", largest: int = 2048, re
         if n >= largest or seconds > 0.05:
             break
     return 2 * n**3 / min(seconds, *(timed(run)[1] for _ in range(repeats - 1)))
-
-
-def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import diffusers
-
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_bf16_kernels": torch.ops.mkldnn._is_mkldnn_bf16_supported(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def _reference_helper(unet, branch: int, interval: int, call: dict, steps: int):
@@ -365,13 +350,13 @@ def _rows(candidates: list[_Candidate], macs: tuple[int, int], peaks: dict[str, 
     base = median(candidates[0].settings["times"])
     helpers = {c.settings["interval"]: median(c.settings["times"]) for c in candidates
                if c.name.startswith("reference-helper") and c.run is not None}
-    machine = _machine()
+    host = machine()
     fixed = {k: v for k, v in asdict(opts).items() if k not in ("intervals", "schedules", "backends", "dtypes",
                                                                  "baselines", "out")}
     rows = []
     for c in candidates:
         times = c.settings.pop("times", None)
-        row = {"name": c.name, **fixed, **c.settings, **machine, "run_dtype": dtype}
+        row = {"name": c.name, **fixed, **c.settings, **host, "run_dtype": dtype}
         if times is None:
             rows.append(row)
             continue
