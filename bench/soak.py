@@ -3,6 +3,7 @@ schedules, backends, threads on and off, a few NaN inputs), each compared with i
 
     python bench/soak.py                      # 1,000 generations, every backend; writes bench/results/soak.json
     python bench/soak.py --generations 200 --backends eager eager-dynamic
+    python bench/soak.py --onednn-cache -1      # oneDNN's own cache sizes (1,024 entries per thread)
 
 Exits 1 when a check fails: an output differs from its run alone, a generation errs (or a NaN one does not),
 resident memory after the warm-up grows by 5 % or more, more pairs are held than the LRU allows, or a file is
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from deepcache_compile.eval.soak import BACKENDS, run_soak
+from deepcache_compile.runtime.onednn import DEFAULT_ENTRIES
 
 
 def main() -> int:
@@ -28,9 +30,12 @@ def main() -> int:
     parser.add_argument("--generations", type=int, default=1000)
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--onednn-cache", type=int, default=DEFAULT_ENTRIES,
+                        help="entries of oneDNN's primitive caches, set before the first convolution (-1: the "
+                             "library defaults)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "soak.json")
     args = parser.parse_args()
-    report = run_soak(args.generations, tuple(args.backends), args.seed)
+    report = run_soak(args.generations, tuple(args.backends), args.seed, onednn_cache=args.onednn_cache)
     result = {**dataclasses.asdict(report), "rss_growth": report.rss_growth, "passed": report.passed,
               "backends": args.backends, "machine": platform.processor() or platform.machine(),
               "cpus": torch.get_num_threads(), "torch": torch.__version__}

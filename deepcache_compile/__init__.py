@@ -29,6 +29,7 @@ _EXPORTS = {
     "Schedule": ".schedule",
     "Step": ".schedule",
     "ShapeRanges": ".shapes",
+    "bound_onednn_caches": ".runtime.onednn",
 }
 
 __all__ = list(_EXPORTS)

@@ -109,17 +109,21 @@ def test_compiled_dynamic_pair_compiles_once_for_every_shape(backend, monkeypatc
     assert len(compiles) == 2 and len(dc.pairs) == 1
 
 
-def test_dynamo_recompile_limit_is_explained():
-    """The soak found dynamic Inductor graphs recompiling per size at batch 1 until dynamo's limit: the bare
-    'hard failure due to fullgraph=True' becomes an error that names the cause and the alternatives."""
-    import torch._dynamo.exc
+def test_dynamic_graphs_specialize_past_dynamos_limit_up_to_ours(monkeypatch):
+    """The soak found dynamic Inductor graphs specializing per size region at batch 1 until dynamo's
+    recompile_limit, then failing: they may now go on to SPECIALIZATION_LIMIT (real dynamo, a graph that
+    guards on its size), and past that the error names the cause and the alternatives."""
+    import torch._dynamo
 
-    from deepcache_compile.runtime.backends.inductor import _explain_recompile_limit
+    from deepcache_compile.runtime.backends import inductor
 
-    def compiled(*inputs):
-        raise torch._dynamo.exc.FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+    def by_size(x):  # one specialization per length, as a size guard makes
+        return x * x.shape[0]
 
-    with pytest.raises(RuntimeError, match=r"recompiled more than torch._dynamo.config.recompile_limit .*"
-                                           r"backend='onnxruntime' or backend='aoti'"):
-        _explain_recompile_limit(compiled)(torch.zeros(1))
-    assert _explain_recompile_limit(lambda x: x + 1)(torch.zeros(1)).item() == 1
+    compiled = inductor._past_recompile_limit(torch.compile(by_size, fullgraph=True, dynamic=False))
+    monkeypatch.setattr(inductor, "SPECIALIZATION_LIMIT", 4)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for n in (1, 2, 3, 4, 1, 3):  # 4 specializations, two of them reused
+            assert torch.equal(compiled(torch.ones(n)), torch.full((n,), float(n)))
+        with pytest.raises(RuntimeError, match=r"specialized 4 times .*backend='onnxruntime' or backend='aoti'"):
+            compiled(torch.ones(5))

@@ -202,8 +202,11 @@ def test_a_cancelled_task_stops_its_generation(expected):
 
 def test_options_from_serve_run_arguments():
     options = ServeOptions.from_strings({"batching": "generation", "max_batch": "4", "batch_wait_s": "0.5",
-                                         "min_size": "8"})
-    assert (options.batching, options.max_batch, options.batch_wait_s, options.min_size) == ("generation", 4, 0.5, 8)
+                                         "min_size": "8", "onednn_cache": "64"})
+    assert (options.batching, options.max_batch, options.batch_wait_s, options.min_size, options.onednn_cache) == (
+        "generation", 4, 0.5, 8, 64)
+    with pytest.raises(ValueError, match="onednn_cache=-2: give a number of entries >= 0, or -1"):
+        ServeOptions(onednn_cache=-2)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['batchsize'\]"):
         ServeOptions.from_strings({"batchsize": "4"})
     with pytest.raises(ValueError, match="batching='tokens': use one of step, generation, none"):

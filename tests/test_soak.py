@@ -80,3 +80,56 @@ def test_dropped_pairs_leave_no_trace_state_alive():
     for size in (16, 8, 12):  # three more traces, each evicting the pair before it
         prepare(size)
     assert alive() <= held  # one pair's worth, not four
+
+
+_CONVS_IN_THREADS = """
+import ctypes, gc, sys, threading
+import torch
+if sys.argv[1] == "bounded":
+    from deepcache_compile import bound_onednn_caches
+    bound_onednn_caches(16)  # after importing torch, before the first convolution: as a server does
+torch.set_num_threads(1)
+conv = torch.nn.Conv2d(16, 16, 3, padding=1).eval()
+
+def rss():
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+def run(sizes):
+    with torch.no_grad():
+        for h, w in sizes:
+            conv(torch.randn(2, 16, h, w))
+
+sizes = [(h, w) for h in range(4, 24) for w in range(4, 24)]  # 400 shapes: one oneDNN primitive each
+run(sizes[:20])
+before = rss()
+threads = [threading.Thread(target=run, args=(sizes,)) for _ in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(rss() - before)
+"""
+
+
+def test_bounded_onednn_caches_stop_the_growth_that_many_shapes_cause():
+    """The soak's memory growth was oneDNN's primitive caches (1,024 entries per thread) filling with shapes:
+    400 convolution shapes in 2 threads grow the process by ~25 MB with the defaults and by ~2 MB bounded
+    at 16 entries (fresh processes: the caches take their capacity when created)."""
+    import subprocess
+    import sys
+
+    grown = {}
+    for mode in ("default", "bounded"):
+        out = subprocess.run([sys.executable, "-c", _CONVS_IN_THREADS, mode], capture_output=True, text=True,
+                             timeout=300, check=True)
+        grown[mode] = float(out.stdout.split()[-1])
+    assert grown["default"] > 12, grown  # the caches hold what the 800 calls created
+    assert grown["bounded"] < 6, grown
+
+
+def test_bound_onednn_caches_refuses_nonsense():
+    from deepcache_compile import bound_onednn_caches
+
+    for bad in (-1, 2.5, True, "256"):
+        with pytest.raises(ValueError, match="an int >= 0"):
+            bound_onednn_caches(bad)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..api import compile_deepcache
 from ..runtime.dispatch import DeepCacheUNet
+from ..runtime.onednn import DEFAULT_ENTRIES, bound_onednn_caches
 from ..schedule import Schedule
 from .digits import load_digits_model
 from .sampling import ddim_loop
@@ -73,6 +74,7 @@ class SoakReport:
     most_pairs: dict[str, int] = field(default_factory=dict)
     temp_left: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    onednn_cache: int = DEFAULT_ENTRIES  # -1: the library defaults
 
     @property
     def rss_growth(self) -> float:
@@ -108,22 +110,26 @@ def draw_jobs(count: int, backends: tuple[str, ...], seed: int, broken_share: fl
 
 
 def run_soak(generations: int = 1000, backends: tuple[str, ...] = BACKENDS, seed: int = 0, chunk: int = 4,
-             warmup: float = 0.2, broken_share: float = 0.02, progress: bool = True) -> SoakReport:
+             warmup: float = 0.2, broken_share: float = 0.02, progress: bool = True,
+             onednn_cache: int = DEFAULT_ENTRIES) -> SoakReport:
     """Runs `generations` random generations in chunks of `chunk`, every other chunk (at random) from `chunk`
     threads at once; resident memory is taken once `warmup` of them have run; `broken_share` of them get NaN
-    latents.
+    latents. oneDNN's primitive caches are bounded at `onednn_cache` entries first, as a server does
+    (`bound_onednn_caches`; -1 keeps the library's 1,024 per thread, which this many shapes fill: +18 % RSS).
 
     Example:
         >>> report = run_soak(100, backends=("eager-dynamic",))
         >>> report.passed, f"{report.rss_growth:+.1%}"
     """
+    if onednn_cache >= 0:
+        bound_onednn_caches(onednn_cache)
     unet, scheduler = load_digits_model()
     temp = tempfile.gettempdir()
     temp_before = set(os.listdir(temp))
     models = {name: _model(unet, name) for name in backends}
     views: dict[tuple[str, Schedule], DeepCacheUNet] = {}
     jobs = draw_jobs(generations, backends, seed, broken_share)
-    report = SoakReport(most_pairs={name: 0 for name in backends})
+    report = SoakReport(most_pairs={name: 0 for name in backends}, onednn_cache=onednn_cache)
     rng = random.Random(seed + 1)
     start = time.perf_counter()
     warm_at = max(1, int(generations * warmup))

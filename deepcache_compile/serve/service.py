@@ -34,6 +34,7 @@ import torch
 
 from ..api import compile_deepcache
 from ..runtime.generation import check_finite
+from ..runtime.onednn import DEFAULT_ENTRIES, bound_onednn_caches
 from ..schedule import Schedule
 from .batcher import Request, StepBatcher
 
@@ -58,6 +59,8 @@ class ServeOptions:
             model's sample size.
         threads: torch intra-op threads of the replica (Ray gives an actor as many CPUs as it asks for).
         batch_wait_s: how long `batching="generation"` waits to fill a batch.
+        onednn_cache: entries of oneDNN's primitive caches (process and per thread; `bound_onednn_caches`),
+            set when the replica starts; -1 leaves the library defaults (1,024 each, which many shapes fill).
     """
 
     model: str = "digits"
@@ -71,6 +74,7 @@ class ServeOptions:
     max_size: int | None = None
     threads: int = 1
     batch_wait_s: float = 0.01
+    onednn_cache: int = DEFAULT_ENTRIES
 
     def __post_init__(self):
         if self.batching not in BATCHING:
@@ -78,6 +82,9 @@ class ServeOptions:
         for name in ("interval", "steps", "max_batch", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.onednn_cache < -1:
+            raise ValueError(f"onednn_cache={self.onednn_cache}: give a number of entries >= 0, or -1 for the "
+                             "library defaults")
 
     @classmethod
     def from_strings(cls, args: dict[str, str]) -> "ServeOptions":
@@ -116,6 +123,8 @@ class DeepCacheService:
 
     def __init__(self, options: ServeOptions):
         self.options = options
+        if options.onednn_cache >= 0:
+            bound_onednn_caches(options.onednn_cache)  # before the model's first convolution
         torch.set_num_threads(options.threads)
         self.unet, self.scheduler = load_pixel_model(options.model)
         config = self.unet.config

@@ -44,7 +44,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], 
         for inputs in examples:
             compiled(*inputs)
     logger.info("inductor compiled %s (freezing=%s, %d specializations)", type(gm).__name__, freezing, len(examples))
-    run = compiled if ranges is None else _explain_recompile_limit(compiled)
+    run = compiled if ranges is None else _past_recompile_limit(compiled)
     if _cudagraphs(options, example_inputs[0].device):
         run = _Replayed(run)
     return run
@@ -71,21 +71,41 @@ class _Replayed:
         return self.run(*inputs)
 
 
-def _explain_recompile_limit(compiled):
-    """A dynamic pair's graph that dynamo recompiled too often fails with dynamo's bare 'hard failure due to
-    fullgraph=True': say what happened and what to use instead. (Measured in the 1,000-generation soak: at batch
-    1, Inductor guards on an expression of the spatial sizes, so each new size at batch 1 recompiles, and after
-    `torch._dynamo.config.recompile_limit` sizes the calls fail.)"""
+# How many specializations a dynamic pair's graph may reach (dynamo's own limit, 8 by default, is per function
+# and global). Measured on the digits model over batch 1..4 x 8..24 px: see `_past_recompile_limit`.
+SPECIALIZATION_LIMIT = 64
+
+
+def _past_recompile_limit(compiled):
+    """A dynamic pair's graph, let past dynamo's `recompile_limit` up to `SPECIALIZATION_LIMIT`.
+
+    Why it recompiles at all: at batch 1 ATen picks a convolution's backend by the input's size (oneDNN when
+    `batch > 1` or `C*H*W > 20480`, its native kernel otherwise), and the fake-tensor convolution asks the same
+    question to choose the output layout, so every convolution whose `C*H*W` can cross 20,480 inside the ranges
+    adds a guard, and each new side of those thresholds is one more specialization. Their number is bounded
+    (one per region between thresholds), small models at small sizes have many (the digits U-Net: 8..24 px),
+    and U-Nets with 320+ channels at latent sizes >= 8 none. Dynamo's limit (8, global) is lifted on the
+    exceptional path only, so the per-call cost stays one function call; past `SPECIALIZATION_LIMIT` the calls
+    fail with an error that says so and names the backends that never recompile (onnxruntime, aoti)."""
 
     def run(*inputs):
         try:
             return compiled(*inputs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            pass
+        logger.info("a dynamic Inductor graph passed torch._dynamo.config.recompile_limit (%d): compiling one "
+                    "more specialization for %s (up to %d)", torch._dynamo.config.recompile_limit,
+                    [tuple(t.shape) for t in inputs[:1]], SPECIALIZATION_LIMIT)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=SPECIALIZATION_LIMIT), fx_config.patch(
+                    use_duck_shape=False):
+                return compiled(*inputs)
         except torch._dynamo.exc.FailOnRecompileLimitHit as err:
             raise RuntimeError(
-                f"the dynamic Inductor graph was recompiled more than torch._dynamo.config.recompile_limit "
-                f"({torch._dynamo.config.recompile_limit}) times (Inductor guards on sizes, at batch 1 on each new "
-                "height/width): use backend='onnxruntime' or backend='aoti' for dynamic pairs (they do not "
-                "recompile), or raise torch._dynamo.config.recompile_limit") from err
+                f"the dynamic Inductor graph was specialized {SPECIALIZATION_LIMIT} times (Inductor guards on "
+                "sizes, at batch 1 on each side of ATen's convolution-backend thresholds): use "
+                "backend='onnxruntime' or backend='aoti' for dynamic pairs (they do not recompile), or narrower "
+                "ranges") from err
 
     run.compiled = compiled
     return run
