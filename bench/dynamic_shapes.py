@@ -16,8 +16,6 @@ the compilers' alone. Writes bench/results/dynamic_shapes.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ import torch
 from deepcache_compile import compile_deepcache
 from deepcache_compile.calls import example_call
 from deepcache_compile.eval.presets import build_unet
+from deepcache_compile.eval.report import machine, write_report
 from deepcache_compile.eval.sampling import interleaved, median, timed
 
 OUT = Path(__file__).parent / "results"
@@ -71,10 +70,7 @@ def main() -> None:
                                  dynamic_vs_static=d / s))
         rows.append(dict(backend=backend, compile_static_s=compile_s["static"], compile_dynamic_s=compile_s["dynamic"],
                          pairs_static=len(static.pairs), pairs_dynamic=len(dynamic.pairs)))
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "batch": args.batch, "repeats": args.repeats}
-    OUT.mkdir(exist_ok=True)
-    (OUT / "dynamic_shapes.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    settings = {"batch": args.batch, "repeats": args.repeats}
     lines = ["| backend | size (px) | graph | static ms | dynamic ms | dynamic / static |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['backend']} | {r['size']} | {r['part']} | {r['static_ms']:.0f} | {r['dynamic_ms']:.0f} | "
               f"{r['dynamic_vs_static']:.2f} |" for r in rows if "size" in r]
@@ -83,8 +79,7 @@ def main() -> None:
     lines += [f"| {r['backend']} | {', '.join(f'{x:.0f}' for x in r['compile_static_s'])} | "
               f"{sum(r['compile_static_s']):.0f} | {r['compile_dynamic_s'][0]:.0f} | "
               f"{r['pairs_static']} / {r['pairs_dynamic']} |" for r in rows if "compile_static_s" in r]
-    (OUT / "dynamic_shapes.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(OUT / "dynamic_shapes", {"machine": machine(), **settings, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

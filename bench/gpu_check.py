@@ -28,10 +28,10 @@ from deepcache_compile import compile_deepcache, load_deepcache
 from deepcache_compile.calls import example_call
 from deepcache_compile.eval.benchmark import BenchOptions, markdown_table, run_benchmark
 from deepcache_compile.eval.presets import build_unet
+from deepcache_compile.runtime.pair import VERIFY_TOLERANCE
 
 # Relative max error against eager, per call: rounding-level differences of fused kernels pass, a wrong
 # graph (a dropped or reordered layer, a stale cache) gives O(1) and fails.
-TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 # Final latents of a 50-step loop against the eager loop: fp16 rounding compounds over the steps, a stale or
 # overwritten cache is O(1).
 LOOP_TOLERANCE = {"fp32": 1e-2, "fp16": 1e-1, "bf16": 2e-1}
@@ -77,8 +77,8 @@ def _backend_check(unet, call, reference, backend):
             shallow_ref = pair.split.shallow(*inputs, cache)[0]
             full_ms, shallow_ms = _ms(lambda: pair.full(*inputs)), _ms(lambda: pair.shallow(*inputs, cache))
         error = max(relative_error(sample, reference), relative_error(shallow, shallow_ref))
-        return error, TOLERANCE[reference.dtype], (f"full {full_ms:8.2f} ms  shallow {shallow_ms:7.2f} ms  "
-                                                   f"ratio {full_ms / shallow_ms:5.2f}x")
+        timing = f"full {full_ms:8.2f} ms  shallow {shallow_ms:7.2f} ms  ratio {full_ms / shallow_ms:5.2f}x"
+        return error, VERIFY_TOLERANCE[reference.dtype], timing
     return check
 
 
@@ -89,7 +89,7 @@ def _export_check(unet, call, reference, fmt, runtime="python"):
             dc.export(tmp, format=fmt, example=call)
             engine = load_deepcache(tmp, device="cuda", runtime=runtime)
             out = engine(**call).sample
-        return relative_error(out, reference), TOLERANCE[reference.dtype], "first (full) step of the engine"
+        return relative_error(out, reference), VERIFY_TOLERANCE[reference.dtype], "first (full) step of the engine"
     return check
 
 

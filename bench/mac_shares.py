@@ -8,13 +8,13 @@ Writes bench/results/mac_shares.{json,md,png}.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from deepcache_compile import list_branches
 from deepcache_compile.eval.presets import build_unet, example_call
+from deepcache_compile.eval.report import write_report
 
 OUT = Path(__file__).parent / "results"
 
@@ -30,12 +30,11 @@ def main() -> None:
         table[preset] = [{"branch": r.index, "producer_module": r.producer_module,
                           "consumer_module": r.consumer_module, "full_gmacs": r.full_macs / 1e9,
                           "shallow_gmacs": r.shallow_macs / 1e9, "share": r.mac_share} for r in rows]
-    (OUT / "mac_shares.json").write_text(json.dumps(table, indent=2))
     lines = ["| preset | branch | producer module | consumer module | shallow GMACs | share of full |", "| --- " * 6 + "|"]
     for preset, rows in table.items():
         lines += [f"| {preset} | {r['branch']} | {r['producer_module']} | {r['consumer_module']} | "
                   f"{r['shallow_gmacs']:.1f} of {r['full_gmacs']:.1f} | {r['share']:.1%} |" for r in rows]
-    (OUT / "mac_shares.md").write_text("\n".join(lines) + "\n")
+    write_report(OUT / "mac_shares", table, lines)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -12,8 +12,6 @@ Medians of torch.utils.benchmark, interleaved over 5 rounds; writes bench/result
 
 from __future__ import annotations
 
-import json
-import platform
 import statistics
 import tempfile
 from pathlib import Path
@@ -23,6 +21,7 @@ from torch.utils import benchmark
 
 from deepcache_compile import compile_deepcache, load_deepcache
 from deepcache_compile.eval.digits import load_digits_model
+from deepcache_compile.eval.report import machine, write_report
 
 OUT = Path(__file__).parent / "results"
 
@@ -64,17 +63,10 @@ def main() -> None:
         call, graph = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
         overhead = statistics.median(p[0] - p[1] for p in pairs)
         results.append({"runtime": name, "call_us": call, "graph_us": graph, "overhead_us": overhead})
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
-    machine = {"cpu": cpu, "threads": torch.get_num_threads(),
-               "torch": torch.__version__}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "native_overhead.json").write_text(json.dumps({"machine": machine, "rows": results}, indent=2))
     lines = ["| runtime | per call us | graph alone us | overhead us |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['runtime']} | {r['call_us']:.1f} | {r['graph_us']:.1f} | {r['overhead_us']:.1f} |"
               for r in results]
-    (OUT / "native_overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(OUT / "native_overhead", {"machine": machine(), "rows": results}, lines)
     print(f"native (run) overhead is {results[1]['overhead_us'] / results[3]['overhead_us']:.1f}x below the "
           "Python engine's")
 

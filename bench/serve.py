@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
 import socket
 import statistics
 import time
@@ -85,9 +83,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
-    import torch
     from ray import serve
 
+    from deepcache_compile.eval.report import machine, write_report
     from deepcache_compile.serve.app import DeepCacheDeployment
     from deepcache_compile.serve.service import ServeOptions
 
@@ -123,17 +121,13 @@ def main() -> None:
         med = {k: statistics.median(run[k] for run in runs) for k in ("throughput", "p50", "p95")}
         base = statistics.median(run["throughput"] for run in results[kind, "one at a time"])
         rows.append(dict(workload=kind, way=name, **med, vs_one_at_a_time=med["throughput"] / base, runs=runs))
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
-               "torch": torch.__version__, "ray": ray.__version__, "requests": args.requests, "rate": args.rate,
-               "rounds": args.rounds, "max_batch": args.max_batch}
-    OUT.mkdir(exist_ok=True)
-    (OUT / "serve.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    settings = {"ray": ray.__version__, "requests": args.requests, "rate": args.rate, "rounds": args.rounds,
+                "max_batch": args.max_batch}
     lines = ["| workload | way | throughput (req/s) | vs one at a time | p50 latency (s) | p95 latency (s) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['workload']} | {r['way']} | {r['throughput']:.1f} | {r['vs_one_at_a_time']:.2f}x | "
               f"{r['p50']:.2f} | {r['p95']:.2f} |" for r in rows]
-    (OUT / "serve.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(OUT / "serve", {"machine": machine(), **settings, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 from pathlib import Path
 
-import torch
-
+from deepcache_compile.eval.report import machine
 from deepcache_compile.eval.soak import BACKENDS, run_soak
 from deepcache_compile.runtime.onednn import DEFAULT_ENTRIES
 
@@ -37,8 +35,7 @@ def main() -> int:
     args = parser.parse_args()
     report = run_soak(args.generations, tuple(args.backends), args.seed, onednn_cache=args.onednn_cache)
     result = {**dataclasses.asdict(report), "rss_growth": report.rss_growth, "passed": report.passed,
-              "backends": args.backends, "machine": platform.processor() or platform.machine(),
-              "cpus": torch.get_num_threads(), "torch": torch.__version__}
+              "backends": args.backends, "machine": machine()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"{report.generations} generations ({report.threaded} from threads, {report.broken_refused} NaN inputs "
