@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="backends, optionally with options: inductor:freezing=False (default: every backend "
                             "that runs on the device)")
     bench.add_argument("--dtype", nargs="+", default=None, choices=["fp32", "bf16", "fp16"],
-                       help="default: fp32 and bf16 on CPU; fp32, fp16 and bf16 on CUDA")
+                       help="default: fp32, plus bf16 and fp16 where oneDNN has kernels for them (CPU); fp32, "
+                            "fp16 and bf16 (CUDA)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
     bench.add_argument("--baseline", nargs="*", default=["unet-eager", "unet-compile", "reference-helper"],
                        choices=["unet-eager", "unet-compile", "reference-helper"])
