@@ -28,14 +28,17 @@ def main() -> int:
     parser.add_argument("--generations", type=int, default=1000)
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-warm-shapes", dest="warm_shapes", action="store_false",
+                        help="skip running every shape once before the warm-up generations")
     parser.add_argument("--onednn-cache", type=int, default=DEFAULT_ENTRIES,
                         help="entries of oneDNN's primitive caches, set before the first convolution (-1: the "
                              "library defaults)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "soak.json")
     args = parser.parse_args()
-    report = run_soak(args.generations, tuple(args.backends), args.seed, onednn_cache=args.onednn_cache)
+    report = run_soak(args.generations, tuple(args.backends), args.seed, onednn_cache=args.onednn_cache,
+                      warm_shapes=args.warm_shapes)
     result = {**dataclasses.asdict(report), "rss_growth": report.rss_growth, "passed": report.passed,
-              "backends": args.backends, "machine": machine()}
+              "backends": args.backends, "warm_shapes": args.warm_shapes, "machine": machine()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"{report.generations} generations ({report.threaded} from threads, {report.broken_refused} NaN inputs "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import logging
 import os
 import random
@@ -111,11 +112,14 @@ def draw_jobs(count: int, backends: tuple[str, ...], seed: int, broken_share: fl
 
 def run_soak(generations: int = 1000, backends: tuple[str, ...] = BACKENDS, seed: int = 0, chunk: int = 4,
              warmup: float = 0.2, broken_share: float = 0.02, progress: bool = True,
-             onednn_cache: int = DEFAULT_ENTRIES) -> SoakReport:
+             onednn_cache: int = DEFAULT_ENTRIES, warm_shapes: bool = False) -> SoakReport:
     """Runs `generations` random generations in chunks of `chunk`, every other chunk (at random) from `chunk`
     threads at once; resident memory is taken once `warmup` of them have run; `broken_share` of them get NaN
     latents. oneDNN's primitive caches are bounded at `onednn_cache` entries first, as a server does
     (`bound_onednn_caches`; -1 keeps the library's 1,024 per thread, which this many shapes fill: +18 % RSS).
+    With `warm_shapes`, the warm-up first runs every shape the dynamic backends can meet once (2 steps each), as
+    a server warms up before taking traffic: what a dynamic Inductor pair compiles per shape class (see
+    `runtime/backends/inductor.py`) is then compiled before resident memory is first read.
 
     Example:
         >>> report = run_soak(100, backends=("eager-dynamic",))
@@ -132,6 +136,11 @@ def run_soak(generations: int = 1000, backends: tuple[str, ...] = BACKENDS, seed
     report = SoakReport(most_pairs={name: 0 for name in backends}, onednn_cache=onednn_cache)
     rng = random.Random(seed + 1)
     start = time.perf_counter()
+    if warm_shapes:
+        for name in backends:
+            if name.endswith("-dynamic"):
+                for batch, height, width in itertools.product(range(1, 5), SIZES, SIZES):
+                    ddim_loop(models[name], {"sample": torch.randn(batch, 1, height, width)}, 2, scheduler)
     warm_at = max(1, int(generations * warmup))
     with ThreadPoolExecutor(max_workers=chunk) as pool:
         for first in tqdm(range(0, len(jobs), chunk), desc="soak", disable=not progress):
