@@ -5,7 +5,7 @@ over `--rounds` rounds: the digits model's dynamic eager pair, 240 generations i
 1..4, height and width 8..24 px, 3..12 steps, every other generation from 4 threads at once. Per setting:
 resident memory (after malloc_trim) after the first block and at the end, and the seconds of blocks 2..12.
 
-    python bench/onednn_caches.py                      # settings: default (1,024), 0, 64, 256
+    python bench/onednn_caches.py                      # settings: default (1,024), 1 (~off), 64, 256
     python bench/onednn_caches.py --settings -1 256 --rounds 3
 
 Writes bench/results/onednn_caches.{json,md}.
@@ -27,7 +27,7 @@ import json, random, sys, time
 from concurrent.futures import ThreadPoolExecutor
 import torch
 entries = int(sys.argv[1])
-if entries >= 0:
+if entries != -1:
     from deepcache_compile import bound_onednn_caches
     bound_onednn_caches(entries)
 from deepcache_compile import compile_deepcache
@@ -62,7 +62,7 @@ print(json.dumps({"trace_mb": trace, "seconds": seconds}))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", type=int, nargs="+", default=[-1, 0, 64, 256],
+    parser.add_argument("--settings", type=int, nargs="+", default=[-1, 1, 64, 256],
                         help="cache entries (-1: oneDNN's defaults, 1,024 per cache)")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()

@@ -43,7 +43,8 @@ def main() -> int:
     args.out.write_text(json.dumps(result, indent=2))
     print(f"{report.generations} generations ({report.threaded} from threads, {report.broken_refused} NaN inputs "
           f"refused) in {report.seconds:.0f} s; resident memory {report.rss_warm_mb:.0f} MB after warm-up -> "
-          f"{report.rss_end_mb:.0f} MB ({report.rss_growth:+.2%}); most pairs held {report.most_pairs}; "
+          f"{report.rss_end_mb:.0f} MB ({report.rss_growth:+.2%}; {report.live_end_mb:.0f} MB "
+          f"after malloc_trim); most pairs held {report.most_pairs}; "
           f"mismatches {len(report.mismatches)}, errors {len(report.errors)}, temp files left {report.temp_left}")
     for line in (report.mismatches + report.errors)[:20]:
         print("  ", line)

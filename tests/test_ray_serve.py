@@ -205,8 +205,9 @@ def test_options_from_serve_run_arguments():
                                          "min_size": "8", "onednn_cache": "64"})
     assert (options.batching, options.max_batch, options.batch_wait_s, options.min_size, options.onednn_cache) == (
         "generation", 4, 0.5, 8, 64)
-    with pytest.raises(ValueError, match="onednn_cache=-2: give a number of entries >= 0, or -1"):
-        ServeOptions(onednn_cache=-2)
+    for bad in (-2, 0):
+        with pytest.raises(ValueError, match=f"onednn_cache={bad}: give a number of entries >= 1, or -1"):
+            ServeOptions(onednn_cache=bad)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['batchsize'\]"):
         ServeOptions.from_strings({"batchsize": "4"})
     with pytest.raises(ValueError, match="batching='tokens': use one of step, generation, none"):

@@ -130,6 +130,6 @@ def test_bounded_onednn_caches_stop_the_growth_that_many_shapes_cause():
 def test_bound_onednn_caches_refuses_nonsense():
     from deepcache_compile import bound_onednn_caches
 
-    for bad in (-1, 2.5, True, "256"):
-        with pytest.raises(ValueError, match="an int >= 0"):
+    for bad in (0, -1, 2.5, True, "256"):
+        with pytest.raises(ValueError, match="an int >= 1"):
             bound_onednn_caches(bad)

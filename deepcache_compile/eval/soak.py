@@ -30,6 +30,7 @@ from ..runtime.dispatch import DeepCacheUNet
 from ..runtime.onednn import DEFAULT_ENTRIES, bound_onednn_caches
 from ..schedule import Schedule
 from .digits import load_digits_model
+from .memory import resident
 from .sampling import ddim_loop
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class SoakReport:
     errors: list[str] = field(default_factory=list)
     rss_warm_mb: float = 0.0
     rss_end_mb: float = 0.0
+    live_end_mb: float = 0.0  # rss_end_mb after malloc_trim: the difference is freed heap that glibc kept
     rss_trace_mb: list[float] = field(default_factory=list)  # every 10 chunks
     most_pairs: dict[str, int] = field(default_factory=dict)
     temp_left: list[str] = field(default_factory=list)
@@ -125,7 +127,7 @@ def run_soak(generations: int = 1000, backends: tuple[str, ...] = BACKENDS, seed
         >>> report = run_soak(100, backends=("eager-dynamic",))
         >>> report.passed, f"{report.rss_growth:+.1%}"
     """
-    if onednn_cache >= 0:
+    if onednn_cache != -1:
         bound_onednn_caches(onednn_cache)
     unet, scheduler = load_digits_model()
     temp = tempfile.gettempdir()
@@ -167,6 +169,7 @@ def run_soak(generations: int = 1000, backends: tuple[str, ...] = BACKENDS, seed
             if first // chunk % 10 == 0:
                 report.rss_trace_mb.append(round(_rss_mb(), 1))
     report.rss_end_mb = _rss_mb()
+    report.live_end_mb = resident() / 2**20  # last: trimming earlier would lower the later readings
     report.seconds = time.perf_counter() - start
     report.temp_left = sorted(name for name in set(os.listdir(temp)) - temp_before
                               if not name.startswith(COMPILER_CACHES))

@@ -27,16 +27,17 @@ def bound_onednn_caches(entries: int = DEFAULT_ENTRIES) -> None:
 
     The caches read their capacity when they are created: call this before the process runs its first
     convolution (before loading a pipeline is early enough; `DeepCacheService` and `bench/soak.py` do it at
-    start). Threads started later get the cap too. 0 turns the caches off (every call creates its primitives
-    again: 1.2x slower on the digits model).
+    start). Threads started later get the cap too. At least 1: ideep's cache with 0 entries crashes the process
+    (a segmentation fault at the first convolution, torch 2.13); 1 is as good as off (every call creates its
+    primitives again: 1.2x slower on the digits model).
 
     Example:
         >>> from deepcache_compile.runtime.onednn import bound_onednn_caches
         >>> bound_onednn_caches(256)   # then build the pipeline and serve
     """
-    if isinstance(entries, bool) or not isinstance(entries, int) or entries < 0:
-        raise ValueError(f"entries={entries!r}: give the number of cached primitives, an int >= 0 "
-                         f"(default {DEFAULT_ENTRIES})")
+    if isinstance(entries, bool) or not isinstance(entries, int) or entries < 1:
+        raise ValueError(f"entries={entries!r}: give the number of cached primitives, an int >= 1 (0 crashes "
+                         f"ideep's cache; default {DEFAULT_ENTRIES})")
     for name in _VARIABLES:
         os.environ[name] = str(entries)
     logger.info("oneDNN primitive caches bounded at %d entries (process) and %d per thread", entries, entries)

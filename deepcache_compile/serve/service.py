@@ -82,8 +82,8 @@ class ServeOptions:
         for name in ("interval", "steps", "max_batch", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.onednn_cache < -1:
-            raise ValueError(f"onednn_cache={self.onednn_cache}: give a number of entries >= 0, or -1 for the "
+        if self.onednn_cache < 1 and self.onednn_cache != -1:
+            raise ValueError(f"onednn_cache={self.onednn_cache}: give a number of entries >= 1, or -1 for the "
                              "library defaults")
 
     @classmethod
@@ -123,7 +123,7 @@ class DeepCacheService:
 
     def __init__(self, options: ServeOptions):
         self.options = options
-        if options.onednn_cache >= 0:
+        if options.onednn_cache != -1:
             bound_onednn_caches(options.onednn_cache)  # before the model's first convolution
         torch.set_num_threads(options.threads)
         self.unet, self.scheduler = load_pixel_model(options.model)
