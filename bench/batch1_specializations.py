@@ -4,7 +4,7 @@ Every batch-1 size (25) and the corners at batch 2-4, each a 4-step DDIM loop, c
 pair; counts dynamo's unique graphs (full and shallow together) after each shape. See the README ("Dynamic
 shapes") for why batch 1 specializes: ATen's size-dependent convolution-backend choice.
 
-    python bench/batch1_specializations.py     # ~6 minutes here; writes bench/results/batch1_specializations.*
+    python bench/batch1_specializations.py     # 2-6 minutes here (Inductor's cache); writes bench/results/batch1_specializations.*
 """
 
 from __future__ import annotations
