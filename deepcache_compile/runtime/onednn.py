@@ -3,10 +3,10 @@
 PyTorch's CPU convolutions run through oneDNN, which keeps every primitive it creates (one per layer and input
 shape) in two LRU caches of 1,024 entries each: oneDNN's own, shared by the process, and ideep's, one per
 thread (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`, `LRU_CACHE_CAPACITY`). A server that meets many sizes and batch sizes
-from a pool of threads fills all of them: measured with the digits model (4 threads, random batch 1..4 and sizes
-8..24 px), resident memory grew 556 -> 688 MB over 240 generations with the defaults and stayed at 537 -> 534
-MB with 64 entries, with no loss of speed (`bench/soak.py`). The caches are bounded, not leaks, but 1,024
-entries per thread is more than one model at a few shapes uses (an SD 1.5 step creates about 100).
+from a pool of threads fills all of them: measured with the digits model (`bench/onednn_caches.py`: 4 threads,
+random batch 1..4 and sizes 8..24 px, 240 generations), resident memory grew 560 -> 688 MB with the defaults,
+540 -> 550 MB with 64 entries and 551 -> 579 MB with 256 (flat after the first fifth), at the same speed. The
+caches are bounded, not leaks, but 1,024 entries per thread is far more than one model at a few shapes needs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def bound_onednn_caches(entries: int = DEFAULT_ENTRIES) -> None:
     convolution (before loading a pipeline is early enough; `DeepCacheService` and `bench/soak.py` do it at
     start). Threads started later get the cap too. At least 1: ideep's cache with 0 entries crashes the process
     (a segmentation fault at the first convolution, torch 2.13); 1 is as good as off (every call creates its
-    primitives again: 1.2x slower on the digits model).
+    primitives again: 1.32x slower on the digits model).
 
     Example:
         >>> from deepcache_compile.runtime.onednn import bound_onednn_caches
