@@ -13,6 +13,7 @@ time at batch >= 2 and, where the range includes it, at batch 1 (Inductor specia
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import torch
@@ -74,6 +75,8 @@ class _Replayed:
 # How many specializations a dynamic pair's graph may reach (dynamo's own limit, 8 by default, is per function
 # and global). Measured on the digits model over batch 1..4 x 8..24 px: see `_past_recompile_limit`.
 SPECIALIZATION_LIMIT = 64
+# dynamo's config is process-wide: one thread at a time raises the limit (compiles are serialized anyway).
+_PAST_LIMIT = threading.Lock()
 
 
 def _past_recompile_limit(compiled):
@@ -97,7 +100,7 @@ def _past_recompile_limit(compiled):
                     "more specialization for %s (up to %d)", torch._dynamo.config.recompile_limit,
                     [tuple(t.shape) for t in inputs[:1]], SPECIALIZATION_LIMIT)
         try:
-            with torch._dynamo.config.patch(recompile_limit=SPECIALIZATION_LIMIT), fx_config.patch(
+            with _PAST_LIMIT, torch._dynamo.config.patch(recompile_limit=SPECIALIZATION_LIMIT), fx_config.patch(
                     use_duck_shape=False):
                 return compiled(*inputs)
         except torch._dynamo.exc.FailOnRecompileLimitHit as err:
