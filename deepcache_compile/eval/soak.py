@@ -142,7 +142,8 @@ def run_soak(generations: int = 1000, backends: tuple[str, ...] = BACKENDS, seed
     if warm_shapes:
         for name in backends:
             if name.endswith("-dynamic"):
-                for batch, height, width in itertools.product(range(1, 5), SIZES, SIZES):
+                lo, hi = DIGITS_RANGES["batch"]
+                for batch, height, width in itertools.product(range(lo, hi + 1), SIZES, SIZES):
                     ddim_loop(models[name], {"sample": torch.randn(batch, 1, height, width)}, 2, scheduler)
     warm_at = max(1, int(generations * warmup))
     with ThreadPoolExecutor(max_workers=chunk) as pool:
