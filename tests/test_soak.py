@@ -83,18 +83,14 @@ def test_dropped_pairs_leave_no_trace_state_alive():
 
 
 _CONVS_IN_THREADS = """
-import ctypes, gc, sys, threading
+import sys, threading
 import torch
+from deepcache_compile.eval.memory import resident
 if sys.argv[1] == "bounded":
     from deepcache_compile import bound_onednn_caches
     bound_onednn_caches(16)  # after importing torch, before the first convolution: as a server does
 torch.set_num_threads(1)
 conv = torch.nn.Conv2d(16, 16, 3, padding=1).eval()
-
-def rss():
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 
 def run(sizes):
     with torch.no_grad():
@@ -103,11 +99,11 @@ def run(sizes):
 
 sizes = [(h, w) for h in range(4, 24) for w in range(4, 24)]  # 400 shapes: one oneDNN primitive each
 run(sizes[:20])
-before = rss()
+before = resident() / 2**20
 threads = [threading.Thread(target=run, args=(sizes,)) for _ in range(2)]
 for t in threads: t.start()
 for t in threads: t.join()
-print(rss() - before)
+print(resident() / 2**20 - before)
 """
 
 

@@ -26,12 +26,14 @@ def _trim() -> None:
         pass
 
 
-def resident(device: torch.device | str = "cpu") -> int:
-    """Bytes in use now: the resident set on CPU, the allocator's allocated bytes on CUDA."""
+def resident(device: torch.device | str = "cpu", trim: bool = True) -> int:
+    """Bytes in use now: the resident set on CPU (with `trim=False`, counting freed heap that glibc kept, as the
+    operating system sees it), the allocator's allocated bytes on CUDA."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.memory_allocated()
-    _trim()
+    if trim:
+        _trim()
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * _PAGE
 

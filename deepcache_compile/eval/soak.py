@@ -213,6 +213,6 @@ def _judge(report: SoakReport, job: SoakJob, reference, result) -> None:
 
 
 def _rss_mb() -> float:
+    """The resident set as the operating system sees it (freed heap glibc kept included), after a collection."""
     gc.collect()
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return resident(trim=False) / 2**20
