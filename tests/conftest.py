@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from deepcache_compile.calls import CallFlattener, example_call
 from deepcache_compile.eval.presets import build_unet
@@ -20,6 +24,12 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 # same generated code, no FMA contraction (within every compiled-vs-eager tolerance). `bench/` compiles with
 # Inductor's defaults (-O3).
 os.environ.setdefault("TORCHINDUCTOR_DEBUG_COMPILE", "1")
+# Each worker gets a temp folder of its own: the tests that check that nothing is left in the temp folder see
+# their own worker's files only, not the other worker's compile in progress. Inductor's cache stays where it is
+# by default (it is under the temp folder), shared by the workers and kept between runs.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+tempfile.tempdir = tempfile.mkdtemp(prefix=f"deepcache-tests-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+atexit.register(shutil.rmtree, tempfile.tempdir, ignore_errors=True)
 
 _SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
