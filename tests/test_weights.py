@@ -101,7 +101,8 @@ def test_release_weights_keeps_one_copy_and_refuses_what_needs_the_other(backend
     expected_bytes = sum(t.numel() * t.element_size() for t in (*unet.parameters(), *unet.buffers()))
     eager = compile_deepcache(unet, branch=1, interval=2)
     expected = [eager(**{**call, "timestep": t}).sample for t in (900, 800, 700)]
-    dc = compile_deepcache(unet, branch=1, interval=2, backend=backend)
+    options = {"share_weights": False} if backend == "aoti" else {}
+    dc = compile_deepcache(unet, branch=1, interval=2, backend=backend, backend_options=options)
     with pytest.raises(ValueError, match="nothing is compiled yet"):
         dc.release_weights()
     dc.prepare(**call)
@@ -119,6 +120,24 @@ def test_release_weights_keeps_one_copy_and_refuses_what_needs_the_other(backend
         dc(**{**other, "timestep": 900})
     with pytest.raises(RuntimeError, match="cannot recompile"):
         dc.recompile()
+
+
+def test_aoti_graphs_read_the_unets_own_weights_unless_told_to_copy_them():
+    unet = make_unet("ddpm-class")
+    call = make_call(unet, batch=2)
+    shared = compile_deepcache(unet, branch=1, interval=2, backend="aoti")
+    copied = compile_deepcache(unet, branch=1, interval=2, backend="aoti", backend_options={"share_weights": False})
+    before = [_first_step(dc, call) for dc in (shared, copied)]
+    with pytest.raises(ValueError, match="share_weights': False"):
+        shared.release_weights()
+    # An edit through .data bumps no version counter: no check sees it, only a graph that reads the U-Net's own
+    # memory does. (Not a bias: Inductor writes one-dimensional tensors of up to 8 elements into the code.)
+    unet.conv_out.weight.data.mul_(2)
+    with torch.no_grad():
+        edited = unet(**call).sample
+    assert not torch.allclose(edited, before[0], atol=1e-3)
+    torch.testing.assert_close(_first_step(shared, call), edited, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_first_step(copied, call), before[1], rtol=0, atol=0)
 
 
 def _storage(t: torch.Tensor) -> int | None:

@@ -209,8 +209,9 @@ class DeepCacheUNet(nn.Module):
         (transposed linear weights) in reference cycles: a collection frees them here (SD 1.5 with onnxruntime:
         without it, 2.47 of the 3.44 GB came back; with it, all).
 
-        For backends whose compiled graphs hold their own weights: onnxruntime, aoti, tensorrt (not eager, and
-        not Inductor, whose graphs read the module's parameters at run time). Compile every shape you serve
+        For backends whose compiled graphs hold their own weights: onnxruntime, tensorrt, and aoti with
+        `share_weights=False` (not eager, Inductor, or aoti by default, whose graphs read the module's weights
+        where they are: aoti's default keeps a single copy that way, without releasing anything). Compile every shape you serve
         first (`prepare`, or `dynamic=`): afterwards a new shape, `recompile()`, `export` and the weight-change
         check are refused, and the U-Net module itself is left without weights (do not run it).
 
@@ -227,8 +228,8 @@ class DeepCacheUNet(nn.Module):
                                  "dynamic=...) before release_weights()")
             if not all(p.owns_weights for p in pairs):
                 raise ValueError(f"the {self.deepcache_config.backend} graphs read the U-Net's weights at run time: "
-                                 "release_weights() needs a backend whose graphs hold their own (onnxruntime, aoti, "
-                                 "tensorrt)")
+                                 "release_weights() needs a backend whose graphs hold their own (onnxruntime, "
+                                 "tensorrt, aoti with backend_options={'share_weights': False})")
             modules = [self.unet, *(m for p in pairs for m in (p.traced.gm, p.split.full, p.split.shallow))]
             modules += [g for p in pairs if p.three
                         for g in (p.three.graphs.head, p.three.graphs.deep, p.three.graphs.tail)]

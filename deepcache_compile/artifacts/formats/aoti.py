@@ -16,9 +16,14 @@ WRITE_OPTIONS = ("inductor_configs",)
 LOAD_OPTIONS: tuple[str, ...] = ()
 
 
-def package(program: torch.export.ExportedProgram, path: Path, inductor_configs: dict | None = None) -> Path:
-    """Compiles `program` with AOTInductor into the package file `path`."""
-    torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=inductor_configs)
+def package(program: torch.export.ExportedProgram, path: Path, inductor_configs: dict | None = None,
+            weights: bool = True) -> Path:
+    """Compiles `program` with AOTInductor into the package file `path`; with `weights=False` the package holds
+    no weights (`load(..., constants=...)` binds them)."""
+    configs = dict(inductor_configs or {})
+    if not weights:
+        configs["aot_inductor.package_constants_in_so"] = False
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
     return path
 
 
@@ -27,14 +32,23 @@ def write(program: torch.export.ExportedProgram, path: Path, io, ranges, inducto
     return [package(program, path, inductor_configs)]
 
 
-def load(path: Path, device: torch.device):
-    """Loads an AOTInductor package: a callable `(*tensors) -> tuple[tensor, ...]`."""
+def load(path: Path, device: torch.device, constants: dict[str, torch.Tensor] | None = None):
+    """Loads an AOTInductor package: a callable `(*tensors) -> tuple[tensor, ...]`.
+
+    `constants` (a package written with `weights=False`): the program's parameters, buffers and constants by
+    name, which the graph then reads where they are (AOTInductor's user-managed constants: no copy). The callable
+    keeps them alive, so a parameter replaced afterwards (`p.data = x`) leaves the graph on the old tensor.
+    """
     device = torch.device(device)
     index = -1 if device.type == "cpu" else (device.index or 0)
     runner = torch._inductor.aoti_load_package(str(path), device_index=index)
+    if constants is not None:
+        runner.load_constants({name: constants[name] for name in runner.get_constant_fqns()},
+                              check_full_update=True, user_managed=True)
 
     def run(*tensors):
         return tuple(runner(*tensors))
 
-    run.owns_weights = True  # the package's constants: the U-Net's own tensors are not read
+    run.constants = constants  # what the graph reads: alive as long as the graph
+    run.owns_weights = constants is None  # the package's constants: the U-Net's own tensors are not read
     return run
