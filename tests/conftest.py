@@ -28,7 +28,7 @@ os.environ.setdefault("TORCHINDUCTOR_DEBUG_COMPILE", "1")
 # their own worker's files only, not the other worker's compile in progress. Inductor's cache stays where it is
 # by default (it is under the temp folder), shared by the workers and kept between runs.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
-tempfile.tempdir = tempfile.mkdtemp(prefix=f"deepcache-tests-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+tempfile.tempdir = tempfile.mkdtemp(prefix=f"dc-tests-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
 atexit.register(shutil.rmtree, tempfile.tempdir, ignore_errors=True)
 
 _SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")

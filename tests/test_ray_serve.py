@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 import socket
+import tempfile
 import threading
 import time
 
@@ -44,7 +45,7 @@ def close(out: torch.Tensor, ref: torch.Tensor) -> bool:
 
 # ------------------------------------------------------------------------------------------------ HTTP, Ray
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server():
     ray = pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install 'deepcache_compile[serve]'")
     requests = pytest.importorskip("requests")
     from ray import serve
@@ -54,10 +55,9 @@ def server(tmp_path_factory):
     with socket.socket() as s:  # a free loopback port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # Ray's session files under pytest's temp folder, not /tmp/ray: other test files running beside this one
-    # check that the temp folder gains nothing
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    # Ray's session files in this worker's temp folder (tests/conftest.py), not /tmp/ray; a short path, since
+    # Ray's Unix sockets live under it (at most 107 characters).
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="ray"))
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build({"batching": "step", "max_batch": "8"}), name="digits", route_prefix="/digits")
