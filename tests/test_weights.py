@@ -101,8 +101,7 @@ def test_release_weights_keeps_one_copy_and_refuses_what_needs_the_other(backend
     expected_bytes = sum(t.numel() * t.element_size() for t in (*unet.parameters(), *unet.buffers()))
     eager = compile_deepcache(unet, branch=1, interval=2)
     expected = [eager(**{**call, "timestep": t}).sample for t in (900, 800, 700)]
-    options = {"share_weights": False} if backend == "aoti" else {}
-    dc = compile_deepcache(unet, branch=1, interval=2, backend=backend, backend_options=options)
+    dc = compile_deepcache(unet, branch=1, interval=2, backend=backend)  # aoti on CPU: frozen, its own copy
     with pytest.raises(ValueError, match="nothing is compiled yet"):
         dc.release_weights()
     dc.prepare(**call)
@@ -122,13 +121,17 @@ def test_release_weights_keeps_one_copy_and_refuses_what_needs_the_other(backend
         dc.recompile()
 
 
-def test_aoti_graphs_read_the_unets_own_weights_unless_told_to_copy_them():
+def test_aoti_graphs_share_the_unets_own_weights_when_told_and_copy_them_by_default_on_cpu():
     unet = make_unet("ddpm-class")
     call = make_call(unet, batch=2)
-    shared = compile_deepcache(unet, branch=1, interval=2, backend="aoti")
-    copied = compile_deepcache(unet, branch=1, interval=2, backend="aoti", backend_options={"share_weights": False})
+    refused = compile_deepcache(unet, branch=1, interval=2, backend="aoti",
+                                backend_options={"share_weights": True, "inductor_configs": {"freezing": True}})
+    with pytest.raises(ValueError, match="cannot share the U-Net's weights with frozen graphs"):
+        refused.prepare(**call)
+    shared = compile_deepcache(unet, branch=1, interval=2, backend="aoti", backend_options={"share_weights": True})
+    copied = compile_deepcache(unet, branch=1, interval=2, backend="aoti")  # CPU default: frozen, its own copy
     before = [_first_step(dc, call) for dc in (shared, copied)]
-    with pytest.raises(ValueError, match="share_weights': False"):
+    with pytest.raises(ValueError, match="share_weights': True"):
         shared.release_weights()
     # An edit through .data bumps no version counter: no check sees it, only a graph that reads the U-Net's own
     # memory does. (Not a bias: Inductor writes one-dimensional tensors of up to 8 elements into the code.)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.fx.experimental import proxy_tensor
 
 from ..calls import CallFlattener, FlatCall
 from ..config import DeepCacheConfig
@@ -207,11 +208,13 @@ class DeepCacheUNet(nn.Module):
         graphs') instead of two; returns the bytes of the storages the U-Net and the pairs' graph modules let go
         (freed unless something else still holds them). The ONNX exporter leaves tensors that view the weights
         (transposed linear weights) in reference cycles: a collection frees them here (SD 1.5 with onnxruntime:
-        without it, 2.47 of the 3.44 GB came back; with it, all).
+        without it, 2.47 of the 3.44 GB came back; with it, all). torch's record of the last trace, which holds the
+        weights after AOTInductor's freezing, is cleared too.
 
-        For backends whose compiled graphs hold their own weights: onnxruntime, tensorrt, and aoti with
-        `share_weights=False` (not eager, Inductor, or aoti by default, whose graphs read the module's weights
-        where they are: aoti's default keeps a single copy that way, without releasing anything). Compile every shape you serve
+        For backends whose compiled graphs hold their own weights: onnxruntime, tensorrt, and aoti on CPU (frozen
+        graphs, its default there) or with `share_weights=False`; not eager, Inductor, or aoti with
+        `share_weights=True`, whose graphs read the module's weights where they are (one copy without releasing
+        anything). Compile every shape you serve
         first (`prepare`, or `dynamic=`): afterwards a new shape, `recompile()`, `export` and the weight-change
         check are refused, and the U-Net module itself is left without weights (do not run it).
 
@@ -229,7 +232,7 @@ class DeepCacheUNet(nn.Module):
             if not all(p.owns_weights for p in pairs):
                 raise ValueError(f"the {self.deepcache_config.backend} graphs read the U-Net's weights at run time: "
                                  "release_weights() needs a backend whose graphs hold their own (onnxruntime, "
-                                 "tensorrt, aoti with backend_options={'share_weights': False})")
+                                 "tensorrt, aoti unless backend_options={'share_weights': True})")
             modules = [self.unet, *(m for p in pairs for m in (p.traced.gm, p.split.full, p.split.shallow))]
             modules += [g for p in pairs if p.three
                         for g in (p.three.graphs.head, p.three.graphs.deep, p.three.graphs.tail)]
@@ -238,6 +241,9 @@ class DeepCacheUNet(nn.Module):
             for t in tensors.values():
                 t.data = torch.empty(0, dtype=t.dtype, device=t.device)
             cache.released = True
+        # torch keeps the nodes of the last make_fx trace in a module global (for export's leak detection; the
+        # next trace clears it): after AOTInductor's freezing, that graph's constants are the U-Net's tensors.
+        getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", {}).clear()
         gc.collect()  # views of the weights left in reference cycles (the ONNX exporter's) hold their storages
         return sum(storages.values())
 

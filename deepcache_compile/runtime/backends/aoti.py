@@ -1,9 +1,14 @@
 """The `aoti` backend: each graph compiled ahead of time by AOTInductor into a package and loaded back.
 
-Options: `inductor_configs` (passed to `aoti_compile_and_package`), `share_weights` (default True: the compiled
-graphs read the U-Net's own weights where they are, through AOTInductor's user-managed constants, instead of a
-copy in the package: one copy of the weights in the process, measured with `bench/weights_memory.py`; False: the
-package holds its own copy, as an exported engine file does, and `dc.release_weights()` can free the U-Net's).
+Options: `inductor_configs` (passed to `aoti_compile_and_package`) and `share_weights`. The default is the fast
+one, as for the inductor backend: on CPU with static shapes the graphs are frozen (Inductor folds the weights
+into the package and pre-packs the convolution weights for oneDNN), which needs their own copy of the weights;
+elsewhere (CUDA, dynamic pairs) freezing gains nothing here and the graphs share the U-Net's weights.
+`share_weights=True` on CPU keeps one copy of the weights in the process, at a cost in speed (SD 1.5, 256 px,
+batch 2, N=5: 1.35x the frozen copy's time, `bench/results/sd15_aoti_weights/`); `share_weights=False` with
+`inductor_configs={'freezing': False}` is a copy without the speed. Shared graphs read the U-Net's own tensors
+through AOTInductor's user-managed constants (the package is compiled without constants); graphs with their own
+copy let `dc.release_weights()` free the U-Net's.
 The package is written to a temporary folder that is removed as soon as the loader has opened it (it extracts
 what it needs): nothing is left in the temp folder. `dc.export(dir, format="aoti")` writes packages with their
 weights, as deployable files.
@@ -30,15 +35,24 @@ logger = logging.getLogger(__name__)
 def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], options: dict[str, Any],
                   ranges: ShapeRanges | None = None):
     check_options("the aoti backend", options, (*aoti.WRITE_OPTIONS, "share_weights"))
-    share = options.get("share_weights", True)
+    configs = dict(options.get("inductor_configs") or {})
+    fast_freezing = example_inputs[0].device.type == "cpu" and ranges is None
+    share = options.get("share_weights", not (configs.get("freezing", fast_freezing)))
     if not isinstance(share, bool):
         raise TypeError(f"the aoti backend's share_weights is True or False, not {share!r}")
+    if share and configs.get("freezing"):
+        raise ValueError("the aoti backend cannot share the U-Net's weights with frozen graphs (freezing replaces "
+                         "them by packed copies): pass share_weights=False for frozen graphs with their own "
+                         "weights, or inductor_configs={'freezing': False} to share")
+    # Set either way, so that the process-wide setting (e.g. the benchmark's) does not decide it.
+    configs["freezing"] = not share and configs.get("freezing", fast_freezing)
     program = export_program(gm, example_inputs, ranges)
     # The program's parameters and buffers are the U-Net's own tensors (export lifts them without copying).
     constants = {**program.state_dict, **program.constants} if share else None
     with tempfile.TemporaryDirectory(prefix="deepcache_aoti_") as tmp:
         path = Path(tmp) / f"{type(gm).__name__}{aoti.SUFFIX}"
-        aoti.package(program, path, options.get("inductor_configs"), weights=not share)
+        aoti.package(program, path, configs, weights=not share)
         runner = aoti.load(path, example_inputs[0].device, constants)
-    logger.info("AOTInductor compiled %s", type(gm).__name__)
+    logger.info("AOTInductor compiled %s (share_weights=%s, freezing=%s)", type(gm).__name__, share,
+                configs["freezing"])
     return runner
