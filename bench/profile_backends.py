@@ -1,6 +1,7 @@
 """Where the time of one full step goes, per backend: Inductor against ONNX Runtime on the same graph.
 
     python bench/profile_backends.py --preset sd15 --resolution 256 --batch 2
+    python bench/profile_backends.py --backends inductor --dtype fp32 bf16 --out bench/results/profile_bf16
 
 Compiles the full graph of one DeepCache pair (branch 1) with each backend and profiles `--calls` calls:
 Inductor under `torch.profiler` (its generated C++ kernels named through `cpp.enable_kernel_profile`), ONNX
@@ -81,35 +82,42 @@ def main() -> None:
     parser.add_argument("--preset", default="sd15")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=sorted(DTYPES),
+                        help="each backend at each dtype (fp32 bf16: where bf16 gains and where it does not)")
     parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--backends", nargs="+", default=["inductor", "onnxruntime"],
+                        choices=["inductor", "onnxruntime"], help="onnxruntime has no bf16 convolution on CPU")
     parser.add_argument("--out", default="bench/results/profile_backends")
     args = parser.parse_args()
 
     torch._inductor.config.cpp.enable_kernel_profile = True
-    unet = build_unet(args.preset, dtype=DTYPES[args.dtype])
-    call = example_call(unet, batch=args.batch, height=args.resolution // 8, width=args.resolution // 8)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         profiling = {"session_options": {"enable_profiling": True, "profile_file_prefix": f"{tmp}/ort"}}
-        for backend, options in (("inductor", {}), ("onnxruntime", profiling)):
-            pair = compile_deepcache(unet, branch=1, backend=backend, backend_options=options).prepare(**call)
-            inputs = pair.traced.example_inputs
-            with torch.no_grad():
-                pair.full(*inputs)
-            results[backend] = (profile_inductor(pair, inputs, args.calls) if backend == "inductor"
-                                else profile_onnxruntime(pair, inputs, args.calls))
-            del pair
-    categories = sorted({c for r in results.values() for c in r}, key=lambda c: -results["inductor"].get(c, 0))
-    lines = [f"{args.preset} {args.resolution} px, batch {args.batch}, {args.dtype}, full step (branch 1); "
-             f"ms per call, {args.calls} profiled calls; {machine()['cpu']}, {torch.get_num_threads()} threads", "",
-             "| category | inductor ms | onnxruntime ms | inductor / onnxruntime |", "| --- | --- | --- | --- |"]
-    for c in categories:
-        a, b = results["inductor"].get(c, 0.0), results["onnxruntime"].get(c, 0.0)
-        lines.append(f"| {c} | {a:.1f} | {b:.1f} | {a / b:.2f} |" if b else f"| {c} | {a:.1f} | {b:.1f} | |")
-    total = {k: sum(v.values()) for k, v in results.items()}
-    lines.append(f"| total | {total['inductor']:.1f} | {total['onnxruntime']:.1f} | "
-                 f"{total['inductor'] / total['onnxruntime']:.2f} |")
+        for dtype in args.dtype:
+            unet = build_unet(args.preset, dtype=DTYPES[dtype])
+            call = example_call(unet, batch=args.batch, height=args.resolution // 8, width=args.resolution // 8)
+            for backend in args.backends:
+                options = profiling if backend == "onnxruntime" else {}
+                pair = compile_deepcache(unet, branch=1, backend=backend, backend_options=options).prepare(**call)
+                inputs = pair.traced.example_inputs
+                with torch.no_grad():
+                    pair.full(*inputs)
+                results[f"{backend} {dtype}"] = (profile_inductor(pair, inputs, args.calls) if backend == "inductor"
+                                                 else profile_onnxruntime(pair, inputs, args.calls))
+                del pair
+    names = list(results)
+    categories = sorted({c for r in results.values() for c in r}, key=lambda c: -results[names[0]].get(c, 0))
+    ratio = f" | {names[0]} / {names[1]}" if len(names) == 2 else ""
+    lines = [f"{args.preset} {args.resolution} px, batch {args.batch}, full step (branch 1); ms per call, "
+             f"{args.calls} profiled calls; {machine()['cpu']}, {torch.get_num_threads()} threads", "",
+             "| category | " + " | ".join(f"{n} ms" for n in names) + ratio + " |",
+             "| --- " * (len(names) + 1 + bool(ratio)) + "|"]
+    for c in [*categories, "total"]:
+        ms = [sum(r.values()) if c == "total" else r.get(c, 0.0) for r in results.values()]
+        cells = " | ".join(f"{m:.1f}" for m in ms)
+        cells += (f" | {ms[0] / ms[1]:.2f}" if ms[1] else " | ") if ratio else ""
+        lines.append(f"| {c} | {cells} |")
     write_report(args.out, {"args": vars(args), "ms": results, **machine()}, lines)
 
 

@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.fx.experimental import proxy_tensor
 
 from ..calls import CallFlattener, FlatCall
 from ..config import DeepCacheConfig
+from ..graph.trace import forget_last_trace
 from ..refresh import AdaptiveRefresh, CalibratedPlan
 from ..schedule import Schedule
 from ..shapes import ShapeRanges, shape_class
@@ -241,9 +241,7 @@ class DeepCacheUNet(nn.Module):
             for t in tensors.values():
                 t.data = torch.empty(0, dtype=t.dtype, device=t.device)
             cache.released = True
-        # torch keeps the nodes of the last make_fx trace in a module global (for export's leak detection; the
-        # next trace clears it): after AOTInductor's freezing, that graph's constants are the U-Net's tensors.
-        getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", {}).clear()
+        forget_last_trace()  # an export since compiling (dc.export) may have left one holding the weights
         gc.collect()  # views of the weights left in reference cycles (the ONNX exporter's) hold their storages
         return sum(storages.values())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import linecache
 import logging
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from ..calls import FlatCall
 from ..config import DeepCacheConfig
 from ..graph.branches import SkipBranch, downsampling_factor, find_branches
 from ..graph.partition import SplitGraphs, ThreeGraphs, add_forecast, split_at_branch, split_three
-from ..graph.trace import TracedUNet, trace_unet
+from ..graph.trace import TracedUNet, forget_last_trace, trace_unet
 from ..shapes import ShapeRanges, sample_size, with_batch
 from .backends import get_backend
 from .generation import keep_cache
@@ -147,6 +148,9 @@ def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, rang
             full, shallow = _run_three(three, config.forecast)
         else:
             three, (full, shallow) = None, _compile_two(split, traced.example_inputs, compile_graph, config.forecast)
+    if config.backend != "eager":
+        forget_last_trace()  # a backend's trace would otherwise keep what it traced (and folded) alive
+        gc.collect()
     pair = CompiledPair(traced=traced, split=split, full=full, shallow=shallow, ranges=ranges, three=three,
                         forecast=config.forecast,
                         owns_weights=all(getattr(c, "owns_weights", False) for c in compiled))
