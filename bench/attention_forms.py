@@ -4,16 +4,19 @@ softmax), both compiled by torch.compile, side by side on the attention shapes o
     python bench/attention_forms.py     # writes bench/results/attention_forms.{json,md}
 
 Shapes (batch 2, 8 heads): self-attention at 1,024 / 256 / 64 tokens (head dim 40 / 80 / 160) and
-cross-attention of 1,024 tokens to 77 text tokens. torch.utils.benchmark medians, interleaved per shape.
+cross-attention of 1,024 tokens to 77 text tokens. torch.utils.benchmark medians, the two forms one after
+the other per shape. `--dtype fp32 bf16` adds the bf16 rows (`--out bench/results/attention_forms_bf16`).
 """
 
 from __future__ import annotations
 
+import argparse
 
 import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
+from deepcache_compile.eval.presets import DTYPES
 from deepcache_compile.eval.report import machine, write_report
 
 SHAPES = ((1024, 1024, 40), (1024, 77, 40), (256, 256, 80), (64, 64, 160))
@@ -28,25 +31,31 @@ def decomposed(q, k, v):
 
 
 def main() -> None:
-    torch._dynamo.config.recompile_limit = 64  # one compiled graph per shape and form
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=sorted(DTYPES))
+    parser.add_argument("--out", default="bench/results/attention_forms")
+    args = parser.parse_args()
+    torch._dynamo.config.recompile_limit = 64  # one compiled graph per shape, dtype and form
     rows = []
-    for tokens, keys, dim in SHAPES:
-        q, k, v = torch.randn(2, 8, tokens, dim), torch.randn(2, 8, keys, dim), torch.randn(2, 8, keys, dim)
-        row = {"tokens": tokens, "keys": keys, "head_dim": dim}
-        with torch.no_grad():
-            for name, fn in (("sdpa_ms", fused), ("decomposed_ms", decomposed)):
-                compiled = torch.compile(fn, dynamic=False)
-                compiled(q, k, v)
-                row[name] = benchmark.Timer("c(q, k, v)", globals=dict(c=compiled, q=q, k=k, v=v)
-                                            ).blocked_autorange(min_run_time=2).median * 1e3
-        rows.append(row)
-        print(row, flush=True)
+    for dtype in args.dtype:
+        for tokens, keys, dim in SHAPES:
+            q, k, v = (torch.randn(2, 8, n, dim, dtype=DTYPES[dtype]) for n in (tokens, keys, keys))
+            row = {"dtype": dtype, "tokens": tokens, "keys": keys, "head_dim": dim}
+            with torch.no_grad():
+                for name, fn in (("sdpa_ms", fused), ("decomposed_ms", decomposed)):
+                    compiled = torch.compile(fn, dynamic=False)
+                    compiled(q, k, v)
+                    row[name] = benchmark.Timer("c(q, k, v)", globals=dict(c=compiled, q=q, k=k, v=v)
+                                                ).blocked_autorange(min_run_time=2).median * 1e3
+            rows.append(row)
+            print(row, flush=True)
     lines = [f"torch.compile (Inductor) on CPU, batch 2, 8 heads; {machine()['cpu']} "
              f"({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads", "",
-             "| tokens | keys | head dim | SDPA ms | matmul-softmax-matmul ms |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['tokens']} | {r['keys']} | {r['head_dim']} | {r['sdpa_ms']:.2f} | {r['decomposed_ms']:.2f} |"
-              for r in rows]
-    write_report("bench/results/attention_forms", {"rows": rows, **machine()}, lines)
+             "| dtype | tokens | keys | head dim | SDPA ms | matmul-softmax-matmul ms |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['dtype']} | {r['tokens']} | {r['keys']} | {r['head_dim']} | {r['sdpa_ms']:.2f} | "
+              f"{r['decomposed_ms']:.2f} |" for r in rows]
+    write_report(args.out, {"rows": rows, **machine()}, lines)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--backends", nargs="+",
-                        default=["eager", "inductor", "inductor:freezing=False", "aoti", "onnxruntime"])
+                        default=["eager", "inductor", "inductor:freezing=False", "aoti", "aoti:share_weights=True",
+                                 "onnxruntime", "onnxruntime:session_options={'enable_cpu_mem_arena':False}"])
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process: one backend
     parser.add_argument("--out", default="bench/results/weights_memory")
     args = parser.parse_args()

@@ -5,7 +5,7 @@ one, as for the inductor backend: on CPU with static shapes the graphs are froze
 into the package and pre-packs the convolution weights for oneDNN), which needs their own copy of the weights;
 elsewhere (CUDA, dynamic pairs) freezing gains nothing here and the graphs share the U-Net's weights.
 `share_weights=True` on CPU keeps one copy of the weights in the process, at a cost in speed (SD 1.5, 256 px,
-batch 2, N=5: 1.35x the frozen copy's time, `bench/results/sd15_aoti_weights/`); `share_weights=False` with
+batch 2, N=5: 1.35-1.53x the frozen copy's time in two runs, `bench/results/sd15_aoti/`); `share_weights=False` with
 `inductor_configs={'freezing': False}` is a copy without the speed. Shared graphs read the U-Net's own tensors
 through AOTInductor's user-managed constants (the package is compiled without constants); graphs with their own
 copy let `dc.release_weights()` free the U-Net's.
