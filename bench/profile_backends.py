@@ -2,10 +2,12 @@
 
     python bench/profile_backends.py --preset sd15 --resolution 256 --batch 2
     python bench/profile_backends.py --backends inductor --dtype fp32 bf16 --out bench/results/profile_bf16
+    python bench/profile_backends.py --backends inductor --dtype fp32 bf16 --graph shallow \
+        --out bench/results/profile_bf16_shallow
 
-Compiles the full graph of one DeepCache pair (branch 1) with each backend and profiles `--calls` calls:
-Inductor under `torch.profiler` (its generated C++ kernels named through `cpp.enable_kernel_profile`), ONNX
-Runtime with its own profiler (`SessionOptions.enable_profiling`, one event per graph node). Both are summed
+Compiles one DeepCache pair (branch 1) with each backend and profiles `--calls` calls of its full graph (or
+`--graph shallow`): Inductor under `torch.profiler` (its generated C++ kernels named through
+`cpp.enable_kernel_profile`), ONNX Runtime with its own profiler (`SessionOptions.enable_profiling`, one event per graph node). Both are summed
 into the same categories (convolution, matmul, attention, group norm, elementwise and other) and written to
 bench/results/profile_backends.{json,md}, with the machine.
 """
@@ -41,26 +43,26 @@ def category(name: str) -> str:
     return next((c for c, pattern in _CATEGORIES if re.search(pattern, name)), "other")
 
 
-def profile_inductor(pair, inputs, calls: int) -> dict[str, float]:
+def profile_inductor(graph, inputs, calls: int) -> dict[str, float]:
     """Milliseconds per call by category: every profiled event's self time (wrappers' own time is "other")."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof, torch.no_grad():
         for _ in range(calls):
-            pair.full(*inputs)
+            graph(*inputs)
     totals = defaultdict(float)
     for event in prof.key_averages():
         totals[event.key] += event.self_cpu_time_total / 1e3 / calls
     return _by_category(totals)
 
 
-def profile_onnxruntime(pair, inputs, calls: int) -> dict[str, float]:
-    """Milliseconds per call by category: the node events of the last `calls` runs of the full graph's session
+def profile_onnxruntime(graph, inputs, calls: int) -> dict[str, float]:
+    """Milliseconds per call by category: the node events of the last `calls` runs of the graph's session
     (compiled with profiling on; earlier runs are the verification and the warm-up)."""
     with torch.no_grad():
         for _ in range(calls):
-            pair.full(*inputs)
-    events = json.loads(Path(pair.full.session.end_profiling()).read_text())
+            graph(*inputs)
+    events = json.loads(Path(graph.session.end_profiling()).read_text())
     runs = [e for e in events if e.get("name") == "model_run"][-calls:]
     start = runs[0]["ts"]
     totals = defaultdict(float)
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=sorted(DTYPES),
                         help="each backend at each dtype (fp32 bf16: where bf16 gains and where it does not)")
     parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--graph", default="full", choices=["full", "shallow"], help="which of the pair's graphs")
     parser.add_argument("--backends", nargs="+", default=["inductor", "onnxruntime"],
                         choices=["inductor", "onnxruntime"], help="onnxruntime has no bf16 convolution on CPU")
     parser.add_argument("--out", default="bench/results/profile_backends")
@@ -102,14 +105,17 @@ def main() -> None:
                 pair = compile_deepcache(unet, branch=1, backend=backend, backend_options=options).prepare(**call)
                 inputs = pair.traced.example_inputs
                 with torch.no_grad():
-                    pair.full(*inputs)
-                results[f"{backend} {dtype}"] = (profile_inductor(pair, inputs, args.calls) if backend == "inductor"
-                                                 else profile_onnxruntime(pair, inputs, args.calls))
+                    _, cache = pair.full(*inputs)
+                graph, inputs = (pair.full, inputs) if args.graph == "full" else (pair.shallow, (*inputs, cache))
+                with torch.no_grad():
+                    graph(*inputs)
+                results[f"{backend} {dtype}"] = (profile_inductor(graph, inputs, args.calls) if backend == "inductor"
+                                                 else profile_onnxruntime(graph, inputs, args.calls))
                 del pair
     names = list(results)
     categories = sorted({c for r in results.values() for c in r}, key=lambda c: -results[names[0]].get(c, 0))
     ratio = f" | {names[0]} / {names[1]}" if len(names) == 2 else ""
-    lines = [f"{args.preset} {args.resolution} px, batch {args.batch}, full step (branch 1); ms per call, "
+    lines = [f"{args.preset} {args.resolution} px, batch {args.batch}, {args.graph} step (branch 1); ms per call, "
              f"{args.calls} profiled calls; {machine()['cpu']}, {torch.get_num_threads()} threads", "",
              "| category | " + " | ".join(f"{n} ms" for n in names) + ratio + " |",
              "| --- " * (len(names) + 1 + bool(ratio)) + "|"]
