@@ -124,6 +124,7 @@ def test_release_weights_keeps_one_copy_and_refuses_what_needs_the_other(backend
 def test_aoti_graphs_share_the_unets_own_weights_when_told_and_copy_them_by_default_on_cpu():
     unet = make_unet("ddpm-class")
     call = make_call(unet, batch=2)
+    frozen_before = _frozen_graph_modules()  # other tests' torch.compile graphs may hold some legitimately
     refused = compile_deepcache(unet, branch=1, interval=2, backend="aoti",
                                 backend_options={"share_weights": True, "inductor_configs": {"freezing": True}})
     with pytest.raises(ValueError, match="cannot share the U-Net's weights with frozen graphs"):
@@ -133,8 +134,7 @@ def test_aoti_graphs_share_the_unets_own_weights_when_told_and_copy_them_by_defa
     before = [_first_step(dc, call) for dc in (shared, copied)]
     # Freezing's traced graph (holding the U-Net's tensors and the constants folded from them) is not kept alive
     # by torch's record of the last trace.
-    assert not [m for m in gc.get_objects() if isinstance(m, torch.fx.GraphModule)
-                and any(name.startswith("_frozen_param") for name in m._buffers)]
+    assert not _frozen_graph_modules() - frozen_before
     with pytest.raises(ValueError, match="share_weights': True"):
         shared.release_weights()
     # An edit through .data bumps no version counter: no check sees it, only a graph that reads the U-Net's own
@@ -145,6 +145,11 @@ def test_aoti_graphs_share_the_unets_own_weights_when_told_and_copy_them_by_defa
     assert not torch.allclose(edited, before[0], atol=1e-3)
     torch.testing.assert_close(_first_step(shared, call), edited, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(_first_step(copied, call), before[1], rtol=0, atol=0)
+
+
+def _frozen_graph_modules() -> set[int]:
+    return {id(m) for m in gc.get_objects() if isinstance(m, torch.fx.GraphModule)
+            and any(name.startswith("_frozen_param") for name in m._buffers)}
 
 
 def _storage(t: torch.Tensor) -> int | None:
