@@ -7,9 +7,10 @@
 
 Compiles one DeepCache pair (branch 1) with each backend and profiles `--calls` calls of its full graph (or
 `--graph shallow`): Inductor under `torch.profiler` (its generated C++ kernels named through
-`cpp.enable_kernel_profile`), ONNX Runtime with its own profiler (`SessionOptions.enable_profiling`, one event per graph node). Both are summed
-into the same categories (convolution, matmul, attention, group norm, elementwise and other) and written to
-bench/results/profile_backends.{json,md}, with the machine.
+`cpp.enable_kernel_profile`), ONNX Runtime with its own profiler (`SessionOptions.enable_profiling`, one event
+per graph node). Both are summed into the same categories (convolution, matmul, attention, group norm,
+elementwise and other) and written to `--out`.{json,md} (default bench/results/profile_backends), with the
+machine.
 """
 
 from __future__ import annotations
@@ -103,12 +104,11 @@ def main() -> None:
             for backend in args.backends:
                 options = profiling if backend == "onnxruntime" else {}
                 pair = compile_deepcache(unet, branch=1, backend=backend, backend_options=options).prepare(**call)
-                inputs = pair.traced.example_inputs
+                graph, inputs = getattr(pair, args.graph), pair.traced.example_inputs
                 with torch.no_grad():
-                    _, cache = pair.full(*inputs)
-                graph, inputs = (pair.full, inputs) if args.graph == "full" else (pair.shallow, (*inputs, cache))
-                with torch.no_grad():
-                    graph(*inputs)
+                    if args.graph == "shallow":
+                        inputs = (*inputs, pair.full(*inputs)[1])  # the cache of a full step
+                    graph(*inputs)  # warm-up
                 results[f"{backend} {dtype}"] = (profile_inductor(graph, inputs, args.calls) if backend == "inductor"
                                                  else profile_onnxruntime(graph, inputs, args.calls))
                 del pair

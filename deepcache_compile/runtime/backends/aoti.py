@@ -36,16 +36,16 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], 
                   ranges: ShapeRanges | None = None):
     check_options("the aoti backend", options, (*aoti.WRITE_OPTIONS, "share_weights"))
     configs = dict(options.get("inductor_configs") or {})
-    fast_freezing = example_inputs[0].device.type == "cpu" and ranges is None
-    share = options.get("share_weights", not (configs.get("freezing", fast_freezing)))
+    # Freezing pays on CPU with static shapes; set either way, so that the process-wide setting does not decide.
+    freezing = configs.get("freezing", example_inputs[0].device.type == "cpu" and ranges is None)
+    share = options.get("share_weights", not freezing)
     if not isinstance(share, bool):
         raise TypeError(f"the aoti backend's share_weights is True or False, not {share!r}")
     if share and configs.get("freezing"):
         raise ValueError("the aoti backend cannot share the U-Net's weights with frozen graphs (freezing replaces "
                          "them by packed copies): pass share_weights=False for frozen graphs with their own "
                          "weights, or inductor_configs={'freezing': False} to share")
-    # Set either way, so that the process-wide setting (e.g. the benchmark's) does not decide it.
-    configs["freezing"] = not share and configs.get("freezing", fast_freezing)
+    configs["freezing"] = freezing and not share
     program = export_program(gm, example_inputs, ranges)
     # The program's parameters and buffers are the U-Net's own tensors (export lifts them without copying).
     constants = {**program.state_dict, **program.constants} if share else None
