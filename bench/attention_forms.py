@@ -1,11 +1,12 @@
-"""Attention for Inductor on CPU: fused SDPA against the decomposed form ONNX Runtime runs (two matmuls and a
-softmax), both compiled by torch.compile, side by side on the attention shapes of SD 1.5 at 256 px, batch 2.
+"""Attention on CPU: fused SDPA against the decomposed form ONNX Runtime runs (two matmuls and a softmax), both
+compiled by torch.compile, and in bf16 the project's kernel (kernels/attention.cpp, where the CPU has
+AVX512-BF16), side by side on the attention shapes of SD 1.5 at 256 px, batch 2.
 
     python bench/attention_forms.py     # writes bench/results/attention_forms.{json,md}
 
 Shapes (batch 2, 8 heads): self-attention at 1,024 / 256 / 64 tokens (head dim 40 / 80 / 160) and
-cross-attention of 1,024 tokens to 77 text tokens. torch.utils.benchmark medians, the two forms one after
-the other per shape. `--dtype fp32 bf16` adds the bf16 rows (`--out bench/results/attention_forms_bf16`).
+cross-attention of 1,024 tokens to 77 text tokens. torch.utils.benchmark medians on all of the process's threads,
+the forms one after the other per shape. `--dtype fp32 bf16` adds the bf16 rows.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 from deepcache_compile.eval.presets import DTYPES
+from deepcache_compile.graph.attention import native_attention_missing
 from deepcache_compile.eval.report import machine, write_report
 
 SHAPES = ((1024, 1024, 40), (1024, 77, 40), (256, 256, 80), (64, 64, 160))
@@ -42,19 +44,27 @@ def main() -> None:
             q, k, v = (torch.randn(2, 8, n, dim, dtype=DTYPES[dtype]) for n in (tokens, keys, keys))
             row = {"dtype": dtype, "tokens": tokens, "keys": keys, "head_dim": dim}
             with torch.no_grad():
-                for name, fn in (("sdpa_ms", fused), ("decomposed_ms", decomposed)):
-                    compiled = torch.compile(fn, dynamic=False)
-                    compiled(q, k, v)
-                    row[name] = benchmark.Timer("c(q, k, v)", globals=dict(c=compiled, q=q, k=k, v=v)
+                forms = [("sdpa_ms", torch.compile(fused, dynamic=False)),
+                         ("decomposed_ms", torch.compile(decomposed, dynamic=False))]
+                if dtype == "bf16" and native_attention_missing() is None:
+                    kernel = torch.ops.deepcache.attention_bf16
+                    forms.append(("kernel_ms", lambda q, k, v: kernel(q, k, v, q.shape[-1] ** -0.5)))
+                for name, fn in forms:
+                    fn(q, k, v)
+                    row[name] = benchmark.Timer("c(q, k, v)", globals=dict(c=fn, q=q, k=k, v=v),
+                                                num_threads=torch.get_num_threads()
                                                 ).blocked_autorange(min_run_time=2).median * 1e3
             rows.append(row)
             print(row, flush=True)
     lines = [f"torch.compile (Inductor) on CPU, batch 2, 8 heads; {machine()['cpu']} "
              f"({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads", "",
-             "| dtype | tokens | keys | head dim | SDPA ms | matmul-softmax-matmul ms |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['dtype']} | {r['tokens']} | {r['keys']} | {r['head_dim']} | {r['sdpa_ms']:.2f} | "
-              f"{r['decomposed_ms']:.2f} |" for r in rows]
+             "| dtype | tokens | keys | head dim | SDPA ms | matmul-softmax-matmul ms | deepcache kernel ms | "
+             "SDPA / kernel |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        kernel = r.get("kernel_ms")
+        ours = f"{kernel:.2f} | {r['sdpa_ms'] / kernel:.2f}x" if kernel else " | "
+        lines.append(f"| {r['dtype']} | {r['tokens']} | {r['keys']} | {r['head_dim']} | {r['sdpa_ms']:.2f} | "
+                     f"{r['decomposed_ms']:.2f} | {ours} |")
     write_report(args.out, {"rows": rows, **machine()}, lines)
 
 

@@ -57,7 +57,7 @@ def _quality(args: argparse.Namespace) -> None:
 
     opts = QualityOptions(steps=tuple(args.steps), intervals=tuple(args.interval), branches=tuple(args.branch),
                           schedules=tuple(args.schedule), samples=args.samples, seed=args.seed,
-                          always_full_last=args.always_full_last, dtype=args.dtype,
+                          always_full_last=args.always_full_last, dtype=args.dtype, backend=args.backend,
                           out=args.out if args.dtype == "fp32" or args.out != QualityOptions.out
                           else f"{QualityOptions.out}_{args.dtype}")
     rows = evaluate_quality(opts)
@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     quality.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                          help="run the full model and DeepCache in this precision, scored against the fp32 full "
                               "model (default out: bench/results/quality_<dtype>)")
+    quality.add_argument("--backend", default=Q.backend,
+                         help="the DeepCache rows' backend, with options as for bench (inductor:attention='sdpa'); "
+                              "the full-model rows stay eager")
     quality.add_argument("--out", default=Q.out)
     quality.add_argument("--policies", action="store_true",
                          help="compare refresh policies (uniform, non-uniform, calibrated, adaptive, each with and "

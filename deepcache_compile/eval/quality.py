@@ -17,7 +17,9 @@ DeepCache row: the step count that costs the same MACs.
 With `dtype="bf16"` (or "fp16") the full model and DeepCache run in that precision (weights, latents and the
 scheduler's arithmetic, as a pipeline in that dtype runs them) and are scored against the fp32 full model from
 the same noise: the rows "DDIM T bf16" (kind "full-lowp") give the cost of the precision alone, the DeepCache
-rows the cost of both.
+rows the cost of both. `backend` compiles the DeepCache rows with another backend than the eager reference
+(e.g. "inductor", whose bf16 attention runs on the project's kernel, or "inductor:attention='sdpa'"): what a
+compiler changes in the images is measured the same way.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from ..api import compile_deepcache, list_branches
+from .benchmark import parse_backend
 from ..schedule import make_schedule
 from .digits import ASSETS, digit_images, load_classifier, load_digits_model
 from .presets import DTYPES
@@ -54,6 +57,7 @@ class QualityOptions:
     out: str = "bench/results/quality"
     assets: str = str(ASSETS)  # the trained model and classifier (digits.save_assets)
     dtype: str = "fp32"  # the precision DeepCache (and a full-model row) run in; the reference stays fp32
+    backend: str = "eager"  # the DeepCache rows' backend, with options: "inductor:attention='sdpa'"
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -138,7 +142,10 @@ class _Evaluation:
         self.judge = Judge(Path(opts.assets))
         self.noise = torch.randn(opts.samples, 1, 16, 16, generator=torch.Generator().manual_seed(opts.seed))
         self.shares = {b.index: b.mac_share for b in list_branches(self.unet, self.noise[:1], 0)}
-        self.compiled = {b: compile_deepcache(self.model, branch=b) for b in opts.branches}
+        backend, options = parse_backend(opts.backend)
+        self.backend = opts.backend
+        self.compiled = {b: compile_deepcache(self.model, branch=b, backend=backend, backend_options=options)
+                         for b in opts.branches}
         for dc in self.compiled.values():
             dc.prepare(self.noise.to(self.dtype), torch.tensor(999))  # trace now, not inside a timed run
         self._plain: dict[tuple[int, bool], tuple[torch.Tensor, float]] = {}
@@ -181,8 +188,9 @@ class _Evaluation:
         full = self.plain(steps)[0]
         last = f" +{self.always_full_last} full last" if self.always_full_last else ""
         precision = f" {self.dtype_name}" if low else ""
-        return {"name": f"DeepCache{precision} {kind}{last} N={interval} b={branch}", "kind": "deepcache",
-                "dtype": self.dtype_name, "steps": steps,
+        compiler = f" {self.backend}" if self.backend != "eager" else ""
+        return {"name": f"DeepCache{compiler}{precision} {kind}{last} N={interval} b={branch}", "kind": "deepcache",
+                "dtype": self.dtype_name, "backend": self.backend, "steps": steps,
                 "branch": branch, "interval": interval, "schedule": kind, "always_full_last": self.always_full_last,
                 "full_steps": n_full,
                 "shallow_mac_share": self.shares[branch], "mac_speedup": mac_speedup, "seconds": seconds,

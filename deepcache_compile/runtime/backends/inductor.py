@@ -5,6 +5,11 @@ Inductor's freezing folds the (shared, read-only) weights into the compiled grap
 convolution weights for oneDNN on CPU. It defaults to on for CPU inputs. A frozen graph keeps its own copy of
 the weights it uses, so moving or editing the U-Net's weights afterwards does not reach it: compile again.
 
+`attention`: "auto" (default), "native" or "sdpa". bf16 attention on CPUs with AVX512-BF16 runs on the
+project's kernel (`graph.attention`, `kernels/attention.cpp`; PyTorch's SDPA gains nothing from bf16 on CPU):
+"auto" takes it where it can run (else SDPA, and logs why), "native" requires it (an error says why it cannot
+run), "sdpa" keeps PyTorch's SDPA everywhere.
+
 With `ranges` (dynamic pairs) freezing defaults to off (see `compile_graph`), the batch and spatial dimensions
 are marked dynamic without duck sizing (equal sizes stay separate symbols), and the graph is compiled ahead of
 time at batch >= 2 and, where the range includes it, at batch 1 (Inductor specializes size-1 batches).
@@ -20,6 +25,7 @@ import torch
 from torch import fx
 from torch.fx.experimental import _config as fx_config
 
+from ...graph.attention import native_attention_missing, substitute_attention
 from ...options import check_options
 from ...shapes import ShapeRanges, with_batch
 
@@ -30,8 +36,9 @@ _COMPILE_KEYS = {"mode", "fullgraph", "dynamic", "options"}
 
 def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], options: dict[str, Any],
                   ranges: ShapeRanges | None = None):
-    check_options("the inductor backend", options, _COMPILE_KEYS | {"freezing"})
+    check_options("the inductor backend", options, _COMPILE_KEYS | {"freezing", "attention"})
     options = dict(options)
+    gm = _with_attention(gm, options.pop("attention", "auto"))
     # Freezing with symbolic shapes fails in torch 2.13 on some U-Nets (the digits model: an AssertionError in
     # sym_max while materializing strides), so dynamic pairs default to weights as inputs.
     freezing = options.pop("freezing", example_inputs[0].device.type == "cpu" and ranges is None)
@@ -49,6 +56,33 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], 
     if _cudagraphs(options, example_inputs[0].device):
         run = _Replayed(run)
     return run
+
+
+_ATTENTION = ("auto", "native", "sdpa")
+
+
+def _with_attention(gm: fx.GraphModule, attention: str) -> fx.GraphModule:
+    """`gm`, or a copy with the native bf16 attention kernel in place of the SDPA calls it computes."""
+    if attention not in _ATTENTION:
+        raise ValueError(f"the inductor backend: attention={attention!r} is unknown; choose one of {_ATTENTION}")
+    if attention == "sdpa":
+        return gm
+    missing = native_attention_missing()
+    if missing is not None:
+        if attention == "native":
+            raise RuntimeError(f"the inductor backend: attention='native' cannot run: {missing}; or pass "
+                               "backend_options={'attention': 'sdpa'}")
+        logger.info("inductor: bf16 attention stays SDPA: %s", missing)
+        return gm
+    substituted, replaced = substitute_attention(gm)
+    if replaced:
+        logger.info("inductor: %d attention calls on the native bf16 kernel", replaced)
+        return substituted
+    if attention == "native":
+        raise RuntimeError("the inductor backend: attention='native' found no attention it computes (it takes bf16 "
+                           "CPU SDPA calls without mask, dropout or causal masking); pass "
+                           "backend_options={'attention': 'sdpa'} or 'auto'")
+    return gm
 
 
 def _cudagraphs(options: dict, device: torch.device) -> bool:

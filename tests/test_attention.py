@@ -1,0 +1,157 @@
+"""The native bf16 attention kernel (kernels/attention.cpp) and the graph pass that substitutes it for SDPA."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_call, make_unet
+from deepcache_compile import compile_deepcache
+from deepcache_compile.calls import CallFlattener
+from deepcache_compile.eval.sampling import ddim_loop
+from deepcache_compile.graph.attention import native_attention_missing, substitute_attention
+from deepcache_compile.graph.trace import trace_unet
+
+MISSING = native_attention_missing()
+needs_kernel = pytest.mark.skipif(MISSING is not None, reason=f"native bf16 attention cannot run: {MISSING}")
+
+
+def reference_attention(q, k, v, scale):
+    """softmax(q k^T scale) v in float64 from the bf16 inputs: independent of both kernels."""
+    q, k, v = (t.double() for t in (q, k, v))
+    return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v
+
+
+def bf16_inputs(batch, heads, tokens, keys, dim, seed=0):
+    """(batch, heads, tokens, dim) bf16 views over (batch, tokens, heads, dim) storage, as diffusers makes them."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, tokens, heads, dim, generator=gen).bfloat16().transpose(1, 2)
+    k = torch.randn(batch, keys, heads, dim, generator=gen).bfloat16().transpose(1, 2)
+    v = (torch.randn(batch, heads, keys, dim, generator=gen) * 3).bfloat16()  # contiguous: another layout
+    return q, k, v
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 8, 64, 64, 40), (2, 4, 37, 53, 13), (1, 3, 100, 77, 80), (2, 2, 9, 1, 7),
+                                   (1, 2, 20, 33, 160)], ids=lambda s: "x".join(map(str, s)))
+def test_kernel_matches_float64_attention(shape):
+    """Every head dim class (one, two and several 16-wide output chunks, odd dims), token and key counts off the
+    kernel's blocks (8 rows, 32 keys), a single key: within bf16 rounding of the float64 result, and no worse
+    than PyTorch's bf16 SDPA on the same inputs."""
+    q, k, v = bf16_inputs(*shape)
+    scale = shape[-1] ** -0.5
+    expected = reference_attention(q, k, v, scale)
+    ours = torch.ops.deepcache.attention_bf16(q, k, v, scale)
+    sdpa = F.scaled_dot_product_attention(q, k, v)
+    assert ours.shape == expected.shape and ours.dtype == torch.bfloat16
+    error = (ours.double() - expected).abs().max().item()
+    assert error <= 2 * (sdpa.double() - expected).abs().max().item() + 1e-3
+    assert error <= 2 ** -7 * expected.abs().max().item()
+
+
+@needs_kernel
+def test_kernel_takes_the_scale_and_any_head_strides():
+    """A non-default scale, and a key tensor whose head dim is not contiguous (copied by the kernel)."""
+    q, k, v = bf16_inputs(1, 2, 24, 40, 16, seed=1)
+    k_strided = k.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert k_strided.stride(-1) != 1
+    out = torch.ops.deepcache.attention_bf16(q, k_strided, v, 0.05)
+    assert (out.double() - reference_attention(q, k, v, 0.05)).abs().max().item() < 2e-2
+
+
+@needs_kernel
+def test_kernel_shape_function_agrees_with_the_kernel():
+    """torch.library.opcheck: schema, the registered fake (shapes and strides under tracing) against the real
+    kernel's output."""
+    q, k, v = bf16_inputs(2, 4, 16, 24, 8)
+    torch.library.opcheck(torch.ops.deepcache.attention_bf16.default, (q, k, v, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_kernel
+def test_kernel_refuses_what_it_does_not_compute():
+    q, k, v = bf16_inputs(1, 2, 8, 8, 8)
+    with pytest.raises(RuntimeError, match="takes bf16 query, key and value"):
+        torch.ops.deepcache.attention_bf16(q.float(), k, v, 1.0)
+    with pytest.raises(RuntimeError, match="must share batch, heads and head dim"):
+        torch.ops.deepcache.attention_bf16(q, k[..., :4], v, 1.0)
+    with pytest.raises(RuntimeError, match="at least one key"):
+        torch.ops.deepcache.attention_bf16(q, k[:, :, :0], v[:, :, :0], 1.0)
+
+
+def _traced(dtype):
+    unet = make_unet("sd-mini", dtype)
+    call = make_call(unet, batch=2)
+    return trace_unet(unet, CallFlattener(unet)((), call))
+
+
+def _sdpa_calls(gm):
+    return sum(n.target is torch.ops.aten.scaled_dot_product_attention.default for n in gm.graph.nodes)
+
+
+@needs_kernel
+def test_pass_replaces_bf16_attention_in_a_copy():
+    """Every SDPA call of a bf16 U-Net's graph is replaced (self- and cross-attention), the original graph keeps
+    its SDPA calls and both compute the same outputs within bf16 attention rounding."""
+    traced = _traced(torch.bfloat16)
+    before = _sdpa_calls(traced.gm)
+    substituted, replaced = substitute_attention(traced.gm)
+    assert before == 12 and replaced == before  # sd-mini: 6 transformer blocks (2 down, mid, 3 up), 2 attentions each
+    assert _sdpa_calls(traced.gm) == before and _sdpa_calls(substituted) == 0
+    kernel_calls = [n for n in substituted.graph.nodes if n.target is torch.ops.deepcache.attention_bf16.default]
+    assert len(kernel_calls) == replaced and dict(substituted.named_parameters()).keys() == dict(
+        traced.gm.named_parameters()).keys()
+    with torch.no_grad():
+        expected = traced.gm(*traced.example_inputs)[0].float()
+        actual = substituted(*traced.example_inputs)[0].float()
+    assert ((actual - expected).abs().max() / expected.abs().max()).item() < 5e-2
+
+
+def test_pass_leaves_other_attention_alone():
+    """fp32 graphs have nothing to replace; a masked or causal call stays SDPA (runs without the kernel)."""
+    if MISSING is None:
+        assert substitute_attention(_traced(torch.float32).gm)[1] == 0
+
+    class Masked(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return (F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                    + F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    q, k, v = bf16_inputs(1, 2, 8, 8, 8)
+    gm = torch.export.export(Masked(), (q, k, v, torch.ones(8, 8, dtype=torch.bool))).module()
+    if MISSING is None:
+        assert substitute_attention(gm)[1] == 0
+
+
+@needs_kernel
+def test_inductor_runs_bf16_attention_on_the_kernel(caplog):
+    """compile_deepcache with Inductor in bf16: attention on the kernel by default (logged), a full and a shallow
+    step's outputs within bf16 rounding of the eager DeepCache steps' (which run SDPA)."""
+    unet = make_unet("sd-mini", torch.bfloat16)
+    call = make_call(unet, batch=2)
+    eager = compile_deepcache(unet, branch=1, interval=2)
+    with caplog.at_level("INFO", logger="deepcache_compile.runtime.backends.inductor"):
+        native = compile_deepcache(unet, branch=1, interval=2, backend="inductor")
+        native(**call)
+    counts = [int(c) for c in re.findall(r"(\d+) attention calls on the native bf16 kernel", caplog.text)]
+    assert counts[0] == 12 and len(counts) == 2 and 0 < counts[1] < 12  # the full graph's, the shallow one's
+    native.reset(), eager.reset()
+    for t in (900, 800):  # a full step, then a shallow one on its cache
+        step = {**call, "timestep": torch.tensor(t)}
+        with torch.no_grad():
+            expected, actual = eager(**step).sample.float(), native(**step).sample.float()
+        assert ((actual - expected).abs().max() / expected.abs().max()).item() < 3e-2, t
+
+
+def test_inductor_attention_option_is_checked():
+    unet = make_unet("sd-mini")
+    call = make_call(unet, batch=2)
+    with pytest.raises(ValueError, match="attention='flash' is unknown"):
+        compile_deepcache(unet, branch=1, backend="inductor", backend_options={"attention": "flash"})(**call)
+    # fp32: nothing the kernel computes, or no kernel at all; either way "native" says why it cannot run.
+    match = "found no attention it computes" if MISSING is None else "cannot run"
+    with pytest.raises(RuntimeError, match=match):
+        compile_deepcache(unet, branch=1, backend="inductor", backend_options={"attention": "native"})(**call)
