@@ -26,7 +26,8 @@ def test_registry():
 def test_bad_backend_options_are_refused():
     unet = make_unet("ddpm-class")
     dc = compile_deepcache(unet, branch=0, backend="inductor", backend_options={"modee": "max-autotune"})
-    with pytest.raises(ValueError, match=r"options \['modee'\] are unknown; it accepts \['dynamic', 'freezing', "):
+    with pytest.raises(ValueError, match=r"options \['modee'\] are unknown; it accepts \['attention', 'dynamic', "
+                                         r"'freezing', "):
         dc(**make_call(unet))
     with pytest.raises(ValueError, match="backend 'eager' is already registered"):
         register_backend("eager", lambda gm, inputs, options: gm)
