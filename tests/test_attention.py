@@ -127,6 +127,22 @@ def test_pass_leaves_other_attention_alone():
 
 
 @needs_kernel
+def test_pass_keeps_the_scale_of_keyword_calls():
+    """SDPA called with keywords and its own scale: replaced, and the scale reaches the kernel."""
+
+    class Scaled(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(query=q, key=k, value=v, scale=0.3)
+
+    q, k, v = bf16_inputs(1, 2, 16, 24, 8, seed=2)
+    gm = torch.export.export(Scaled(), (q, k, v)).module()
+    substituted, replaced = substitute_attention(gm)
+    assert replaced == 1
+    error = (substituted(q, k, v).double() - reference_attention(q, k, v, 0.3)).abs().max().item()
+    assert error < 2e-2 < (reference_attention(q, k, v, 8 ** -0.5) - reference_attention(q, k, v, 0.3)).abs().max()
+
+
+@needs_kernel
 def test_inductor_runs_bf16_attention_on_the_kernel(caplog):
     """compile_deepcache with Inductor in bf16: attention on the kernel by default (logged), a full and a shallow
     step's outputs within bf16 rounding of the eager DeepCache steps' (which run SDPA)."""

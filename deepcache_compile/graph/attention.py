@@ -19,7 +19,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import functools
+import threading
 from pathlib import Path
 
 import torch
@@ -32,10 +34,18 @@ KERNELS_LIBRARY = Path(__file__).resolve().parents[1] / "_native" / "libdeepcach
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
-@functools.cache
+_LOADING = threading.Lock()
+
+
 def native_attention_missing() -> str | None:
     """Why `torch.ops.deepcache.attention_bf16` cannot run here, or None: loads the kernel library once (and
-    registers the op's shape function for tracing and torch.compile)."""
+    registers the op's shape function for tracing and torch.compile); safe from several threads."""
+    with _LOADING:
+        return _load()
+
+
+@functools.cache
+def _load() -> str | None:
     if not KERNELS_LIBRARY.exists():
         return f"{KERNELS_LIBRARY} is not built (run `make native`)"
     torch.ops.load_library(str(KERNELS_LIBRARY))
@@ -54,15 +64,14 @@ def _attention_shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 def substitute_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """A copy of `gm` (same weights, new graph) with the kernel in place of each SDPA call it computes, and how
     many it replaced. `gm` itself is not changed. Needs `native_attention_missing()` to be None."""
-    graph = _copied(gm.graph)
+    graph = copy.deepcopy(gm.graph)  # nodes (their meta shallow-copied) and the codegen: pytree in/out
     replaced = 0
     for node in list(graph.nodes):
-        scale = _kernel_scale(node) if node.target is _SDPA else None
-        if scale is None:
+        args = _kernel_args(node) if node.target is _SDPA else None
+        if args is None:
             continue
-        query, key, value = node.args[:3]
         with graph.inserting_before(node):
-            kernel = graph.call_function(torch.ops.deepcache.attention_bf16.default, (query, key, value, scale))
+            kernel = graph.call_function(torch.ops.deepcache.attention_bf16.default, args)
         kernel.meta = dict(node.meta)
         node.replace_all_uses_with(kernel)
         graph.erase_node(node)
@@ -71,20 +80,14 @@ def substitute_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     return fx.GraphModule(gm, graph, class_name=type(gm).__name__), replaced
 
 
-def _copied(graph: fx.Graph) -> fx.Graph:
-    copy = fx.Graph()
-    output = copy.graph_copy(graph, {})
-    copy.output(output)
-    return copy
-
-
-def _kernel_scale(node: fx.Node) -> float | None:
-    """The softmax scale of an SDPA call the kernel computes exactly, else None."""
+def _kernel_args(node: fx.Node) -> tuple | None:
+    """(query, key, value, scale) for the kernel, from an SDPA call it computes; else None."""
     call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
     if call is None:
         return None
     kwargs = call.kwargs
-    tensors = [getattr(kwargs[name], "meta", {}).get("val") for name in ("query", "key", "value")]
+    inputs = tuple(kwargs[name] for name in ("query", "key", "value"))
+    tensors = [getattr(x, "meta", {}).get("val") for x in inputs]
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         return None
     query, key, value = tensors
@@ -95,4 +98,4 @@ def _kernel_scale(node: fx.Node) -> float | None:
             and not kwargs.get("enable_gqa") and isinstance(query.shape[3], int)):
         return None
     scale = kwargs.get("scale")
-    return float(scale) if scale is not None else query.shape[3] ** -0.5
+    return (*inputs, float(scale) if scale is not None else query.shape[3] ** -0.5)
