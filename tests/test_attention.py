@@ -12,7 +12,6 @@ from diffusers import UNet2DConditionModel
 from conftest import TINY_CONFIGS, make_call, make_unet
 from deepcache_compile import compile_deepcache
 from deepcache_compile.calls import CallFlattener
-from deepcache_compile.eval.sampling import ddim_loop
 from deepcache_compile.graph.attention import native_attention_missing, substitute_attention
 from deepcache_compile.graph.trace import trace_unet
 
