@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel
 from conftest import TINY_CONFIGS, make_call, make_unet
 from deepcache_compile import compile_deepcache
 from deepcache_compile.calls import CallFlattener
-from deepcache_compile.graph.attention import native_attention_missing, substitute_attention
+from deepcache_compile.graph.attention import attention_calls, native_attention_missing, substitute_attention
 from deepcache_compile.graph.trace import trace_unet
 
 MISSING = native_attention_missing()
@@ -110,10 +110,10 @@ def test_pass_replaces_bf16_attention_in_a_copy():
     assert ((actual - expected).abs().max() / expected.abs().max()).item() < 5e-2
 
 
-def test_pass_leaves_other_attention_alone():
-    """fp32 graphs have nothing to replace; a masked or causal call stays SDPA (runs without the kernel)."""
-    if MISSING is None:
-        assert substitute_attention(_traced(torch.float32).gm)[1] == 0
+def test_pass_counts_only_what_the_kernel_computes():
+    """All 12 attention calls of a bf16 graph, none of an fp32 one, nor masked or causal calls (no library
+    needed: the count decides whether the kernel is wanted at all)."""
+    assert attention_calls(_traced(torch.bfloat16).gm) == 12 and attention_calls(_traced(torch.float32).gm) == 0
 
     class Masked(torch.nn.Module):
         def forward(self, q, k, v, mask):
@@ -122,6 +122,7 @@ def test_pass_leaves_other_attention_alone():
 
     q, k, v = bf16_inputs(1, 2, 8, 8, 8)
     gm = torch.export.export(Masked(), (q, k, v, torch.ones(8, 8, dtype=torch.bool))).module()
+    assert _sdpa_calls(gm) == 2 and attention_calls(gm) == 0
     if MISSING is None:
         assert substitute_attention(gm)[1] == 0
 
@@ -168,7 +169,17 @@ def test_inductor_attention_option_is_checked():
     call = make_call(unet, batch=2)
     with pytest.raises(ValueError, match="attention='flash' is unknown"):
         compile_deepcache(unet, branch=1, backend="inductor", backend_options={"attention": "flash"})(**call)
-    # fp32: nothing the kernel computes, or no kernel at all; either way "native" says why it cannot run.
-    match = "found no attention it computes" if MISSING is None else "cannot run"
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(RuntimeError, match="found no attention it computes"):  # fp32
         compile_deepcache(unet, branch=1, backend="inductor", backend_options={"attention": "native"})(**call)
+
+
+def test_inductor_says_why_the_kernel_cannot_run(monkeypatch):
+    """Where the kernel cannot run (simulated: the reason a CPU without AVX512-BF16 gives), "native" on a bf16
+    graph is an error that says why."""
+    from deepcache_compile.runtime.backends import inductor
+
+    monkeypatch.setattr(inductor, "native_attention_missing", lambda: "this CPU has no AVX512-BF16 instructions")
+    unet = make_unet("sd-mini", torch.bfloat16)
+    with pytest.raises(RuntimeError, match="attention='native' cannot run: this CPU has no AVX512-BF16"):
+        compile_deepcache(unet, branch=1, backend="inductor", backend_options={"attention": "native"})(
+            **make_call(unet, batch=2))

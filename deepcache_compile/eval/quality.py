@@ -35,8 +35,8 @@ import torch
 from tqdm import tqdm
 
 from ..api import compile_deepcache, list_branches
-from .benchmark import parse_backend
 from ..schedule import make_schedule
+from .benchmark import parse_backend
 from .digits import ASSETS, digit_images, load_classifier, load_digits_model
 from .presets import DTYPES
 from .sampling import ddim_loop, timed

@@ -9,7 +9,8 @@ fp32 softmax: `torch.ops.deepcache.attention_bf16(query, key, value, scale)`.
 `substitute_attention(gm)` returns a copy of the graph (sharing its weights) in which every SDPA call the kernel
 computes is replaced by it: bf16 CPU tensors of shape (batch, heads, tokens, head dim), no mask, no dropout,
 not causal, no grouped-query broadcasting, one head dim for query, key and value. Other calls stay SDPA.
-`native_attention_missing()` says why the kernel cannot run in this process (None when it can). The Inductor
+`attention_calls(gm)` counts them, `native_attention_missing()` says why the kernel cannot run in this process
+(None when it can). The Inductor
 backend applies the pass (option `attention`); eager stays the reference and runs SDPA.
 
 Example:
@@ -28,7 +29,7 @@ import torch
 from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
-__all__ = ["KERNELS_LIBRARY", "native_attention_missing", "substitute_attention"]
+__all__ = ["KERNELS_LIBRARY", "attention_calls", "native_attention_missing", "substitute_attention"]
 
 KERNELS_LIBRARY = Path(__file__).resolve().parents[1] / "_native" / "libdeepcache_kernels.so"
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -59,6 +60,11 @@ def _attention_shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """The kernel's output: (batch, tokens, heads, dim) storage seen as (batch, heads, tokens, dim)."""
     batch, heads, tokens, dim = query.shape
     return query.new_empty((batch, tokens, heads, dim)).transpose(1, 2)
+
+
+def attention_calls(gm: fx.GraphModule) -> int:
+    """How many SDPA calls of `gm` the kernel computes (no library needed)."""
+    return sum(node.target is _SDPA and _kernel_args(node) is not None for node in gm.graph.nodes)
 
 
 def substitute_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:

@@ -25,7 +25,7 @@ import torch
 from torch import fx
 from torch.fx.experimental import _config as fx_config
 
-from ...graph.attention import native_attention_missing, substitute_attention
+from ...graph.attention import attention_calls, native_attention_missing, substitute_attention
 from ...options import check_options
 from ...shapes import ShapeRanges, with_batch
 
@@ -65,24 +65,23 @@ def _with_attention(gm: fx.GraphModule, attention: str) -> fx.GraphModule:
     """`gm`, or a copy with the native bf16 attention kernel in place of the SDPA calls it computes."""
     if attention not in _ATTENTION:
         raise ValueError(f"the inductor backend: attention={attention!r} is unknown; choose one of {_ATTENTION}")
-    if attention == "sdpa":
+    calls = attention_calls(gm) if attention != "sdpa" else 0
+    if calls == 0:
+        if attention == "native":
+            raise RuntimeError("the inductor backend: attention='native' found no attention it computes (it takes "
+                               "bf16 CPU SDPA calls without mask, dropout or causal masking); pass "
+                               "backend_options={'attention': 'sdpa'} or 'auto'")
         return gm
     missing = native_attention_missing()
     if missing is not None:
         if attention == "native":
             raise RuntimeError(f"the inductor backend: attention='native' cannot run: {missing}; or pass "
                                "backend_options={'attention': 'sdpa'}")
-        logger.info("inductor: bf16 attention stays SDPA: %s", missing)
+        logger.info("inductor: %d bf16 attention calls stay SDPA: %s", calls, missing)
         return gm
     substituted, replaced = substitute_attention(gm)
-    if replaced:
-        logger.info("inductor: %d attention calls on the native bf16 kernel", replaced)
-        return substituted
-    if attention == "native":
-        raise RuntimeError("the inductor backend: attention='native' found no attention it computes (it takes bf16 "
-                           "CPU SDPA calls without mask, dropout or causal masking); pass "
-                           "backend_options={'attention': 'sdpa'} or 'auto'")
-    return gm
+    logger.info("inductor: %d attention calls on the native bf16 kernel", replaced)
+    return substituted
 
 
 def _cudagraphs(options: dict, device: torch.device) -> bool:
