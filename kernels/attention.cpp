@@ -46,6 +46,28 @@ bool cpu_supported() {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// The padded sizes of one call, derived once from its key count and head dim.
+struct Layout {
+  Layout(int64_t keys, int64_t dim)
+      : keys(keys), dim(dim), dim_padded(round_up(dim, 2)), keys_padded(round_up(keys, kKeyBlock)),
+        chunks(round_up(dim, 16) / 16) {}
+  int64_t keys, dim;
+  int64_t dim_padded;   // head dim in bf16 pairs
+  int64_t keys_padded;  // keys in query-key steps
+  int64_t chunks;       // 16-dim output chunks
+  int64_t keys_size() const { return keys_padded * dim_padded; }  // packed keys of one head, in bf16
+  int64_t head_size() const { return keys_size() + keys_padded * chunks * 16; }  // plus its packed values
+};
+
+// One thread's working memory for blocks of kRows query rows.
+struct Scratch {
+  explicit Scratch(const Layout& l)
+      : q_block(kRows * l.dim_padded), probs(kRows * l.keys_padded), scores(kRows * l.keys_padded),
+        out_block(kRows * l.chunks * 16) {}
+  std::vector<uint16_t> q_block, probs;
+  std::vector<float> scores, out_block;
+};
+
 // e^x for x <= 0 (scores minus their row maximum): Cody-Waite range reduction, degree-6 polynomial, vscalefps.
 DC_AVX512_BF16 inline __m512 exp_nonpositive(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
@@ -174,32 +196,32 @@ DC_AVX512_BF16 void prob_value(const uint16_t* probs, const uint16_t* packed_val
   }
 }
 
-DC_AVX512_BF16 void attention_rows(const at::BFloat16* q, int64_t q_stride, int64_t rows, const uint16_t* keys_packed,
-                                   const uint16_t* values_packed, int64_t keys, int64_t dim, float scale,
-                                   at::BFloat16* out, int64_t out_stride, std::vector<uint16_t>& q_block,
-                                   std::vector<float>& scores, std::vector<uint16_t>& probs,
-                                   std::vector<float>& out_block) {
-  const int64_t dim_padded = round_up(dim, 2), keys_padded = round_up(keys, kKeyBlock);
-  const int64_t chunks = round_up(dim, 16) / 16;
+DC_AVX512_BF16 void attention_rows(const at::BFloat16* q, int64_t q_stride, int64_t rows, const uint16_t* packed,
+                                   const Layout& l, float scale, at::BFloat16* out, int64_t out_stride,
+                                   Scratch& scratch) {
+  std::vector<uint16_t>& q_block = scratch.q_block;
+  std::vector<uint16_t>& probs = scratch.probs;
   std::fill(q_block.begin(), q_block.end(), 0);
   for (int64_t i = 0; i < rows; ++i)
-    for (int64_t d = 0; d < dim; ++d) q_block[i * dim_padded + d] = q[i * q_stride + d].x;
-  query_key(q_block.data(), keys_packed, dim_padded, keys_padded, scores.data());
+    for (int64_t d = 0; d < l.dim; ++d) q_block[i * l.dim_padded + d] = q[i * q_stride + d].x;
+  query_key(q_block.data(), packed, l.dim_padded, l.keys_padded, scratch.scores.data());
   float sums[kRows] = {};  // rows past `rows` (a last, partial block) keep zero probabilities and sums
-  std::fill(probs.begin() + rows * keys_padded, probs.end(), 0);
+  std::fill(probs.begin() + rows * l.keys_padded, probs.end(), 0);
   for (int64_t i = 0; i < rows; ++i)
-    sums[i] = softmax_row(scores.data() + i * keys_padded, keys, keys_padded, scale, probs.data() + i * keys_padded);
-  const int64_t width = chunks * 16;
-  float* acc = out_block.data();
-  for (int64_t c = 0; c < chunks; c += kChunks) {
-    switch (std::min<int64_t>(kChunks, chunks - c)) {
-      case 1: prob_value<1>(probs.data(), values_packed, keys_padded, chunks, c, sums, acc, width); break;
-      case 2: prob_value<2>(probs.data(), values_packed, keys_padded, chunks, c, sums, acc, width); break;
-      default: prob_value<3>(probs.data(), values_packed, keys_padded, chunks, c, sums, acc, width);
+    sums[i] = softmax_row(scratch.scores.data() + i * l.keys_padded, l.keys, l.keys_padded, scale,
+                          probs.data() + i * l.keys_padded);
+  const uint16_t* values = packed + l.keys_size();
+  const int64_t width = l.chunks * 16;
+  float* acc = scratch.out_block.data();
+  for (int64_t c = 0; c < l.chunks; c += kChunks) {
+    switch (std::min<int64_t>(kChunks, l.chunks - c)) {
+      case 1: prob_value<1>(probs.data(), values, l.keys_padded, l.chunks, c, sums, acc, width); break;
+      case 2: prob_value<2>(probs.data(), values, l.keys_padded, l.chunks, c, sums, acc, width); break;
+      default: prob_value<3>(probs.data(), values, l.keys_padded, l.chunks, c, sums, acc, width);
     }
   }
   for (int64_t i = 0; i < rows; ++i)
-    for (int64_t d = 0; d < dim; ++d) out[i * out_stride + d] = static_cast<at::BFloat16>(acc[i * width + d]);
+    for (int64_t d = 0; d < l.dim; ++d) out[i * out_stride + d] = static_cast<at::BFloat16>(acc[i * width + d]);
 }
 
 at::Tensor attention_bf16(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, double scale) {
@@ -228,10 +250,8 @@ at::Tensor attention_bf16(const at::Tensor& query, const at::Tensor& key, const 
   at::Tensor out = at::empty({batch, rows, heads, dim}, query.options()).transpose(1, 2);
   if (out.numel() == 0) return out;
 
-  const int64_t dim_padded = round_up(dim, 2), keys_padded = round_up(keys, kKeyBlock);
-  const int64_t chunks = round_up(dim, 16) / 16;
-  const int64_t keys_size = keys_padded * dim_padded, values_size = keys_padded * chunks * 16;
-  std::vector<uint16_t> packed(batch * heads * (keys_size + values_size));
+  const Layout layout(keys, dim);
+  std::vector<uint16_t> packed(batch * heads * layout.head_size());
   const auto* qp = q.const_data_ptr<at::BFloat16>();
   const auto* kp = k.const_data_ptr<at::BFloat16>();
   const auto* vp = v.const_data_ptr<at::BFloat16>();
@@ -239,25 +259,23 @@ at::Tensor attention_bf16(const at::Tensor& query, const at::Tensor& key, const 
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
-      uint16_t* dst = packed.data() + bh * (keys_size + values_size);
-      pack_keys(kp + b * k.stride(0) + h * k.stride(1), k.stride(2), keys, dim, keys_padded, dim_padded, dst);
-      pack_values(vp + b * v.stride(0) + h * v.stride(1), v.stride(2), keys, dim, keys_padded, chunks,
-                  dst + keys_size);
+      uint16_t* dst = packed.data() + bh * layout.head_size();
+      pack_keys(kp + b * k.stride(0) + h * k.stride(1), k.stride(2), keys, dim, layout.keys_padded,
+                layout.dim_padded, dst);
+      pack_values(vp + b * v.stride(0) + h * v.stride(1), v.stride(2), keys, dim, layout.keys_padded,
+                  layout.chunks, dst + layout.keys_size());
     }
   });
   const int64_t blocks = (rows + kRows - 1) / kRows;
   const float scale_f = static_cast<float>(scale);
   at::parallel_for(0, batch * heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint16_t> q_block(kRows * dim_padded), probs(kRows * keys_padded);
-    std::vector<float> scores(kRows * keys_padded), out_block(kRows * chunks * 16);
+    Scratch scratch(layout);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, first = (task % blocks) * kRows;
       const int64_t b = bh / heads, h = bh % heads;
-      const uint16_t* keys_packed = packed.data() + bh * (keys_size + values_size);
       attention_rows(qp + b * q.stride(0) + h * q.stride(1) + first * q.stride(2), q.stride(2),
-                     std::min(kRows, rows - first), keys_packed, keys_packed + keys_size, keys, dim, scale_f,
-                     op + b * out.stride(0) + h * out.stride(1) + first * out.stride(2), out.stride(2), q_block,
-                     scores, probs, out_block);
+                     std::min(kRows, rows - first), packed.data() + bh * layout.head_size(), layout, scale_f,
+                     op + b * out.stride(0) + h * out.stride(1) + first * out.stride(2), out.stride(2), scratch);
     }
   });
   return out;

@@ -10,8 +10,8 @@ fp32 softmax: `torch.ops.deepcache.attention_bf16(query, key, value, scale)`.
 computes is replaced by it: bf16 CPU tensors of shape (batch, heads, tokens, head dim), no mask, no dropout,
 not causal, no grouped-query broadcasting, one head dim for query, key and value. Other calls stay SDPA.
 `attention_calls(gm)` counts them, `native_attention_missing()` says why the kernel cannot run in this process
-(None when it can). The Inductor
-backend applies the pass (option `attention`); eager stays the reference and runs SDPA.
+(None when it can). The Inductor backend applies the pass (option `attention`); eager stays the reference and
+runs SDPA.
 
 Example:
     >>> if native_attention_missing() is None:

@@ -65,7 +65,9 @@ def _with_attention(gm: fx.GraphModule, attention: str) -> fx.GraphModule:
     """`gm`, or a copy with the native bf16 attention kernel in place of the SDPA calls it computes."""
     if attention not in _ATTENTION:
         raise ValueError(f"the inductor backend: attention={attention!r} is unknown; choose one of {_ATTENTION}")
-    calls = attention_calls(gm) if attention != "sdpa" else 0
+    if attention == "sdpa":
+        return gm
+    calls = attention_calls(gm)
     if calls == 0:
         if attention == "native":
             raise RuntimeError("the inductor backend: attention='native' found no attention it computes (it takes "
