@@ -20,6 +20,8 @@
 
 #include <immintrin.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -289,5 +291,11 @@ TORCH_LIBRARY_FRAGMENT(deepcache, m) {
 }
 
 TORCH_LIBRARY_IMPL(deepcache, CPU, m) { m.impl("attention_bf16", &attention_bf16); }
+
+std::string native_op_missing(const std::string& name) {
+  if (name != "deepcache::attention_bf16")
+    return "this runtime has no " + name + " (a newer deepcache_compile made it)";
+  return cpu_supported() ? "" : "this CPU has no AVX512-BF16 instructions";
+}
 
 }  // namespace deepcache

@@ -1,5 +1,7 @@
 #include "engine.h"
 
+#include "kernels.h"
+
 #include <sstream>
 #include <stdexcept>
 
@@ -8,6 +10,12 @@ namespace deepcache {
 Engine::Engine(const std::filesystem::path& directory, int device_index)
     : manifest_(read_manifest(directory)), state_(manifest_.calls_per_step) {
   using torch::inductor::AOTIModelPackageLoader;
+  for (const auto& op : manifest_.native_ops) {
+    const auto missing = native_op_missing(op);
+    if (!missing.empty())
+      throw std::runtime_error(directory.string() + ": the engines call " + op + ", which cannot run here: " +
+                               missing + "; export again with options={'attention': 'sdpa'} for machines without it");
+  }
   full_ = std::make_unique<AOTIModelPackageLoader>(manifest_.file("full").string(), "model", false, 1, device_index);
   shallow_ = std::make_unique<AOTIModelPackageLoader>(manifest_.file("shallow").string(), "model", false, 1,
                                                       device_index);

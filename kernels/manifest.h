@@ -47,6 +47,7 @@ struct Manifest {
   std::vector<InputSpec> inputs;
   ShapeRanges ranges{};
   std::map<std::string, std::vector<std::string>> files;  // part -> file names
+  std::vector<std::string> native_ops;                     // the project's ops the packages call (kernels.h)
   nlohmann::json json;                                     // the whole manifest
 
   std::filesystem::path file(const std::string& part) const { return directory / files.at(part).at(0); }

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 
 from conftest import TINY_CONFIGS, make_call, make_unet
-from deepcache_compile import compile_deepcache
+from deepcache_compile import compile_deepcache, load_deepcache
+from deepcache_compile.artifacts.manifest import read_manifest
 from deepcache_compile.calls import CallFlattener
 from deepcache_compile.graph.attention import attention_calls, native_attention_missing, substitute_attention
+from deepcache_compile.eval.sampling import ddim_loop
 from deepcache_compile.graph.trace import trace_unet
 
+ROOT = Path(__file__).parents[1]
 MISSING = native_attention_missing()
 needs_kernel = pytest.mark.skipif(MISSING is not None, reason=f"native bf16 attention cannot run: {MISSING}")
 
@@ -151,7 +157,7 @@ def test_inductor_runs_bf16_attention_on_the_kernel(caplog):
     unet = UNet2DConditionModel(**{**TINY_CONFIGS["sd-mini"][1], "layers_per_block": 1}).to(torch.bfloat16).eval()
     call = make_call(unet, batch=2)
     eager = compile_deepcache(unet, branch=1, interval=2)
-    with caplog.at_level("INFO", logger="deepcache_compile.runtime.backends.inductor"):
+    with caplog.at_level("INFO", logger="deepcache_compile.graph.attention"):
         native = compile_deepcache(unet, branch=1, interval=2, backend="inductor")
         native(**call)
     counts = [int(c) for c in re.findall(r"(\d+) attention calls on the native bf16 kernel", caplog.text)]
@@ -162,6 +168,46 @@ def test_inductor_runs_bf16_attention_on_the_kernel(caplog):
         with torch.no_grad():
             expected, actual = eager(**step).sample.float(), native(**step).sample.float()
         assert ((actual - expected).abs().max() / expected.abs().max()).item() < 3e-2, t
+
+
+@needs_kernel
+def test_aoti_export_calls_the_kernel_from_python_and_cpp(tmp_path):
+    """`dc.export(format="aoti")` of a bf16 U-Net puts its attention on the kernel by default and records it in
+    the manifest; the Python engine runs the packages within bf16 rounding of eager DeepCache (SDPA), and the C++
+    program (no Python in the process: the runtime links the kernels) generates the same latents as the Python
+    engine's loop over the same packages."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**TINY_CONFIGS["sd-mini"][1], "layers_per_block": 1}).to(torch.bfloat16).eval()
+    call = make_call(unet, batch=2)
+    dc = compile_deepcache(unet, branch=1, interval=2)
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    dc.export(tmp_path, format="aoti", example=call, batch=(1, 4), scheduler=scheduler)
+    assert read_manifest(tmp_path)["native_ops"] == ["deepcache::attention_bf16"]
+    engine = load_deepcache(tmp_path)
+    for t in (900, 800):  # a full step, then a shallow one on its cache
+        step = {**call, "timestep": torch.tensor(t)}
+        with torch.no_grad():
+            expected, actual = dc(**step).sample.float(), engine(**step).sample.float()
+        assert ((actual - expected).abs().max() / expected.abs().max()).item() < 3e-2, t
+    program = ROOT / "build" / "deepcache-generate"
+    if not program.is_file():
+        pytest.skip("the C++ runtime is not built (make native)")
+    inputs = {name: call[name].contiguous() for name in ("sample", "encoder_hidden_states")}
+    save_file(inputs, tmp_path / "in.safetensors")
+    result = subprocess.run([str(program), str(tmp_path), str(tmp_path / "in.safetensors"),
+                             str(tmp_path / "out.safetensors"), "--steps", "4"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    native = load_file(tmp_path / "out.safetensors")["sample"]
+    python = ddim_loop(load_deepcache(tmp_path), inputs, 4, scheduler)
+    torch.testing.assert_close(native, python)
+
+
+def test_attention_is_an_option_of_aoti_exports_only(tmp_path):
+    unet = make_unet("sd-mini")
+    with pytest.raises(ValueError, match=r"the onnx format: options \['attention'\] are unknown"):
+        compile_deepcache(unet, branch=1).export(tmp_path, format="onnx", example=make_call(unet),
+                                                 options={"attention": "native"})
 
 
 def test_inductor_attention_option_is_checked():
@@ -176,9 +222,9 @@ def test_inductor_attention_option_is_checked():
 def test_inductor_says_why_the_kernel_cannot_run(monkeypatch):
     """Where the kernel cannot run (simulated: the reason a CPU without AVX512-BF16 gives), "native" on a bf16
     graph is an error that says why."""
-    from deepcache_compile.runtime.backends import inductor
+    from deepcache_compile.graph import attention
 
-    monkeypatch.setattr(inductor, "native_attention_missing", lambda: "this CPU has no AVX512-BF16 instructions")
+    monkeypatch.setattr(attention, "native_attention_missing", lambda: "this CPU has no AVX512-BF16 instructions")
     unet = make_unet("sd-mini", torch.bfloat16)
     with pytest.raises(RuntimeError, match="attention='native' cannot run: this CPU has no AVX512-BF16"):
         compile_deepcache(unet, branch=1, backend="inductor", backend_options={"attention": "native"})(

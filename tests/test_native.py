@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import subprocess
 from dataclasses import asdict
@@ -199,6 +200,25 @@ def test_damaged_exports_are_refused_from_cpp_with_the_python_messages(digits_ex
         read_manifest(target)
     if how != "torch":  # the C++ side knows libtorch's release (2.13.0), Python the wheel's (2.13.0+cpu)
         assert str(native.value) == str(python.value)
+
+
+def test_exports_calling_kernels_this_runtime_lacks_are_refused(digits_export, tmp_path):
+    """An export whose packages call one of the project's ops that this build does not have (as a newer version's
+    would) is refused before its packages load, by both runtimes, with the same message."""
+    _, _, directory = digits_export
+    assert read_manifest(directory)["native_ops"] == []  # fp32: nothing substituted
+    target = tmp_path / "copy"
+    shutil.copytree(directory, target)
+    record = json.loads((target / "deepcache.json").read_text())
+    (target / "deepcache.json").write_text(json.dumps({**record, "native_ops": ["deepcache::attention_fp4"]}))
+    message = (f"{target}: the engines call deepcache::attention_fp4, which cannot run here: this runtime has no "
+               "deepcache::attention_fp4")
+    errors = []
+    for runtime in ("native", "python"):
+        with pytest.raises(ManifestError, match=re.escape(message)) as err:
+            load_deepcache(target, runtime=runtime)
+        errors.append(str(err.value))
+    assert errors[0] == errors[1]
 
 
 def test_other_formats_and_missing_exports_are_refused(tmp_path):

@@ -4,7 +4,8 @@
 format is tied to, every file's size and sha256) before it opens anything, then loads the pair with the
 format's own runtime (`formats/`): torch alone for `.pt2`, torch's AOTInductor loader for `.aoti.pt2`,
 onnxruntime for ONNX, TensorRT for `.plan`. `DeepCacheEngine` has the call interface and schedule of
-`DeepCacheUNet` and runs the same generation logic (`runtime.generation`). Nothing here imports the graph
+`DeepCacheUNet` and runs the same generation logic (`runtime.generation`). Engines that call the project's own
+kernels (the manifest's `native_ops`) load them first (`manifest.check_native_ops`). Nothing here imports the graph
 passes or diffusers.
 """
 
@@ -25,7 +26,7 @@ from ..runtime.generation import GenerationStates, check_finite, run_step, times
 from ..schedule import Schedule
 from ..shapes import ShapeRanges
 from .formats import get_format
-from .manifest import ManifestError, read_manifest
+from .manifest import ManifestError, check_native_ops, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def load_deepcache(directory: str | Path, device: str | torch.device = "cpu", pr
 
         return NativeEngine(directory, device)
     manifest = read_manifest(directory)
+    check_native_ops(manifest, directory)
     reader = get_format(manifest["format"])
     options = {"provider": provider} if provider else {}
     check_options(f"loading a {manifest['format']} export", options, reader.LOAD_OPTIONS)

@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 
 from ..calls import CallFlattener, FlatCall
+from ..graph.attention import with_native_attention
 from ..graph.branches import find_branches
 from ..graph.partition import split_at_branch
 from ..graph.trace import export_program, trace_unet
+from ..kernels import native_ops
 from ..options import check_options
 from ..runtime.pair import select_branch, shape_ranges
 from ..schedule import nonuniform_full_steps
@@ -52,7 +54,9 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
         batch, height, width: (min, max) ranges to accept (`ShapeRanges.resolve`); height/width in U-Net input
             pixels. Defaults: batch 1..16, height/width 2*multiple .. max(2*sample_size, 8*multiple).
         fp16: build TensorRT engines with fp16 kernels (the same as `options={"fp16": True}`).
-        options: the format's write options (aoti: `inductor_configs`; tensorrt: `fp16`).
+        options: the format's write options (aoti: `inductor_configs`, and `attention`: "auto" (default),
+            "native" or "sdpa", bf16 attention on the project's CPU kernel as for the aoti backend, recorded
+            in the manifest's `native_ops`; tensorrt: `fp16`).
         scheduler: a diffusers scheduler whose config is written beside the engines (`scheduler_config.json`,
             verified like them), for generation loops outside Python (`deepcache-generate`).
 
@@ -63,12 +67,13 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
     """
     writer = get_format(format)
     options = {**({"fp16": True} if fp16 else {}), **(options or {})}
-    check_options(f"the {format} format", options, writer.WRITE_OPTIONS)
+    check_options(f"the {format} format", options, (*writer.WRITE_OPTIONS, *writer.GRAPH_OPTIONS))
+    attention = options.pop("attention", "auto" if "attention" in writer.GRAPH_OPTIONS else "sdpa")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     call = _example(dc, example)
     ranges = shape_ranges(dc.unet, call, "export", batch=batch, height=height, width=width)
-    programs, branch = _dynamic_programs(dc, call, ranges)
+    programs, branch = _dynamic_programs(dc, call, ranges, attention, f"the {format} export")
     files = {}
     for part, program in programs.items():
         io = PartIO(inputs=call.names + _IO[part].inputs, outputs=_IO[part].outputs)
@@ -76,7 +81,8 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
     if scheduler is not None:
         scheduler.save_config(directory)
         files["scheduler"] = [directory / "scheduler_config.json"]
-    manifest = _manifest(dc, format, ranges, branch, files, call)
+    ops = sorted({op for program in programs.values() for op in native_ops(program.graph)})
+    manifest = _manifest(dc, format, ranges, branch, files, call, ops)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     logger.info("exported %s pair to %s: %s", format, directory, {k: [p.name for p in v] for k, v in files.items()})
     return directory
@@ -91,19 +97,20 @@ def _example(dc, example: dict | None) -> FlatCall:
     return dc.pairs[-1].traced.call
 
 
-def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges):
+def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, who: str):
     traced = trace_unet(dc.unet, call, ranges)
     branch = select_branch(find_branches(traced.gm), dc.deepcache_config.branch)
     split = split_at_branch(traced.gm, branch)
     inputs = call.tensors
     with torch.no_grad():
         cache = split.full(*inputs)[1]
-    full = export_program(split.full, inputs, ranges)
-    shallow = export_program(split.shallow, (*inputs, cache), ranges)
+    full = export_program(with_native_attention(split.full, attention, who), inputs, ranges)
+    shallow = export_program(with_native_attention(split.shallow, attention, who), (*inputs, cache), ranges)
     return {"full": full, "shallow": shallow}, branch
 
 
-def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, list[Path]], call: FlatCall) -> dict:
+def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, list[Path]], call: FlatCall,
+              ops: list[str]) -> dict:
     import diffusers
 
     from .. import __version__
@@ -142,6 +149,8 @@ def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, lis
         "versions": versions,
         "device": str(sample.device),
         "cpu_isa": sorted(cpu_isa()) if format == "aoti" and sample.device.type == "cpu" else None,
+        # The project's own ops the engines call (kernels/: libdeepcache_kernels.so must be loaded to run them).
+        "native_ops": ops,
         "scheduler": files["scheduler"][0].name if "scheduler" in files else None,
         "files": {part: [p.name for p in paths] for part, paths in files.items()},
         "sha256": {p.name: sha256(p) for paths in files.values() for p in paths},

@@ -1,9 +1,10 @@
 """`deepcache.json`: what an export holds and accepts, and its verification before anything is loaded.
 
 The manifest records the format version, the format, the branch and schedule, the inputs, the accepted
-`ShapeRanges`, the cached tensor's shape rule, the source U-Net's config, library versions, and every file's
-size and SHA-256. `read_manifest` checks all of it (the same checks the native runtime makes) and raises
-`ManifestError` naming the file and the fix.
+`ShapeRanges`, the cached tensor's shape rule, the source U-Net's config, library versions, the project's own
+kernels the engines call (`native_ops`), and every file's size and SHA-256. `read_manifest` checks all of it
+(the same checks the native runtime makes) and raises `ManifestError` naming the file and the fix;
+`check_native_ops` loads the kernels, before the engines are loaded.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import importlib
 import json
 from pathlib import Path
 
+from ..kernels import native_op_missing
 from ..shapes import ShapeRanges
 from .formats import available_formats, get_format
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "ManifestError", "ShapeRanges", "cpu_isa", "read_manifest", "sha256"]
+__all__ = ["FORMAT_VERSION", "MANIFEST", "ManifestError", "ShapeRanges", "check_native_ops", "cpu_isa", "read_manifest",
+           "sha256"]
 
 FORMAT_VERSION = 1
 MANIFEST = "deepcache.json"
@@ -72,6 +75,16 @@ def read_manifest(directory: str | Path) -> dict:
     for name, digest in manifest["sha256"].items():
         _check_file(directory / name, manifest["sizes"][name], digest)
     return manifest
+
+
+def check_native_ops(manifest: dict, directory: str | Path) -> None:
+    """Loads the project's kernels the engines call (the manifest's `native_ops`), or raises ManifestError saying
+    why one cannot run here (the C++ runtime's check and message, kernels/engine.cpp)."""
+    for op in manifest.get("native_ops") or ():
+        missing = native_op_missing(op)
+        if missing is not None:
+            raise ManifestError(f"{directory}: the engines call {op}, which cannot run here: {missing}; export again "
+                                "with options={'attention': 'sdpa'} for machines without it")
 
 
 def _check_versions(manifest: dict, path: Path) -> None:

@@ -10,8 +10,8 @@ fp32 softmax: `torch.ops.deepcache.attention_bf16(query, key, value, scale)`.
 computes is replaced by it: bf16 CPU tensors of shape (batch, heads, tokens, head dim), no mask, no dropout,
 not causal, no grouped-query broadcasting, one head dim for query, key and value. Other calls stay SDPA.
 `attention_calls(gm)` counts them, `native_attention_missing()` says why the kernel cannot run in this process
-(None when it can). The Inductor backend applies the pass (option `attention`); eager stays the reference and
-runs SDPA.
+(None when it can), `with_native_attention(gm, attention, who)` applies the pass as the `inductor` and `aoti`
+backends' option `attention` says (and `dc.export(format="aoti")`'s). Eager stays the reference and runs SDPA.
 
 Example:
     >>> if native_attention_missing() is None:
@@ -21,45 +21,21 @@ Example:
 from __future__ import annotations
 
 import copy
-import functools
-import threading
-from pathlib import Path
+import logging
 
 import torch
 from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
-__all__ = ["KERNELS_LIBRARY", "attention_calls", "native_attention_missing", "substitute_attention"]
+from ..kernels import native_attention_missing
 
-KERNELS_LIBRARY = Path(__file__).resolve().parents[1] / "_native" / "libdeepcache_kernels.so"
+__all__ = ["ATTENTION_CHOICES", "attention_calls", "native_attention_missing", "substitute_attention",
+           "with_native_attention"]
+
+logger = logging.getLogger(__name__)
+ATTENTION_CHOICES = ("auto", "native", "sdpa")
+
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
-
-
-_LOADING = threading.Lock()
-
-
-def native_attention_missing() -> str | None:
-    """Why `torch.ops.deepcache.attention_bf16` cannot run here, or None: loads the kernel library once (and
-    registers the op's shape function for tracing and torch.compile); safe from several threads."""
-    with _LOADING:
-        return _load()
-
-
-@functools.cache
-def _load() -> str | None:
-    if not KERNELS_LIBRARY.exists():
-        return f"{KERNELS_LIBRARY} is not built (run `make native`)"
-    torch.ops.load_library(str(KERNELS_LIBRARY))
-    torch.library.register_fake("deepcache::attention_bf16")(_attention_shape)
-    if not torch.ops.deepcache.attention_bf16_supported():
-        return "this CPU has no AVX512-BF16 instructions"
-    return None
-
-
-def _attention_shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    """The kernel's output: (batch, tokens, heads, dim) storage seen as (batch, heads, tokens, dim)."""
-    batch, heads, tokens, dim = query.shape
-    return query.new_empty((batch, tokens, heads, dim)).transpose(1, 2)
 
 
 def attention_calls(gm: fx.GraphModule) -> int:
@@ -84,6 +60,32 @@ def substitute_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
         replaced += 1
     graph.lint()
     return fx.GraphModule(gm, graph, class_name=type(gm).__name__), replaced
+
+
+def with_native_attention(gm: fx.GraphModule, attention: str, who: str) -> fx.GraphModule:
+    """`gm`, or a copy with the kernel in place of the SDPA calls it computes, as a backend's `attention` option
+    says: "auto" takes the kernel where it can run (else keeps SDPA and logs why), "native" requires it (an
+    error says why it cannot run), "sdpa" keeps SDPA. `who` ("the inductor backend") names the caller in
+    errors."""
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"{who}: attention={attention!r} is unknown; choose one of {ATTENTION_CHOICES}")
+    if attention == "sdpa":
+        return gm
+    calls = attention_calls(gm)
+    if calls == 0:
+        if attention == "native":
+            raise RuntimeError(f"{who}: attention='native' found no attention it computes (it takes bf16 CPU SDPA "
+                               "calls without mask, dropout or causal masking); pass attention='sdpa' or 'auto'")
+        return gm
+    missing = native_attention_missing()
+    if missing is not None:
+        if attention == "native":
+            raise RuntimeError(f"{who}: attention='native' cannot run: {missing}; or pass attention='sdpa'")
+        logger.info("%s: %d bf16 attention calls stay SDPA: %s", who, calls, missing)
+        return gm
+    substituted, replaced = substitute_attention(gm)
+    logger.info("%s: %d attention calls on the native bf16 kernel", who, replaced)
+    return substituted
 
 
 def _kernel_args(node: fx.Node) -> tuple | None:

@@ -4,6 +4,7 @@ A format module defines:
 - `SUFFIX`: the file name ending of each part (`full<SUFFIX>`, `shallow<SUFFIX>`);
 - `TIED_TO`: the library whose exact version must load its files (None if any version may);
 - `WRITE_OPTIONS`, `LOAD_OPTIONS`: the option names `write` and `load` accept;
+- `GRAPH_OPTIONS`: export options that choose graph passes before the program is written (`export` applies them);
 - `write(program, path, io, ranges, **options) -> list[Path]`: writes one exported program (and any side files);
 - `load(path, device, **options) -> runner`: a callable `(*tensors) -> tuple[tensor, ...]`.
 

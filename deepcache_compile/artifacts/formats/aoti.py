@@ -13,6 +13,8 @@ import torch
 SUFFIX = ".aoti.pt2"
 TIED_TO = "torch"
 WRITE_OPTIONS = ("inductor_configs",)
+# Graph passes before export: "attention" ("auto" by default), bf16 attention on the project's CPU kernel.
+GRAPH_OPTIONS = ("attention",)
 LOAD_OPTIONS: tuple[str, ...] = ()
 
 

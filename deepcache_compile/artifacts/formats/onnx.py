@@ -17,6 +17,7 @@ from ...tracing import GATE
 SUFFIX = ".onnx"
 TIED_TO = None
 WRITE_OPTIONS: tuple[str, ...] = ()
+GRAPH_OPTIONS: tuple[str, ...] = ()
 LOAD_OPTIONS = ("provider", "session_options")
 
 # onnx.TensorProto element types, by torch dtype (what IO binding takes where numpy has no dtype, e.g. bf16).

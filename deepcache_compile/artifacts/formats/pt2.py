@@ -9,6 +9,7 @@ import torch
 SUFFIX = ".pt2"
 TIED_TO = None
 WRITE_OPTIONS: tuple[str, ...] = ()
+GRAPH_OPTIONS: tuple[str, ...] = ()
 LOAD_OPTIONS: tuple[str, ...] = ()
 
 

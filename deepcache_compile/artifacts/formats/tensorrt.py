@@ -14,6 +14,7 @@ from .onnx import write_onnx
 SUFFIX = ".plan"
 TIED_TO = "tensorrt"
 WRITE_OPTIONS = ("fp16",)
+GRAPH_OPTIONS: tuple[str, ...] = ()
 LOAD_OPTIONS: tuple[str, ...] = ()
 
 

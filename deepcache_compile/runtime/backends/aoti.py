@@ -1,6 +1,8 @@
 """The `aoti` backend: each graph compiled ahead of time by AOTInductor into a package and loaded back.
 
-Options: `inductor_configs` (passed to `aoti_compile_and_package`) and `share_weights`. The default is the fast
+Options: `inductor_configs` (passed to `aoti_compile_and_package`), `share_weights` and `attention` ("auto",
+"native" or "sdpa": bf16 attention on the project's CPU kernel, as for the inductor backend; the package then
+calls `torch.ops.deepcache.attention_bf16`, which AOTInductor runs through the dispatcher). The default is the fast
 one, as for the inductor backend: on CPU with static shapes the graphs are frozen (Inductor folds the weights
 into the package and pre-packs the convolution weights for oneDNN), which needs their own copy of the weights;
 elsewhere (CUDA, dynamic pairs) freezing gains nothing here and the graphs share the U-Net's weights.
@@ -25,6 +27,7 @@ import torch
 from torch import fx
 
 from ...artifacts.formats import aoti
+from ...graph.attention import with_native_attention
 from ...graph.trace import export_program
 from ...options import check_options
 from ...shapes import ShapeRanges
@@ -34,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], options: dict[str, Any],
                   ranges: ShapeRanges | None = None):
-    check_options("the aoti backend", options, (*aoti.WRITE_OPTIONS, "share_weights"))
+    check_options("the aoti backend", options, (*aoti.WRITE_OPTIONS, *aoti.GRAPH_OPTIONS, "share_weights"))
+    gm = with_native_attention(gm, options.get("attention", "auto"), "the aoti backend")
     configs = dict(options.get("inductor_configs") or {})
     # Freezing pays on CPU with static shapes; set either way, so that the process-wide setting does not decide.
     freezing = configs.get("freezing", example_inputs[0].device.type == "cpu" and ranges is None)

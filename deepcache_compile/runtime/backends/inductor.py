@@ -25,7 +25,7 @@ import torch
 from torch import fx
 from torch.fx.experimental import _config as fx_config
 
-from ...graph.attention import attention_calls, native_attention_missing, substitute_attention
+from ...graph.attention import with_native_attention
 from ...options import check_options
 from ...shapes import ShapeRanges, with_batch
 
@@ -38,7 +38,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], 
                   ranges: ShapeRanges | None = None):
     check_options("the inductor backend", options, _COMPILE_KEYS | {"freezing", "attention"})
     options = dict(options)
-    gm = _with_attention(gm, options.pop("attention", "auto"))
+    gm = with_native_attention(gm, options.pop("attention", "auto"), "the inductor backend")
     # Freezing with symbolic shapes fails in torch 2.13 on some U-Nets (the digits model: an AssertionError in
     # sym_max while materializing strides), so dynamic pairs default to weights as inputs.
     freezing = options.pop("freezing", example_inputs[0].device.type == "cpu" and ranges is None)
@@ -56,34 +56,6 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], 
     if _cudagraphs(options, example_inputs[0].device):
         run = _Replayed(run)
     return run
-
-
-_ATTENTION = ("auto", "native", "sdpa")
-
-
-def _with_attention(gm: fx.GraphModule, attention: str) -> fx.GraphModule:
-    """`gm`, or a copy with the native bf16 attention kernel in place of the SDPA calls it computes."""
-    if attention not in _ATTENTION:
-        raise ValueError(f"the inductor backend: attention={attention!r} is unknown; choose one of {_ATTENTION}")
-    if attention == "sdpa":
-        return gm
-    calls = attention_calls(gm)
-    if calls == 0:
-        if attention == "native":
-            raise RuntimeError("the inductor backend: attention='native' found no attention it computes (it takes "
-                               "bf16 CPU SDPA calls without mask, dropout or causal masking); pass "
-                               "backend_options={'attention': 'sdpa'} or 'auto'")
-        return gm
-    missing = native_attention_missing()
-    if missing is not None:
-        if attention == "native":
-            raise RuntimeError(f"the inductor backend: attention='native' cannot run: {missing}; or pass "
-                               "backend_options={'attention': 'sdpa'}")
-        logger.info("inductor: %d bf16 attention calls stay SDPA: %s", calls, missing)
-        return gm
-    substituted, replaced = substitute_attention(gm)
-    logger.info("inductor: %d attention calls on the native bf16 kernel", replaced)
-    return substituted
 
 
 def _cudagraphs(options: dict, device: torch.device) -> bool:
