@@ -68,8 +68,10 @@ def compile_deepcache(
             `available_backends()`. "auto": the fastest installed backend for the U-Net's device and dtype, as
             the benchmark measured it (`choose_backend`; CPU: onnxruntime in fp32, inductor in bf16); the
             choice is logged and is `dc.deepcache_config.backend`.
-        backend_options: passed to the backend (inductor: mode, fullgraph, dynamic, options, freezing;
-            aoti: inductor_configs; onnxruntime: providers, session_options; tensorrt: torch_tensorrt options).
+        backend_options: passed to the backend (inductor: mode, fullgraph, dynamic, options, freezing,
+            attention; aoti: inductor_configs, share_weights, attention; onnxruntime: providers,
+            session_options; tensorrt: torch_tensorrt options). attention: "auto" (default), "native" or
+            "sdpa": bf16 attention on the project's CPU kernel (`graph.attention`).
         calls_per_step: 2 for pipelines that call the U-Net twice per step (conditional, unconditional).
         max_signatures: how many input signatures keep a compiled pair.
         verify: check each compiled pair once against the eager graphs (one extra call of each, per signature).

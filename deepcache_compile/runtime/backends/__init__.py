@@ -42,7 +42,9 @@ _REGISTRY: dict[str, str | Backend] = {
 # `deepcache-compile bench` (SD 1.5 architecture, 256 px, batch 2, 10 DDIM steps, N=5; README "Performance"):
 # onnxruntime fastest, then inductor. CPU bf16/fp16: onnxruntime has no bf16 convolution on CPU (its session
 # refuses the graph), so inductor: on an AVX512-BF16 machine, with its attention on the project's bf16 kernel,
-# 3.40 s against aoti's 3.75 s and 3.89 s with SDPA (bench/results/sd15_bf16_attention). CUDA:
+# 3.40 s against 3.89 s with SDPA (bench/results/sd15_bf16_attention); aoti with the same kernel was 3.44 s
+# against inductor's 3.69 in another run (bench/results/sd15_bf16_aoti_kernel): the same per graph, within the
+# runs' spread, and it holds 1.6 GB more, so inductor stays. CUDA:
 # not measured here (no GPU); TensorRT where installed, else inductor, until bench/gpu_check.sh's table says.
 _FASTEST: dict[tuple[str, torch.dtype], tuple[str, ...]] = {
     ("cpu", torch.float32): ("onnxruntime", "inductor"),
