@@ -4,13 +4,17 @@
     python bench/profile_backends.py --backends inductor --dtype fp32 bf16 --out bench/results/profile_bf16
     python bench/profile_backends.py --backends inductor --dtype fp32 bf16 --graph shallow \
         --out bench/results/profile_bf16_shallow
+    python bench/profile_backends.py --backends inductor --dtype fp32 bf16 --top 12 --out bench/results/profile_top
 
 Compiles one DeepCache pair (branch 1) with each backend and profiles `--calls` calls of its full graph (or
 `--graph shallow`): Inductor under `torch.profiler` (its generated C++ kernels named through
 `cpp.enable_kernel_profile`), ONNX Runtime with its own profiler (`SessionOptions.enable_profiling`, one event
 per graph node). Both are summed into the same categories (convolution, matmul, attention, group norm,
 elementwise and other) and written to `--out`.{json,md} (default bench/results/profile_backends), with the
-machine.
+machine. A fused kernel counts in the category of the first op its name matches, except that Inductor's own
+loops are never "convolution" or "matmul" (those are extern oneDNN/MKL calls; a loop named `addmm_gelu_...` is
+a bias add and a GELU): "group norm" holds group and layer norms and what Inductor fused into them (the
+feed-forward's GELU, fused into the next layer norm). `--top N` lists each category's N slowest kernels.
 """
 
 from __future__ import annotations
@@ -39,13 +43,20 @@ _CATEGORIES = [
 ]
 
 
+# Inductor's generated C++ loops (`cpp_fused_*`) are pointwise ops and reductions: the convolutions and GEMMs
+# are extern calls of their own (oneDNN, MKL), even where a loop's name lists `addmm` (a fused bias add).
+_EXTERN_ONLY = ("convolution", "matmul")
+
+
 def category(name: str) -> str:
     name = name.lower()
-    return next((c for c, pattern in _CATEGORIES if re.search(pattern, name)), "other")
+    generated = "cpp_fused" in name
+    return next((c for c, pattern in _CATEGORIES if not (generated and c in _EXTERN_ONLY) and re.search(pattern, name)),
+                "other")
 
 
 def profile_inductor(graph, inputs, calls: int) -> dict[str, float]:
-    """Milliseconds per call by category: every profiled event's self time (wrappers' own time is "other")."""
+    """Milliseconds per call by event name: every profiled event's self time (wrappers' own time is "other")."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof, torch.no_grad():
@@ -54,12 +65,12 @@ def profile_inductor(graph, inputs, calls: int) -> dict[str, float]:
     totals = defaultdict(float)
     for event in prof.key_averages():
         totals[event.key] += event.self_cpu_time_total / 1e3 / calls
-    return _by_category(totals)
+    return dict(totals)
 
 
 def profile_onnxruntime(graph, inputs, calls: int) -> dict[str, float]:
-    """Milliseconds per call by category: the node events of the last `calls` runs of the graph's session
-    (compiled with profiling on; earlier runs are the verification and the warm-up)."""
+    """Milliseconds per call by node: the node events of the last `calls` runs of the graph's session (compiled
+    with profiling on; earlier runs are the verification and the warm-up)."""
     with torch.no_grad():
         for _ in range(calls):
             graph(*inputs)
@@ -70,7 +81,16 @@ def profile_onnxruntime(graph, inputs, calls: int) -> dict[str, float]:
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
             totals[e["args"]["op_name"]] += e["dur"] / 1e3 / calls
-    return _by_category(totals)
+    return dict(totals)
+
+
+def _slowest(totals: dict[str, float], n: int) -> dict[str, list[tuple[str, float]]]:
+    """Each category's `n` slowest kernels (or nodes), with their milliseconds per call."""
+    out = defaultdict(list)
+    for name, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+        if len(out[category(name)]) < n:
+            out[category(name)].append((name, round(ms, 3)))
+    return dict(out)
 
 
 def _by_category(totals: dict[str, float]) -> dict[str, float]:
@@ -91,11 +111,12 @@ def main() -> None:
     parser.add_argument("--graph", default="full", choices=["full", "shallow"], help="which of the pair's graphs")
     parser.add_argument("--backends", nargs="+", default=["inductor", "onnxruntime"],
                         choices=["inductor", "onnxruntime"], help="onnxruntime has no bf16 convolution on CPU")
+    parser.add_argument("--top", type=int, default=0, help="also list each category's N slowest kernels (or nodes)")
     parser.add_argument("--out", default="bench/results/profile_backends")
     args = parser.parse_args()
 
     torch._inductor.config.cpp.enable_kernel_profile = True
-    results = {}
+    results, top = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         profiling = {"session_options": {"enable_profiling": True, "profile_file_prefix": f"{tmp}/ort"}}
         for dtype in args.dtype:
@@ -109,8 +130,11 @@ def main() -> None:
                     if args.graph == "shallow":
                         inputs = (*inputs, pair.full(*inputs)[1])  # the cache of a full step
                     graph(*inputs)  # warm-up
-                results[f"{backend} {dtype}"] = (profile_inductor(graph, inputs, args.calls) if backend == "inductor"
-                                                 else profile_onnxruntime(graph, inputs, args.calls))
+                name = f"{backend} {dtype}"
+                kernels = (profile_inductor(graph, inputs, args.calls) if backend == "inductor"
+                           else profile_onnxruntime(graph, inputs, args.calls))
+                results[name] = _by_category(kernels)
+                top[name] = _slowest(kernels, args.top)
                 del pair
     names = list(results)
     categories = sorted({c for r in results.values() for c in r}, key=lambda c: -results[names[0]].get(c, 0))
@@ -124,7 +148,11 @@ def main() -> None:
         cells = " | ".join(f"{m:.1f}" for m in ms)
         cells += (f" | {ms[0] / ms[1]:.2f}" if ms[1] else " | ") if ratio else ""
         lines.append(f"| {c} | {cells} |")
-    write_report(args.out, {"args": vars(args), "ms": results, **machine()}, lines)
+    for name, slowest in top.items() if args.top else ():
+        lines += ["", f"{name}: each category's {args.top} slowest kernels", "", "| category | kernel | ms |",
+                  "| --- | --- | --- |"]
+        lines += [f"| {c} | {k} | {ms:.2f} |" for c in categories if c in slowest for k, ms in slowest[c]]
+    write_report(args.out, {"args": vars(args), "ms": results, "top": top, **machine()}, lines)
 
 
 if __name__ == "__main__":
