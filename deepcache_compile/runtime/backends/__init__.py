@@ -43,8 +43,9 @@ _REGISTRY: dict[str, str | Backend] = {
 # onnxruntime fastest, then inductor. CPU bf16/fp16: onnxruntime has no bf16 convolution on CPU (its session
 # refuses the graph), so inductor: on an AVX512-BF16 machine, with its attention on the project's bf16 kernel,
 # 3.40 s against 3.89 s with SDPA (bench/results/sd15_bf16_attention); aoti with the same kernel was 3.44 s
-# against inductor's 3.69 in another run (bench/results/sd15_bf16_aoti_kernel): the same per graph, within the
-# runs' spread, and it holds 1.6 GB more, so inductor stays. CUDA:
+# against inductor's 3.69 in another run (bench/results/sd15_bf16_aoti_kernel) and 3.85 against 3.69 in a third
+# (bench/results/sd15_bf16_cpp_wrapper): the same per graph, within the runs' spread, and it holds 1.6 GB more,
+# so inductor stays. CUDA:
 # not measured here (no GPU); TensorRT where installed, else inductor, until bench/gpu_check.sh's table says.
 _FASTEST: dict[tuple[str, torch.dtype], tuple[str, ...]] = {
     ("cpu", torch.float32): ("onnxruntime", "inductor"),
