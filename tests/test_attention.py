@@ -210,13 +210,14 @@ def test_attention_is_an_option_of_aoti_exports_only(tmp_path):
                                                  options={"attention": "native"})
 
 
-def test_inductor_attention_option_is_checked():
+@pytest.mark.parametrize("backend", ["inductor", "aoti"])
+def test_attention_option_is_checked(backend):
     unet = make_unet("sd-mini")
     call = make_call(unet, batch=2)
-    with pytest.raises(ValueError, match="attention='flash' is unknown"):
-        compile_deepcache(unet, branch=1, backend="inductor", backend_options={"attention": "flash"})(**call)
+    with pytest.raises(ValueError, match=f"the {backend} backend: attention='flash' is unknown"):
+        compile_deepcache(unet, branch=1, backend=backend, backend_options={"attention": "flash"})(**call)
     with pytest.raises(RuntimeError, match="found no attention it computes"):  # fp32
-        compile_deepcache(unet, branch=1, backend="inductor", backend_options={"attention": "native"})(**call)
+        compile_deepcache(unet, branch=1, backend=backend, backend_options={"attention": "native"})(**call)
 
 
 def test_inductor_says_why_the_kernel_cannot_run(monkeypatch):
