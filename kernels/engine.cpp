@@ -13,7 +13,7 @@ Engine::Engine(const std::filesystem::path& directory, int device_index)
   for (const auto& op : manifest_.native_ops) {
     const auto missing = native_op_missing(op);
     if (!missing.empty())
-      throw std::runtime_error(directory.string() + ": the engines call " + op + ", which cannot run here: " +
+      throw ManifestError(directory.string() + ": the engines call " + op + ", which cannot run here: " +
                                missing + "; export again with options={'attention': 'sdpa'} for machines without it");
   }
   full_ = std::make_unique<AOTIModelPackageLoader>(manifest_.file("full").string(), "model", false, 1, device_index);
