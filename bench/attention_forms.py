@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 from deepcache_compile.eval.presets import DTYPES
-from deepcache_compile.graph.attention import native_attention_missing
 from deepcache_compile.eval.report import machine, write_report
+from deepcache_compile.kernels import native_attention_missing
 
 SHAPES = ((1024, 1024, 40), (1024, 77, 40), (256, 256, 80), (64, 64, 160))
 

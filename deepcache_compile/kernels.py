@@ -20,6 +20,7 @@ __all__ = ["KERNELS_LIBRARY", "native_attention_missing", "native_op_missing", "
 
 KERNELS_LIBRARY = Path(__file__).resolve().parent / "_native" / "libdeepcache_kernels.so"
 NAMESPACE = "deepcache"
+ATTENTION_OP = f"{NAMESPACE}::attention_bf16"
 _LOADING = threading.Lock()
 
 
@@ -35,7 +36,7 @@ def _load() -> str | None:
     if not KERNELS_LIBRARY.exists():
         return f"{KERNELS_LIBRARY} is not built (run `make native`)"
     torch.ops.load_library(str(KERNELS_LIBRARY))
-    torch.library.register_fake(f"{NAMESPACE}::attention_bf16")(_attention_shape)
+    torch.library.register_fake(ATTENTION_OP)(_attention_shape)
     if not torch.ops.deepcache.attention_bf16_supported():
         return "this CPU has no AVX512-BF16 instructions"
     return None
@@ -50,7 +51,7 @@ def _attention_shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 def native_op_missing(name: str) -> str | None:
     """Why the project's op `name` ("deepcache::attention_bf16") cannot run in this process, or None (loads its
     library); the same reasons as the C++ runtime's `native_op_missing` (kernels/kernels.h)."""
-    if name == f"{NAMESPACE}::attention_bf16":
+    if name == ATTENTION_OP:
         return native_attention_missing()
     return f"this runtime has no {name} (a newer deepcache_compile made it)"
 

@@ -16,9 +16,10 @@ from conftest import TINY_CONFIGS, make_call, make_unet
 from deepcache_compile import compile_deepcache, load_deepcache
 from deepcache_compile.artifacts.manifest import read_manifest
 from deepcache_compile.calls import CallFlattener
-from deepcache_compile.graph.attention import attention_calls, native_attention_missing, substitute_attention
 from deepcache_compile.eval.sampling import ddim_loop
+from deepcache_compile.graph.attention import attention_calls, substitute_attention
 from deepcache_compile.graph.trace import trace_unet
+from deepcache_compile.kernels import native_attention_missing
 
 ROOT = Path(__file__).parents[1]
 MISSING = native_attention_missing()

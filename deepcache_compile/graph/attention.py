@@ -9,9 +9,10 @@ fp32 softmax: `torch.ops.deepcache.attention_bf16(query, key, value, scale)`.
 `substitute_attention(gm)` returns a copy of the graph (sharing its weights) in which every SDPA call the kernel
 computes is replaced by it: bf16 CPU tensors of shape (batch, heads, tokens, head dim), no mask, no dropout,
 not causal, no grouped-query broadcasting, one head dim for query, key and value. Other calls stay SDPA.
-`attention_calls(gm)` counts them, `native_attention_missing()` says why the kernel cannot run in this process
-(None when it can), `with_native_attention(gm, attention, who)` applies the pass as the `inductor` and `aoti`
-backends' option `attention` says (and `dc.export(format="aoti")`'s). Eager stays the reference and runs SDPA.
+`attention_calls(gm)` counts them, `kernels.native_attention_missing()` says why the kernel cannot run in this
+process (None when it can), `with_native_attention(gm, attention, who)` applies the pass as the `inductor` and
+`aoti` backends' option `attention` says (and `dc.export(format="aoti")`'s). Eager stays the reference and runs
+SDPA.
 
 Example:
     >>> if native_attention_missing() is None:
@@ -29,8 +30,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from ..kernels import native_attention_missing
 
-__all__ = ["ATTENTION_CHOICES", "attention_calls", "native_attention_missing", "substitute_attention",
-           "with_native_attention"]
+__all__ = ["ATTENTION_CHOICES", "attention_calls", "substitute_attention", "with_native_attention"]
 
 logger = logging.getLogger(__name__)
 ATTENTION_CHOICES = ("auto", "native", "sdpa")
