@@ -10,7 +10,7 @@ from torch import nn
 
 from .calls import CallFlattener, example_call
 from .config import DeepCacheConfig
-from .graph.branches import find_branches
+from .graph.cuts import find_cuts
 from .graph.macs import graph_macs, node_macs
 from .graph.partition import split_at_branch
 from .graph.trace import TracedUNet, trace_unet
@@ -46,6 +46,7 @@ def compile_deepcache(
     refresh: str | AdaptiveRefresh | None = None,
     split: str = "auto",
     forecast: bool = False,
+    last_blocks: int = 0,
 ) -> DeepCacheUNet:
     """Wraps `unet` so that it runs DeepCache; use it as `pipe.unet`.
 
@@ -87,6 +88,7 @@ def compile_deepcache(
         split: "auto" (head/deep/tail graphs for adaptive refresh, the full/shallow pair otherwise), "pair" or
             "three".
         forecast: on shallow steps, extrapolate the cached feature from its last two full-step values.
+        last_blocks: transformers: how many of the last blocks every step computes besides blocks 0..branch.
 
     Example:
         >>> pipe.unet = compile_deepcache(pipe.unet, branch=1, interval=5)
@@ -116,6 +118,7 @@ def compile_deepcache(
         refresh=AdaptiveRefresh() if refresh == "adaptive" else refresh,
         split=split,
         forecast=forecast,
+        last_blocks=last_blocks,
     )
     return DeepCacheUNet(unet, config)
 
@@ -167,7 +170,7 @@ class BranchInfo:
         return self.shallow_macs / self.full_macs
 
 
-def list_branches(unet: nn.Module, *args, **kwargs) -> list[BranchInfo]:
+def list_branches(unet: nn.Module, *args, last_blocks: int = 0, **kwargs) -> list[BranchInfo]:
     """Lists the skip branches of `unet` with the shallow step's MAC share, for one example call.
 
     Without arguments, a batch-1 call at the config's sample size is used (`calls.example_call`).
@@ -178,15 +181,15 @@ def list_branches(unet: nn.Module, *args, **kwargs) -> list[BranchInfo]:
     """
     if not args and not kwargs:
         kwargs = example_call(unet)
-    return branch_infos(trace_unet(unet, CallFlattener(unet)(args, kwargs)))
+    return branch_infos(trace_unet(unet, CallFlattener(unet)(args, kwargs)), last_blocks=last_blocks)
 
 
-def branch_infos(traced: TracedUNet) -> list[BranchInfo]:
-    """`list_branches` for a U-Net already traced with `trace_unet`."""
+def branch_infos(traced: TracedUNet, **cut_options) -> list[BranchInfo]:
+    """`list_branches` for a model already traced with `trace_unet`."""
     macs = node_macs(traced.gm, traced.example_inputs)
     full_macs = sum(macs.values())
     rows = []
-    for branch in find_branches(traced.gm):
+    for branch in find_cuts(traced.gm, **{k: v for k, v in cut_options.items() if v}):
         shallow_macs = graph_macs(split_at_branch(traced.gm, branch).shallow, macs)
         rows.append(BranchInfo(branch.index, branch.producer_module, branch.consumer_module,
                                branch.cache_shape, full_macs, shallow_macs))

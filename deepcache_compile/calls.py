@@ -92,7 +92,8 @@ class CallFlattener:
         return_dict = bool(arguments.pop("return_dict", True)) and self._returns_dict
         timestep = arguments.get("timestep")
         if timestep is not None and not isinstance(timestep, torch.Tensor):
-            arguments["timestep"] = torch.tensor(timestep, device=arguments["sample"].device)
+            sample = arguments[next(iter(self.forward_signature.parameters))]  # U-Nets' sample, DiTs' hidden_states
+            arguments["timestep"] = torch.tensor(timestep, device=sample.device)
         leaves, spec = pytree.tree_flatten(arguments)
         tensors, metas, constants = [], [], []
         for i, leaf in enumerate(leaves):

@@ -40,6 +40,8 @@ class DeepCacheConfig:
             a shallow step head and tail) or "auto" (three for adaptive refresh, else the pair).
         forecast: on shallow steps, extrapolate the cached feature from its last two full-step values
             (first order, fused into the shallow graph) instead of reusing it as it is.
+        last_blocks: transformers only: how many of the last blocks every step computes (0: the cached range
+            runs to the last block, the first-block-cache layout; 1 or more: DBCache's Fn-Bn layout).
 
     Example:
         >>> DeepCacheConfig(branch=1, schedule=Schedule("uniform", interval=5)).branch
@@ -59,6 +61,12 @@ class DeepCacheConfig:
     refresh: AdaptiveRefresh | None = None
     split: str = "auto"
     forecast: bool = False
+    last_blocks: int = 0
+
+    @property
+    def cut_options(self) -> dict[str, Any]:
+        """What the cut finders take besides the graph (see `graph.cuts.find_cuts`)."""
+        return {"last_blocks": self.last_blocks} if self.last_blocks else {}
 
     @property
     def graphs(self) -> str:
@@ -73,6 +81,9 @@ class DeepCacheConfig:
             )
         if self.backend not in available_backends():
             raise ValueError(f"backend={self.backend!r} is unknown: choose one of {available_backends()}")
+        if not isinstance(self.last_blocks, int) or isinstance(self.last_blocks, bool) or self.last_blocks < 0:
+            raise ValueError(f"last_blocks={self.last_blocks!r} is invalid: it must be an integer >= 0 (how many of "
+                             "a transformer's last blocks every step computes)")
         if self.calls_per_step < 1:
             raise ValueError(f"calls_per_step={self.calls_per_step} must be >= 1 (2 for separate CFG calls)")
         if self.max_signatures < 1:

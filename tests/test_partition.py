@@ -36,7 +36,7 @@ def _assert_three_exact(gm, branch, inputs, expected, split):
     assert torch.equal(three.tail(*inputs, *links, cache)[0], expected), f"head/deep/tail differ at {branch.index}"
     other = cache * 0.5  # a shallow step on a cache of another step: tail == the two-graph shallow graph
     assert torch.equal(three.tail(*inputs, *links, other)[0], split.shallow(*inputs, other)[0])
-    assert torch.equal(links[three.probe], _value_of(gm, inputs, branch.producer))
+    assert torch.equal(links[three.probe], _value_of(gm, inputs, branch.probe))
 
 
 @pytest.mark.parametrize("arch", ["sd", "sd21", "sdxl", "ddpm", "ddpm-class"])
@@ -105,7 +105,7 @@ def _value_of(gm, inputs, name):
     from deepcache_compile.eval.analyze import probe_graph
     from types import SimpleNamespace
 
-    return probe_graph(gm, (SimpleNamespace(cached=name),))(*inputs)[1]
+    return probe_graph(gm, (SimpleNamespace(streams=(SimpleNamespace(node=name),)),))(*inputs)[1]
 
 
 def test_three_graphs_run_each_layer_once_and_share_the_weights():

@@ -21,7 +21,6 @@ import torch
 
 from ..calls import CallFlattener, FlatCall
 from ..graph.attention import with_native_attention
-from ..graph.branches import find_branches
 from ..graph.partition import split_at_branch
 from ..graph.trace import export_program, trace_unet
 from ..kernels import native_ops
@@ -99,7 +98,7 @@ def _example(dc, example: dict | None) -> FlatCall:
 
 def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, who: str):
     traced = trace_unet(dc.unet, call, ranges)
-    branch = select_branch(find_branches(traced.gm), dc.deepcache_config.branch)
+    branch = select_branch(traced.gm, dc.deepcache_config)
     split = split_at_branch(traced.gm, branch)
     inputs = call.tensors
     with torch.no_grad():

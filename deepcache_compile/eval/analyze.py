@@ -27,7 +27,8 @@ from torch import fx
 
 from ..api import branch_infos
 from ..calls import CallFlattener
-from ..graph.branches import SkipBranch, find_branches
+from ..graph.branches import find_branches
+from ..graph.cuts import Cut
 from ..graph.trace import trace_unet
 from ..refresh import CalibratedPlan, similarity_matrix
 from ..schedule import Calibration, mac_speedup, uniform_full_steps
@@ -36,13 +37,13 @@ from .sampling import ddim_loop
 __all__ = ["FeatureSimilarity", "Suggestion", "feature_similarity", "probe_graph", "suggest", "plot_similarity"]
 
 
-def probe_graph(root: fx.GraphModule, branches: tuple[SkipBranch, ...]) -> fx.GraphModule:
+def probe_graph(root: fx.GraphModule, branches: tuple[Cut, ...]) -> fx.GraphModule:
     """`(*inputs) -> (sample, *caches)`: the traced U-Net that also returns every branch's cached tensor."""
     graph = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
     outputs = graph.graph_copy(root.graph, val_map)
     by_name = {old.name: new for old, new in val_map.items()}
-    graph.output((*outputs, *(by_name[b.cached] for b in branches)))
+    graph.output((*outputs, *(by_name[b.streams[0].node] for b in branches)))
     graph.lint()
     return fx.GraphModule(root, graph, class_name="DeepCacheProbe")
 

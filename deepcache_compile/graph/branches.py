@@ -1,4 +1,4 @@
-"""Exported U-Net graph -> its ordered skip connections (the DeepCache branches).
+"""Exported U-Net graph -> its ordered skip connections (the DeepCache branches), as feature `Cut`s.
 
 A skip connection is found from the graph alone: a concatenation of two rank>=4 tensors along the channel
 dimension, where one input (`h_main`) was computed later than the other (`h_skip`, kept from the down path).
@@ -10,49 +10,26 @@ only to label the branches for people.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import fx
 
+from .cuts import Cut, CutNotFoundError, Stream, module_path, register_finder
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["SkipBranch", "find_branches", "downsampling_factor", "BranchNotFoundError"]
+__all__ = ["find_branches", "find_skip_cuts", "downsampling_factor", "BranchNotFoundError"]
 
 _CAT_TARGETS = (torch.ops.aten.cat.default, torch.ops.aten.concat.default)
 
 
-class BranchNotFoundError(ValueError):
+class BranchNotFoundError(CutNotFoundError):
     """The graph has no U-Net skip structure DeepCache can cut at."""
 
 
-@dataclass(frozen=True)
-class SkipBranch:
-    """One skip connection of a traced U-Net.
-
-    Attributes:
-        index: the branch number (0 = conv_in output, increasing with depth).
-        producer: graph node that produces the skip tensor (`h_skip`).
-        consumer: the concatenation node that joins `h_main` and `h_skip`.
-        cached: graph node of `h_main`, the tensor a full step keeps for the shallow steps.
-        cache_shape: shape of the cached tensor for the traced signature.
-        cache_dtype: its dtype.
-        producer_module: module that computes the skip tensor, e.g. `down_blocks.0.attentions.1`.
-        consumer_module: up layer that consumes it, e.g. `up_blocks.3.resnets.1`.
-    """
-
-    index: int
-    producer: str
-    consumer: str
-    cached: str
-    cache_shape: tuple[int, ...]
-    cache_dtype: torch.dtype
-    producer_module: str
-    consumer_module: str
-
-
-def find_branches(gm: fx.GraphModule) -> tuple[SkipBranch, ...]:
-    """Returns the skip branches of a traced U-Net, outermost first.
+def find_branches(gm: fx.GraphModule) -> tuple[Cut, ...]:
+    """Returns the skip branches of a traced U-Net, outermost first, as feature cuts: the kept stream is
+    `h_main`, the probe the skip tensor (`h_skip`), the consumer the concatenation.
 
     Example:
         >>> [b.producer_module for b in find_branches(traced.gm)][:2]
@@ -75,7 +52,17 @@ def find_branches(gm: fx.GraphModule) -> tuple[SkipBranch, ...]:
     return tuple(_branch(i, skip, main, cat) for i, (skip, main, cat) in enumerate(joins))
 
 
-def downsampling_factor(branches: tuple[SkipBranch, ...], sample_height: int) -> int:
+def find_skip_cuts(gm: fx.GraphModule, **options) -> tuple[Cut, ...]:
+    """U-Net skip connections: channel concatenations of two rank>=4 tensors, nested."""
+    if not any(_skip_pair(node) for node in gm.graph.nodes):
+        return ()
+    return find_branches(gm)
+
+
+register_finder("unet-skips", find_skip_cuts)
+
+
+def downsampling_factor(branches: tuple[Cut, ...], sample_height: int) -> int:
     """How many sample pixels one pixel of the deepest skip spans (8 for SD 1.x: heights must be multiples)."""
     return sample_height // min(b.cache_shape[-2] for b in branches)
 
@@ -100,30 +87,18 @@ def _check_nesting(joins: list, order: dict) -> None:
         raise BranchNotFoundError(
             "the channel concatenations in this graph are not nested like U-Net skip connections (the deepest "
             "skip must be consumed first); DeepCache cannot choose a cut. Found skips produced by "
-            f"{[_module_path(p) for p in producers]}."
+            f"{[module_path(p) for p in producers]}."
         )
 
 
-def _branch(index: int, skip: fx.Node, main: fx.Node, cat: fx.Node) -> SkipBranch:
+def _branch(index: int, skip: fx.Node, main: fx.Node, cat: fx.Node) -> Cut:
     val = main.meta["val"]
     layer = next(iter(cat.users), cat)
-    return SkipBranch(
+    return Cut(
         index=index,
-        producer=skip.name,
+        streams=(Stream(main.name, None, tuple(int(s) for s in val.shape), val.dtype),),
+        probe=skip.name,
         consumer=cat.name,
-        cached=main.name,
-        cache_shape=tuple(int(s) for s in val.shape),
-        cache_dtype=val.dtype,
-        producer_module=_module_path(skip),
-        consumer_module=_module_path(layer),
+        producer_module=module_path(skip),
+        consumer_module=module_path(layer),
     )
-
-
-def _module_path(node: fx.Node) -> str:
-    """The U-Net layer that computed `node`: a child of a top-level block (`up_blocks.3.resnets.1`)."""
-    paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
-    # The stack starts with the export root ("") and the wrapper module "unet" (see trace._FlatUNet).
-    paths = [p.removeprefix("unet.") for p in paths if p not in ("", "unet")]
-    if not paths:
-        return node.name
-    return paths[1] if len(paths) > 1 else paths[0]

@@ -1,13 +1,19 @@
-"""Traced U-Net + branch -> full graph (also returns the cache) and shallow graph (takes the cache).
+"""Traced model + `Cut` -> the graphs a cached generation runs: the full/shallow pair and head/deep/tail.
 
-Both graphs are built from one root GraphModule with `GraphModule(root, graph)`, so they share the root's
-parameter objects, which are the U-Net's own: no weight is copied.
+One algorithm makes all five. `assign_parts` maps every node the output needs to "head" (computed on every
+step before the kept value is needed), "deep" (computed only to produce the kept value) or "tail" (reads the
+kept value); `_emit` copies the nodes of some parts into a new graph, reading the cache where the cut's
+nodes were (a feature: the cache itself; a residual: the stream's input plus its cached residual) or
+appending the computation of the cache. All graphs are `GraphModule(root, graph)`: they share the root's
+parameter objects, which are the model's own.
 
-Graph invariants (checked by `check_split`):
-- full:    `(*inputs) -> (sample, cache)`; `cache` is the branch's `h_main` node.
-- shallow: `(*inputs, cache) -> (sample,)`; its `cache` placeholder has exactly the shape and dtype of the full
-  graph's cache output, and it holds no node that the output does not need (no deep layer survives, whatever
-  fx thinks of the purity of dropout, attention or assertion ops).
+Graph invariants (checked by `check_split` and `check_three`):
+- full:    `(*inputs) -> (sample, cache)`: the traced graph itself plus the cache output.
+- shallow: `(*inputs, cache) -> (sample,)` = head + tail; its `cache` placeholder has exactly the shape and
+  dtype of the full graph's cache output, and it holds no node that the output does not need (no deep layer
+  survives, whatever fx thinks of the purity of dropout, attention or assertion ops).
+- head: `(*inputs) -> (*links)`; deep: `(*inputs, *links) -> (cache,)`; tail: `(*inputs, *links, cache) ->
+  (sample,)`. Every computing node of the traced graph lands in exactly one of them.
 """
 
 from __future__ import annotations
@@ -18,30 +24,51 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .branches import SkipBranch
+from .cuts import Cut
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SplitGraphs", "ThreeGraphs", "split_at_branch", "split_three", "add_forecast", "prune_dead_nodes"]
+__all__ = ["SplitGraphs", "ThreeGraphs", "split_at_branch", "split_three", "add_forecast", "prune_dead_nodes",
+           "assign_parts"]
 
 
 @dataclass(frozen=True)
 class SplitGraphs:
-    """The pair of graphs for one branch.
+    """The pair of graphs for one cut.
 
     Attributes:
-        branch: the skip branch the graphs are cut at.
+        branch: the cut the graphs are made at.
         full: `(*inputs) -> (sample, cache)`.
         shallow: `(*inputs, cache) -> (sample,)`.
     """
 
-    branch: SkipBranch
+    branch: Cut
     full: fx.GraphModule
     shallow: fx.GraphModule
 
 
-def split_at_branch(root: fx.GraphModule, branch: SkipBranch) -> SplitGraphs:
-    """Cuts a traced U-Net at `branch` into its full and shallow graphs.
+@dataclass(frozen=True)
+class ThreeGraphs:
+    """The head, deep and tail graphs of one cut: a full step is head -> deep -> tail, a shallow step
+    head -> tail, so no layer runs twice or in vain.
+
+    Attributes:
+        branch: the cut the graphs are made at.
+        head, deep, tail: the graph modules (see the module docstring for their signatures).
+        links: the traced graph's node names the head outputs, in graph order.
+        probe: the index in `links` of the cut's probe node (the adaptive refresh's signal).
+    """
+
+    branch: Cut
+    head: fx.GraphModule
+    deep: fx.GraphModule
+    tail: fx.GraphModule
+    links: tuple[str, ...]
+    probe: int
+
+
+def split_at_branch(root: fx.GraphModule, cut: Cut) -> SplitGraphs:
+    """Cuts a traced model at `cut` into its full and shallow graphs.
 
     Example:
         >>> split = split_at_branch(traced.gm, find_branches(traced.gm)[1])
@@ -49,41 +76,169 @@ def split_at_branch(root: fx.GraphModule, branch: SkipBranch) -> SplitGraphs:
         >>> torch.equal(split.shallow(*inputs, cache)[0], sample)
         True
     """
-    full = _build(root, branch, shallow=False)
-    shallow = _build(root, branch, shallow=True)
-    split = SplitGraphs(branch=branch, full=full, shallow=shallow)
+    part = assign_parts(root, cut)
+    outputs = _output_names(root)
+    full = _emit(root, part, {"head", "deep", "tail"}, outputs, cut, keep=True, name="DeepCacheFull")
+    shallow = _emit(root, part, {"head", "tail"}, outputs, cut, restore=True, name="DeepCacheShallow")
+    split = SplitGraphs(branch=cut, full=full, shallow=shallow)
     check_split(split)
-    logger.info(
-        "branch %d: full graph %d nodes, shallow graph %d nodes, cache %s",
-        branch.index, len(full.graph.nodes), len(shallow.graph.nodes), branch.cache_shape,
-    )
+    logger.info("cut %d: full graph %d nodes, shallow graph %d nodes, cache %s",
+                cut.index, len(full.graph.nodes), len(shallow.graph.nodes), cut.cache_shape)
     return split
 
 
-def _build(root: fx.GraphModule, branch: SkipBranch, shallow: bool) -> fx.GraphModule:
-    graph = fx.Graph()
-    val_map: dict[fx.Node, fx.Node] = {}
-    outputs = graph.graph_copy(root.graph, val_map)
-    by_name = {old.name: new for old, new in val_map.items()}
-    cached = by_name[branch.cached]
-    if shallow:
-        last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
-        with graph.inserting_after(last_input):
-            cache = graph.placeholder("cache")
-        cache.meta = dict(cached.meta)
-        cached.replace_all_uses_with(cache)
-        graph.output(tuple(outputs))
-    else:
-        graph.output((*outputs, cached))
+def split_three(root: fx.GraphModule, cut: Cut) -> ThreeGraphs:
+    """Cuts a traced model at `cut` into head, deep and tail graphs (see `ThreeGraphs`).
+
+    Example:
+        >>> three = split_three(traced.gm, find_branches(traced.gm)[1])
+        >>> links = three.head(*inputs)
+        >>> (cache,) = three.deep(*inputs, *links)
+        >>> torch.equal(three.tail(*inputs, *links, cache)[0], unet(**call).sample)
+        True
+    """
+    part = assign_parts(root, cut)
+    bases = {s.base for s in cut.streams if s.base is not None}
+    links = tuple(n.name for n in root.graph.nodes if part.get(n) == "head" and (
+        n.name in bases or n.name == cut.probe or any(part.get(u) in ("deep", "tail") for u in n.users)))
+    head = _emit(root, part, {"head"}, links, cut, name="DeepCacheHead")
+    deep = _emit(root, part, {"deep"}, (), cut, links=links, keep=True, name="DeepCacheDeep")
+    tail = _emit(root, part, {"tail"}, _output_names(root), cut, links=links, restore=True, name="DeepCacheTail")
+    three = ThreeGraphs(branch=cut, head=head, deep=deep, tail=tail, links=links, probe=links.index(cut.probe))
+    check_three(three, len(part))
+    logger.info("cut %d: head %d, deep %d, tail %d nodes; %d links",
+                cut.index, *(len(g.graph.nodes) for g in (head, deep, tail)), len(links))
+    return three
+
+
+def assign_parts(root: fx.GraphModule, cut: Cut) -> dict[fx.Node, str]:
+    """Every computing node the output needs -> "head", "deep" or "tail" (placeholders and parameters get no
+    part: each graph has its own). Tail nodes read a cut node (directly or through other tail nodes); deep
+    nodes are the cut nodes and their ancestors that nothing else needs; head nodes are the rest."""
+    cut_nodes = {_node(root, s.node) for s in cut.streams}
+    bases = {_node(root, s.base) for s in cut.streams if s.base is not None}  # a cached step adds to them
+    needed: set[fx.Node] = set()
+    stack = list(root.graph.output_node().all_input_nodes)
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    after_cut: set[fx.Node] = set()
+    for node in root.graph.nodes:  # topological order: inputs come before their users
+        if node in needed and any(arg in cut_nodes or arg in after_cut for arg in node.all_input_nodes):
+            after_cut.add(node)
+    part: dict[fx.Node, str] = {}
+    for node in reversed(root.graph.nodes):  # users come before their inputs
+        if node not in needed or node.op in ("placeholder", "get_attr"):
+            continue
+        users = [part.get(u, "head") for u in node.users if u in needed or u.op == "output"]
+        if node in after_cut:
+            part[node] = "tail"
+        elif node in bases:
+            part[node] = "head"
+        elif node in cut_nodes or (users and set(users) == {"deep"}):
+            part[node] = "deep"
+        else:
+            part[node] = "head"
+    return part
+
+
+def _emit(root: fx.GraphModule, part: dict[fx.Node, str], parts: set[str], outputs: tuple[str, ...], cut: Cut,
+          links: tuple[str, ...] = (), keep: bool = False, restore: bool = False, name: str = "") -> fx.GraphModule:
+    """A graph of the nodes of `parts`: the root's placeholders, one per link, and where `restore` a `cache`
+    placeholder that the cut's nodes read instead of being computed; returns the named `outputs`, then the
+    cache where `keep`."""
+    graph, env = fx.Graph(), {}
+    by_name = {n.name: n for n in root.graph.nodes}
+    for node in root.graph.find_nodes(op="placeholder"):
+        env[node] = graph.node_copy(node)
+    for link in links:
+        env[by_name[link]] = graph.placeholder(link)
+        env[by_name[link]].meta = dict(by_name[link].meta)
+    cache = None
+    if restore:
+        cache = graph.placeholder("cache")
+        cache.meta["val"] = _cache_val([by_name[s.node].meta["val"] for s in cut.streams])
+    cut_nodes = {by_name[s.node]: i for i, s in enumerate(cut.streams)}
+    for node in root.graph.nodes:
+        if node in env or node.op == "output":
+            continue
+        if cache is not None and node in cut_nodes:  # topological order: every stream's base is copied by now
+            env[node] = _restored(graph, cut, cut_nodes[node], cache, env, by_name)
+        elif node.op == "get_attr" or part.get(node) in parts:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    results = [env[by_name[n]] for n in outputs]
+    if keep:
+        results.append(_keep(graph, cut, env, by_name))
+    graph.output(tuple(results))
     prune_dead_nodes(graph)
     graph.lint()
-    return fx.GraphModule(root, graph, class_name="DeepCacheShallow" if shallow else "DeepCacheFull")
+    return fx.GraphModule(root, graph, class_name=name)
+
+
+def _keep(graph: fx.Graph, cut: Cut, env: dict, by_name: dict) -> fx.Node:
+    """Appends the cache's computation: each stream's value (feature) or its node minus its base (residual),
+    packed into one tensor where there are several streams."""
+    kept = []
+    for stream in cut.streams:
+        value = env[by_name[stream.node]]
+        if stream.base is not None:
+            value = _call(graph, torch.ops.aten.sub.Tensor, value, env[by_name[stream.base]])
+        kept.append(value)
+    return kept[0] if len(kept) == 1 else _call(graph, pack_streams, *kept)
+
+
+def _restored(graph: fx.Graph, cut: Cut, index: int, cache: fx.Node, env: dict, by_name: dict) -> fx.Node:
+    """What a cached step reads where stream `index`'s node was: its part of the cache (plus its base)."""
+    value = cache
+    if len(cut.streams) > 1:
+        likes = [env[by_name[s.base or s.node]] for s in cut.streams] if cut.kind == "residual" else None
+        if likes is None:
+            raise NotImplementedError("several feature streams in one cut: pack them by their own shapes")
+        value = _call(graph, unpack_stream, cache, index, *likes)
+    stream = cut.streams[index]
+    if stream.base is not None:
+        value = _call(graph, torch.ops.aten.add.Tensor, env[by_name[stream.base]], value)
+    return value
+
+
+def _call(graph: fx.Graph, target, *args) -> fx.Node:
+    """A node the cut adds (marked `deepcache_added`), with its value's metadata computed on fake tensors."""
+    node = graph.call_function(target, args)
+    node.meta["val"] = target(*(a.meta["val"] if isinstance(a, fx.Node) else a for a in args))
+    node.meta["deepcache_added"] = True
+    return node
+
+
+def pack_streams(*streams: torch.Tensor) -> torch.Tensor:
+    """Several kept tensors (batch first) as one `(batch, sum of per-row sizes)` tensor."""
+    return torch.cat([s.reshape(s.shape[0], -1) for s in streams], dim=1)
+
+
+def unpack_stream(cache: torch.Tensor, index: int, *like: torch.Tensor) -> torch.Tensor:
+    """Stream `index` of a packed cache, shaped like `like[index]` (the streams' bases)."""
+    sizes = [t[0].numel() for t in like]
+    start = sum(sizes[:index])
+    return cache.narrow(1, start, sizes[index]).reshape(like[index].shape)
+
+
+def _cache_val(values: list):
+    return values[0] if len(values) == 1 else pack_streams(*values)
+
+
+def _node(root: fx.GraphModule, name: str) -> fx.Node:
+    return next(n for n in root.graph.nodes if n.name == name)
+
+
+def _output_names(root: fx.GraphModule) -> tuple[str, ...]:
+    return tuple(n.name for n in root.graph.output_node().args[0])
 
 
 def prune_dead_nodes(graph: fx.Graph) -> int:
     """Removes every node the output does not depend on, impure ones included; returns how many.
 
-    Placeholders stay, so both graphs keep the same inputs.
+    Placeholders stay, so all graphs keep the same inputs.
 
     fx's own `eliminate_dead_code` keeps dropout, attention and assertion nodes because it deems them impure;
     a shallow graph that keeps them still computes the deep layers.
@@ -94,9 +249,9 @@ def prune_dead_nodes(graph: fx.Graph) -> int:
 
 
 def check_split(split: SplitGraphs) -> None:
-    """Checks the graph invariants stated in this module's docstring; raises RuntimeError if one fails."""
+    """Checks the pair's invariants stated in this module's docstring; raises RuntimeError if one fails."""
     full_out = split.full.graph.output_node().args[0]
-    cache_in = [n for n in split.shallow.graph.nodes if n.op == "placeholder"][-1]
+    cache_in = next(n for n in split.shallow.graph.nodes if n.op == "placeholder" and n.target == "cache")
     full_cache, shallow_cache = full_out[-1].meta.get("val"), cache_in.meta.get("val")
     if full_cache is None or shallow_cache is None:
         raise RuntimeError("partition lost the cached tensor's metadata")
@@ -105,142 +260,30 @@ def check_split(split: SplitGraphs) -> None:
             f"shallow cache input {tuple(shallow_cache.shape)}/{shallow_cache.dtype} does not match the full "
             f"graph's cache output {tuple(full_cache.shape)}/{full_cache.dtype}"
         )
-    consumer = split.branch.consumer
-    if not any(n.name == consumer for n in split.shallow.graph.nodes):
-        raise RuntimeError(f"shallow graph lost the skip consumer {consumer}: the cut is not above the cache")
-
-
-@dataclass(frozen=True)
-class ThreeGraphs:
-    """The head, deep and tail graphs of one branch: a full step is head -> deep -> tail, a shallow step
-    head -> tail, so no layer runs twice or in vain.
-
-    Graph invariants (checked by `check_three`):
-    - head: `(*inputs) -> (*links)`: the layers a shallow step runs before it needs the cache (embeddings,
-      conv_in, the down layers up to skip b); `links` are the head's tensors that the other two consume.
-    - deep: `(*inputs, *links) -> (cache,)`: everything that produces the cache and nothing a shallow step runs.
-    - tail: `(*inputs, *links, cache) -> (sample,)`: the layers that consume the cache, down to the output.
-    Every node of the traced U-Net lands in exactly one of them (parameters are shared, never copied).
-
-    Attributes:
-        branch: the skip branch the graphs are cut at.
-        head, deep, tail: the graph modules.
-        links: the traced U-Net's node names the head outputs, in graph order.
-        probe: the index in `links` of the deepest recomputed skip (skip b, the adaptive refresh's probe).
-    """
-
-    branch: SkipBranch
-    head: fx.GraphModule
-    deep: fx.GraphModule
-    tail: fx.GraphModule
-    links: tuple[str, ...]
-    probe: int
-
-
-def split_three(root: fx.GraphModule, branch: SkipBranch) -> ThreeGraphs:
-    """Cuts a traced U-Net at `branch` into head, deep and tail graphs (see `ThreeGraphs`).
-
-    The partition is a function from node to part, decided from the graph alone: tail nodes depend on the
-    cached node and feed the output; head nodes feed the output without depending on it; deep nodes are the
-    cached node's other ancestors. It holds for any graph with one cached node, a U-Net or a transformer stack.
-
-    Example:
-        >>> three = split_three(traced.gm, find_branches(traced.gm)[1])
-        >>> links = three.head(*inputs)
-        >>> (cache,) = three.deep(*inputs, *links)
-        >>> torch.equal(three.tail(*inputs, *links, cache)[0], unet(**call).sample)
-        True
-    """
-    part = _assign_parts(root, _node(root, branch.cached))
-    consumers = {"deep", "tail"}
-    links = tuple(n.name for n in root.graph.nodes
-                  if part.get(n) == "head" and any(part.get(u) in consumers for u in n.users))
-    head = _extract(root, part, "head", (), links, "DeepCacheHead")
-    deep = _extract(root, part, "deep", links, (branch.cached,), "DeepCacheDeep")
-    tail = _extract(root, part, "tail", (*links, branch.cached), _output_names(root), "DeepCacheTail",
-                    rename={branch.cached: "cache"})
-    three = ThreeGraphs(branch=branch, head=head, deep=deep, tail=tail, links=links,
-                        probe=links.index(branch.producer))
-    check_three(three, len(part))
-    logger.info("branch %d: head %d, deep %d, tail %d nodes; %d links",
-                branch.index, *(len(g.graph.nodes) for g in (head, deep, tail)), len(links))
-    return three
-
-
-def _node(root: fx.GraphModule, name: str) -> fx.Node:
-    return next(n for n in root.graph.nodes if n.name == name)
-
-
-def _assign_parts(root: fx.GraphModule, cached: fx.Node) -> dict[fx.Node, str]:
-    """Every computing node the output needs -> "head", "deep" or "tail" (placeholders and parameters get no
-    part: each graph has its own)."""
-    needed: set[fx.Node] = set()
-    stack = list(root.graph.output_node().all_input_nodes)
-    while stack:
-        node = stack.pop()
-        if node not in needed:
-            needed.add(node)
-            stack.extend(node.all_input_nodes)
-    after_cache: set[fx.Node] = set()
-    for node in root.graph.nodes:  # topological order: inputs come before their users
-        if node in needed and any(arg is cached or arg in after_cache for arg in node.all_input_nodes):
-            after_cache.add(node)
-    part: dict[fx.Node, str] = {}
-    for node in reversed(root.graph.nodes):  # users come before their inputs
-        if node not in needed or node.op in ("placeholder", "get_attr"):
-            continue
-        users = [part.get(u, "head") for u in node.users if u in needed or u.op == "output"]
-        if node in after_cache:
-            part[node] = "tail"
-        elif node is cached or set(users) == {"deep"}:
-            part[node] = "deep"
-        else:
-            part[node] = "head"
-    return part
-
-
-def _output_names(root: fx.GraphModule) -> tuple[str, ...]:
-    return tuple(n.name for n in root.graph.output_node().args[0])
-
-
-def _extract(root: fx.GraphModule, part: dict[fx.Node, str], which: str, extra_inputs: tuple[str, ...],
-             outputs: tuple[str, ...], class_name: str, rename: dict[str, str] | None = None) -> fx.GraphModule:
-    """The graph of the `which` part: the root's placeholders, then one per name in `extra_inputs` (named as
-    in the root, or by `rename`); returns the named nodes. Parameters are `get_attr` nodes on the shared root."""
-    graph, env = fx.Graph(), {}
-    for node in root.graph.find_nodes(op="placeholder"):
-        env[node] = graph.node_copy(node)
-    by_name = {n.name: n for n in root.graph.nodes}
-    for name in extra_inputs:
-        env[by_name[name]] = graph.placeholder((rename or {}).get(name, name))
-        env[by_name[name]].meta = dict(by_name[name].meta)
-    for node in root.graph.nodes:
-        if node in env or node.op == "output" or (node.op != "get_attr" and part.get(node) != which):
-            continue
-        env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(tuple(env[by_name[name]] for name in outputs))
-    prune_dead_nodes(graph)
-    graph.lint()
-    return fx.GraphModule(root, graph, class_name=class_name)
+    _check_consumer(split.shallow, split.branch, "shallow graph")
 
 
 def check_three(three: ThreeGraphs, computing_nodes: int) -> None:
     """Checks the `ThreeGraphs` invariants; raises RuntimeError if one fails."""
     def computing(gm):
-        return sum(1 for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output"))
+        return sum(1 for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")
+                   and not n.meta.get("deepcache_added"))
 
     counted = sum(computing(g) for g in (three.head, three.deep, three.tail))
     if counted != computing_nodes:
-        raise RuntimeError(f"head, deep and tail hold {counted} computing nodes, the U-Net {computing_nodes}: "
-                           "a node was dropped or duplicated by the cut")
-    consumer = three.branch.consumer
-    if not any(n.name == consumer for n in three.tail.graph.nodes):
-        raise RuntimeError(f"the tail lost the skip consumer {consumer}: the cut is not above the cache")
+        raise RuntimeError(f"head, deep and tail hold {counted} computing nodes, the model {computing_nodes}: "
+                           f"a node was dropped or duplicated by the cut")
+    _check_consumer(three.tail, three.branch, "tail")
+
+
+def _check_consumer(gm: fx.GraphModule, cut: Cut, what: str) -> None:
+    if not any(n.name == cut.consumer for n in gm.graph.nodes):
+        raise RuntimeError(f"the {what} lost the cut's consumer {cut.consumer}: the cut is not above the cache")
 
 
 def add_forecast(gm: fx.GraphModule) -> fx.GraphModule:
     """`(*inputs, cache) -> out` becomes `(*inputs, cache, slope, steps) -> out`, which reads
-    `cache + slope * steps` wherever it read `cache`: a first-order extrapolation of the cached feature (as
+    `cache + slope * steps` wherever it read `cache`: a first-order extrapolation of the cached value (as
     TaylorSeer does for transformer features), fused by the backend into the graph's first use of the cache.
     `steps = 0` gives the plain reuse back exactly (for finite `slope`). The graph is copied; `gm` is unchanged.
     """

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..calls import FlatCall
 from ..config import DeepCacheConfig
-from ..graph.branches import SkipBranch, downsampling_factor, find_branches
+from ..graph.branches import downsampling_factor, find_branches
+from ..graph.cuts import Cut, find_cuts, select_cut
 from ..graph.partition import SplitGraphs, ThreeGraphs, add_forecast, split_at_branch, split_three
 from ..graph.trace import TracedUNet, forget_last_trace, trace_unet
 from ..shapes import ShapeRanges, sample_size, with_batch
@@ -76,7 +77,7 @@ class CompiledPair:
     owns_weights: bool = False
 
     @property
-    def branch(self) -> SkipBranch:
+    def branch(self) -> Cut:
         return self.split.branch
 
     def run_shallow(self, *inputs: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
@@ -93,13 +94,9 @@ class CompiledPair:
         return self.shallow(*inputs, cache, *(keep_cache(cache) if self.forecast else ()))[0]
 
 
-def select_branch(branches: tuple[SkipBranch, ...], branch: int) -> SkipBranch:
-    if not 0 <= branch < len(branches):
-        raise ValueError(
-            f"branch={branch} is out of range for this U-Net: valid branches are 0..{len(branches) - 1} "
-            "(see list_branches(unet))"
-        )
-    return branches[branch]
+def select_branch(gm, config: DeepCacheConfig) -> Cut:
+    """The cut `config` asks for in a traced model (`config.branch` among the cuts its finder offers)."""
+    return select_cut(find_cuts(gm, **config.cut_options), config.branch)
 
 
 def shape_ranges(unet: nn.Module, call: FlatCall, what: str, **ranges: tuple[int, int] | None) -> ShapeRanges:
@@ -131,7 +128,7 @@ def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, rang
     if ranges is not None:
         call = _dynamic_example(call, ranges)
     traced = trace_unet(unet, call, ranges)
-    branch = select_branch(find_branches(traced.gm), config.branch)
+    branch = select_branch(traced.gm, config)
     split = split_at_branch(traced.gm, branch)
     backend = get_backend(config.backend)
     shapes = {"ranges": ranges} if ranges is not None else {}  # static-only backends need not know the word
