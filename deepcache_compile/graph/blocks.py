@@ -64,9 +64,10 @@ def find_block_cuts(gm: fx.GraphModule, last_blocks: int = 0, **options) -> tupl
         raise ValueError(f"last_blocks={last_blocks!r} is out of range for this model: it has {len(blocks)} blocks, "
                          f"and at least the first block and one cached block must remain (use 0..{len(blocks) - 2})")
     stop = len(blocks) - last_blocks
+    needed = _needed(gm)
     cuts = []
     for first in range(1, stop):
-        cut = _range_cut(gm, blocks, first, stop)
+        cut = _range_cut(gm, blocks, first, stop, needed)
         if cut is not None:
             cuts.append(cut)
     return tuple(cuts)
@@ -75,16 +76,27 @@ def find_block_cuts(gm: fx.GraphModule, last_blocks: int = 0, **options) -> tupl
 register_finder("transformer-blocks", find_block_cuts)
 
 
-def _range_cut(gm: fx.GraphModule, blocks: list, first: int, stop: int) -> Cut | None:
+def _needed(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes the output depends on (assertions and other dead nodes are not)."""
+    needed, stack = set(), [gm.graph.output_node()]
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    return needed
+
+
+def _range_cut(gm: fx.GraphModule, blocks: list, first: int, stop: int, needed: set) -> Cut | None:
     """The cut that caches blocks [first, stop), or None where an output of the range has no stream input."""
     nodes = list(gm.graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
     lo, hi = position[blocks[first][1][0]], position[blocks[stop - 1][1][-1]]
     span = set(nodes[lo:hi + 1])
-    inputs = [n for n in nodes[:lo] if n.op != "get_attr" and any(u in span for u in n.users)]
-    outputs = [n for n in nodes[lo:hi + 1] if any(u not in span for u in n.users)]
+    inputs = [n for n in nodes[:lo] if n.op != "get_attr" and any(u in span and u in needed for u in n.users)]
+    outputs = [n for n in nodes[lo:hi + 1] if n in needed and any(u not in span and u in needed for u in n.users)]
     first_block = set(blocks[first][1])
-    streams_in = [n for n in inputs if all(u in first_block for u in n.users if u in span)]
+    streams_in = [n for n in inputs if all(u in first_block for u in n.users if u in span and u in needed)]
     streams = []
     for out in outputs:
         base = _stream_input(out, streams_in)
@@ -93,7 +105,7 @@ def _range_cut(gm: fx.GraphModule, blocks: list, first: int, stop: int) -> Cut |
             return None
         val = out.meta["val"]
         streams.append(Stream(out.name, base.name, tuple(val.shape), val.dtype))
-    consumer = next(u for u in nodes[hi + 1:] if any(arg.name == streams[0].node for arg in u.all_input_nodes))
+    consumer = next(u for u in nodes[hi + 1:] if u in needed and any(a.name == streams[0].node for a in u.all_input_nodes))
     last = blocks[stop - 1][0]
     return Cut(index=first - 1, streams=tuple(streams), probe=streams[0].base, consumer=consumer.name,
                producer_module=blocks[first - 1][0],

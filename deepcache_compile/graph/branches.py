@@ -56,7 +56,11 @@ def find_skip_cuts(gm: fx.GraphModule, **options) -> tuple[Cut, ...]:
     """U-Net skip connections: channel concatenations of two rank>=4 tensors, nested."""
     if not any(_skip_pair(node) for node in gm.graph.nodes):
         return ()
-    return find_branches(gm)
+    try:
+        return find_branches(gm)
+    except BranchNotFoundError as err:  # concatenations that are no skips (joint attention): another finder's
+        logger.debug("not a U-Net: %s", err)
+        return ()
 
 
 register_finder("unet-skips", find_skip_cuts)

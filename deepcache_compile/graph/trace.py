@@ -97,7 +97,7 @@ def trace_unet(unet: nn.Module, call: FlatCall, ranges: ShapeRanges | None = Non
         raise UNetTraceError(_explain_export_failure(err)) from err
     finally:
         unet.train(was_training)
-    gm = _positional(ep.module())
+    gm = _positional(_functional(ep).module())
     logger.info("traced %s: %d nodes, inputs %s", type(unet).__name__, len(gm.graph.nodes), call.names)
     return TracedUNet(gm=gm, call=call)
 
@@ -115,6 +115,20 @@ def export_program(module: nn.Module, inputs: tuple, ranges: ShapeRanges | None 
 
         with fx_config.patch(backed_size_oblivious=True):
             return _untrack_fakes(torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False))
+
+
+def _functional(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The program without in-place ops (functionalized, no decomposition) where it has any: a cut decides
+    from data flow, and a write into a buffer (Wan's rotary tables fill a tensor with `copy_`) is none."""
+    if not any(_mutates(node) for node in ep.graph.nodes):
+        return ep
+    with GATE.trace():
+        return _untrack_fakes(ep.run_decompositions({}))
+
+
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
 
 
 def _untrack_fakes(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

@@ -87,6 +87,10 @@ def _output_type(unet: nn.Module) -> type | None:
     for candidate in (annotation, *typing.get_args(annotation)):
         if isinstance(candidate, type) and "sample" in getattr(candidate, "__dataclass_fields__", {}):
             return candidate
+    if type(unet).__module__.startswith("diffusers.models.transformers"):  # annotated loosely (Wan: a Union)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput
     return None
 
 
