@@ -144,3 +144,61 @@ def make_svd_unet_and_call():
                 encoder_hidden_states=torch.randn(1, 1, 32, generator=gen),
                 added_time_ids=torch.randn(1, 3, generator=gen))
     return unet, call
+
+
+# Tiny diffusion transformers of each family the block-range cut serves (text length 5 != image tokens 16, so
+# that the image and text streams differ in shape).
+def make_transformer(family: str) -> torch.nn.Module:
+    import diffusers
+
+    torch.manual_seed(0)
+    if family == "dit":
+        model = diffusers.DiTTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=4,
+            sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1)
+    elif family == "pixart":
+        model = diffusers.PixArtTransformer2DModel(
+            sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+            out_channels=8, cross_attention_dim=16, caption_channels=12, norm_num_groups=1,
+            use_additional_conditions=False)
+    elif family == "sd3":
+        model = diffusers.SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
+            pos_embed_max_size=16)
+    elif family == "flux":
+        model = diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10, axes_dims_rope=(2, 2, 4))
+    elif family == "wan":
+        model = diffusers.WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+            text_dim=12, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=32)
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+TRANSFORMER_FAMILIES = ("dit", "pixart", "sd3", "flux", "wan")
+
+
+def make_transformer_call(family: str, batch: int = 2, seed: int = 1, timestep: float = 500) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    t = torch.full((batch,), float(timestep))
+    if family == "dit":
+        return dict(hidden_states=randn(batch, 4, 8, 8), timestep=t.long(), class_labels=torch.arange(batch) % 10)
+    if family == "pixart":
+        return dict(hidden_states=randn(batch, 4, 8, 8), encoder_hidden_states=randn(batch, 5, 12), timestep=t,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    if family == "sd3":
+        return dict(hidden_states=randn(batch, 4, 8, 8), encoder_hidden_states=randn(batch, 5, 12),
+                    pooled_projections=randn(batch, 10), timestep=t)
+    if family == "flux":
+        return dict(hidden_states=randn(batch, 16, 8), encoder_hidden_states=randn(batch, 5, 12),
+                    pooled_projections=randn(batch, 10), timestep=t / 1000, img_ids=torch.zeros(16, 3),
+                    txt_ids=torch.zeros(5, 3))
+    return dict(hidden_states=randn(batch, 4, 2, 8, 8), encoder_hidden_states=randn(batch, 5, 12), timestep=t)

@@ -1,0 +1,126 @@
+"""Block-range cuts on diffusers transformers (DiT, PixArt, SD3, Flux, Wan): found from the graph, full steps
+equal to the model bitwise, cached steps equal to an eager hook reference, MAC shares equal to the blocks'
+FlopCounterMode counts, and the drop-in wrapper on the eager and inductor backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from deepcache_compile import compile_deepcache, list_branches
+from deepcache_compile.calls import CallFlattener
+from deepcache_compile.graph.blocks import find_blocks
+from deepcache_compile.graph.cuts import CutNotFoundError, find_cuts
+from deepcache_compile.graph.partition import split_at_branch, split_three
+
+from conftest import TRANSFORMER_FAMILIES, make_transformer, make_transformer_call, trace
+from reference_blocks import BlockCacheReference, blocks_of
+
+# Blocks per family in the tiny configs (conftest.make_transformer), counted from the config, not the graph.
+BLOCKS = {"dit": 4, "pixart": 4, "sd3": 4, "flux": 4, "wan": 3}
+
+
+@pytest.mark.parametrize("family", TRANSFORMER_FAMILIES)
+def test_blocks_are_found_and_every_cut_splits_exactly(family):
+    model = make_transformer(family)
+    call = make_transformer_call(family)
+    traced = trace(model, call)
+    assert len(find_blocks(traced.gm)) == BLOCKS[family] == len(blocks_of(model))
+    cuts = find_cuts(traced.gm)
+    assert [c.index for c in cuts] == list(range(BLOCKS[family] - 1))
+    inputs = traced.example_inputs
+    with torch.no_grad():
+        expected = model(**call, return_dict=False)[0]
+        for cut in cuts:
+            assert cut.kind == "residual" and len(cut.streams) == 1
+            split = split_at_branch(traced.gm, cut)
+            sample, residual = split.full(*inputs)
+            assert torch.equal(sample, expected), f"full graph differs from the model at cut {cut.index}"
+            reference = BlockCacheReference(model, first=cut.index + 1)
+            reference(True, **call)
+            assert torch.equal(residual, reference.residual.reshape(residual.shape))
+            other = make_transformer_call(family, seed=7, timestep=400)  # a cached step on new inputs
+            other_inputs = trace_inputs(model, other)
+            (shallow,) = split.shallow(*other_inputs, residual)
+            torch.testing.assert_close(shallow, reference(False, **other), rtol=1e-5, atol=1e-6)
+            three = split_three(traced.gm, cut)
+            links = three.head(*other_inputs)
+            assert torch.equal(three.tail(*other_inputs, *links, residual)[0], shallow)
+
+
+def trace_inputs(model, call: dict) -> tuple[torch.Tensor, ...]:
+    return CallFlattener(model)((), call).tensors
+
+
+def _block_macs(model, call: dict) -> tuple[int, list[int]]:
+    """MACs of one call and of each block, from FlopCounterMode's per-module counts (2 FLOPs per MAC)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(**call, return_dict=False)
+    per_module = counter.get_flop_counts()
+    names = [name for name, m in model.named_modules() if any(m is b for b in blocks_of(model))]
+    block = [sum(per_module[f"{type(model).__name__}.{name}"].values()) // 2 for name in names]
+    return counter.get_total_flops() // 2, block
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart", "flux"])
+def test_mac_shares_are_the_computed_blocks_share(family):
+    model, call = make_transformer(family), make_transformer_call(family, batch=1)
+    total, block = _block_macs(model, call)
+    rows = list_branches(model, **call)
+    for row in rows:
+        assert row.full_macs == total
+        cached_blocks = sum(block[row.index + 1:])
+        if family == "flux":  # the last computed dual block's text-stream work feeds only cached blocks: skipped too
+            assert total - cached_blocks - block[row.index] < row.shallow_macs <= total - cached_blocks
+        else:
+            assert row.shallow_macs == total - cached_blocks, f"cut {row.index}"
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_last_blocks_keep_one_residual_per_stream(family):
+    model, call = make_transformer(family), make_transformer_call(family)
+    traced = trace(model, call)
+    cut = find_cuts(traced.gm, last_blocks=1)[0]
+    assert len(cut.streams) == 2  # the image and the text stream both leave the range
+    inputs = traced.example_inputs
+    split = split_at_branch(traced.gm, cut)
+    with torch.no_grad():
+        sample, cache = split.full(*inputs)
+        assert torch.equal(sample, model(**call, return_dict=False)[0])
+        rows = {s.shape[1:] for s in cut.streams}
+        assert cache.shape == (2, sum(torch.Size(r).numel() for r in rows))
+        torch.testing.assert_close(split.shallow(*inputs, cache)[0], sample, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="last_blocks=3 is out of range"):
+        find_cuts(traced.gm, last_blocks=3)
+
+
+def test_a_model_without_skips_or_blocks_is_refused_naming_what_was_looked_for():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU(), torch.nn.Linear(4, 4))
+    gm = torch.export.export(model, (torch.randn(2, 4),)).module()
+    with pytest.raises(CutNotFoundError, match="unet-skips.*transformer-blocks"):
+        find_cuts(gm)
+
+
+@pytest.mark.parametrize("family", TRANSFORMER_FAMILIES)
+def test_drop_in_runs_the_schedule_and_matches_the_reference(family):
+    model = make_transformer(family)
+    dc = compile_deepcache(model, branch=0, interval=3)
+    reference = BlockCacheReference(model, first=1)
+    for step in range(5):
+        call = make_transformer_call(family, seed=step, timestep=900 - 100 * step)
+        with torch.no_grad():
+            out = dc(**call).sample
+        torch.testing.assert_close(out, reference(step % 3 == 0, **call), rtol=1e-5, atol=1e-6)
+    assert dc.history == "FSSFS"
+
+
+def test_inductor_backend_runs_a_transformer():
+    model = make_transformer("pixart")
+    eager = compile_deepcache(model, branch=0, interval=2)
+    compiled = compile_deepcache(model, branch=0, interval=2, backend="inductor")
+    for step in range(3):
+        call = make_transformer_call("pixart", seed=step, timestep=900 - 100 * step)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(**call).sample, eager(**call).sample, rtol=1e-4, atol=1e-5)
+    assert compiled.history == eager.history == "FSF"
