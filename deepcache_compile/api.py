@@ -14,6 +14,7 @@ from .graph.cuts import find_cuts
 from .graph.macs import graph_macs, node_macs
 from .graph.partition import split_at_branch
 from .graph.trace import TracedUNet, trace_unet
+from .policy import RefreshPolicy, resolve_policy
 from .refresh import AdaptiveRefresh, CalibratedPlan
 from .runtime.backends import choose_backend
 from .runtime.dispatch import DeepCacheUNet
@@ -43,7 +44,7 @@ def compile_deepcache(
     on_weight_change: str = "recompile",
     dynamic: bool | dict[str, tuple[int, int]] = False,
     outside_ranges: str = "error",
-    refresh: str | AdaptiveRefresh | None = None,
+    refresh: str | RefreshPolicy | None = None,
     split: str = "auto",
     forecast: bool = False,
     last_blocks: int = 0,
@@ -84,7 +85,8 @@ def compile_deepcache(
         outside_ranges: with `dynamic`, what a call the pair cannot serve gets (outside the ranges, or a size
             that is not a multiple of the downsampling factor): "error", or "static" (a static pair for it).
         refresh: "adaptive" or an `AdaptiveRefresh(threshold, max_skip, lagged)`: refresh the cache when the
-            head's features drift, instead of on the schedule (which is then unused).
+            head's features drift, instead of on the schedule (which is then unused); or any policy registered
+            with `register_policy` (by name) or implementing `policy.RefreshPolicy`.
         split: "auto" (head/deep/tail graphs for adaptive refresh, the full/shallow pair otherwise), "pair" or
             "three".
         forecast: on shallow steps, extrapolate the cached feature from its last two full-step values.
@@ -115,7 +117,7 @@ def compile_deepcache(
         on_weight_change=on_weight_change,
         dynamic=_dynamic(dynamic),
         outside_ranges=outside_ranges,
-        refresh=AdaptiveRefresh() if refresh == "adaptive" else refresh,
+        refresh=resolve_policy(refresh),
         split=split,
         forecast=forecast,
         last_blocks=last_blocks,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .refresh import AdaptiveRefresh
+from .policy import RefreshPolicy
 from .runtime.backends import available_backends
 from .schedule import Schedule
 
@@ -34,8 +34,9 @@ class DeepCacheConfig:
         on_weight_change: what a generation does when it finds the U-Net's weights changed since its pairs were
             compiled (`load_state_dict`, `fuse_lora`, `.to(dtype)`, in-place edits): "recompile" (drop the
             pairs; they are traced and compiled again) or "error".
-        refresh: None (the schedule decides) or an `AdaptiveRefresh` (the drift of the features decides;
-            `schedule` is then unused).
+        refresh: None (the schedule decides) or another refresh policy (`policy.RefreshPolicy`: an
+            `AdaptiveRefresh`, where the drift of the features decides, or one registered with `register_policy`);
+            `schedule` is then unused.
         split: "pair" (full and shallow graphs), "three" (head, deep and tail graphs: a full step runs all three,
             a shallow step head and tail) or "auto" (three for adaptive refresh, else the pair).
         forecast: on shallow steps, extrapolate the cached feature from its last two full-step values
@@ -58,7 +59,7 @@ class DeepCacheConfig:
     on_weight_change: str = "recompile"
     dynamic: dict[str, tuple[int, int]] | None = None
     outside_ranges: str = "error"
-    refresh: AdaptiveRefresh | None = None
+    refresh: RefreshPolicy | None = None
     split: str = "auto"
     forecast: bool = False
     last_blocks: int = 0
@@ -69,9 +70,14 @@ class DeepCacheConfig:
         return {"last_blocks": self.last_blocks} if self.last_blocks else {}
 
     @property
+    def policy(self) -> RefreshPolicy:
+        """What decides full or cached steps: `refresh`, else the schedule."""
+        return self.schedule if self.refresh is None else self.refresh
+
+    @property
     def graphs(self) -> str:
         """"pair" or "three": the split the compiled pairs use."""
-        return "three" if self.split == "three" or (self.split == "auto" and self.refresh is not None) else "pair"
+        return "three" if self.split == "three" or (self.split == "auto" and self.policy.uses_probe) else "pair"
 
     def __post_init__(self):
         if not isinstance(self.branch, int) or isinstance(self.branch, bool) or self.branch < 0:
@@ -94,10 +100,11 @@ class DeepCacheConfig:
             raise ValueError(f"outside_ranges={self.outside_ranges!r} is unknown: use 'error' or 'static'")
         if self.split not in ("auto", "pair", "three"):
             raise ValueError(f"split={self.split!r} is unknown: use 'auto', 'pair' or 'three'")
-        if self.refresh is not None and not isinstance(self.refresh, AdaptiveRefresh):
-            raise ValueError(f"refresh={self.refresh!r} is not a refresh policy: pass AdaptiveRefresh(...) or "
-                             "'adaptive' (a calibrated plan is a schedule: schedule=plan)")
-        if self.refresh is not None and self.split == "pair":
+        if self.refresh is not None and not isinstance(self.refresh, RefreshPolicy):
+            raise ValueError(f"refresh={self.refresh!r} is not a refresh policy: pass AdaptiveRefresh(...), "
+                             "'adaptive', or an object with uses_probe, exportable and controller() (see "
+                             "deepcache_compile.policy; a calibrated plan is a schedule: schedule=plan)")
+        if self.policy.uses_probe and self.split == "pair":
             raise ValueError("adaptive refresh decides after the head graph ran, so it needs the three-graph split: "
                              "pass split='three' or split='auto'")
         if self.dynamic is not None:

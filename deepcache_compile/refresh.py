@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .policy import register_policy
 from .schedule import Calibration, Schedule, mac_speedup
 
 __all__ = ["AdaptiveRefresh", "AdaptiveController", "CalibratedPlan", "plan_full_steps", "reuse_drift",
@@ -44,6 +45,12 @@ class AdaptiveRefresh:
     threshold: float = DEFAULT_THRESHOLD
     max_skip: int = 10
     lagged: bool = False
+
+    uses_probe = True
+    exportable = False
+
+    def controller(self, total: int | None = None) -> "AdaptiveController":
+        return AdaptiveController(self)
 
     def __post_init__(self):
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold > 0):
@@ -75,7 +82,7 @@ class AdaptiveController:
         self.shallow_run = 0
         self.decisions: list[bool] = []
 
-    def decide(self, probe: torch.Tensor) -> bool:
+    def decide(self, step: int, probe: torch.Tensor, size=(), timestep=None) -> bool:
         """True where this step must be full. Step 0 always is."""
         if self.previous is None:
             full = True
@@ -92,6 +99,9 @@ class AdaptiveController:
             self.shallow_run += 1
         self.decisions.append(full)
         return full
+
+
+register_policy("adaptive", AdaptiveRefresh)
 
 
 def _to_host_async(value: torch.Tensor) -> tuple[torch.Tensor, object]:
@@ -187,6 +197,12 @@ class CalibratedPlan:
     drift: float
     uniform_drift: float
     mac_share: float | None = None
+
+    uses_probe = False
+    exportable = True
+
+    def controller(self, total: int | None = None):
+        return self.schedule.controller(total)
 
     @property
     def total(self) -> int:

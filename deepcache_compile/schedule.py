@@ -68,6 +68,18 @@ def timestep_value(timestep) -> float:
     return float(timestep.reshape(-1)[0]) if hasattr(timestep, "reshape") else float(timestep)
 
 
+class _ScheduleController:
+    """A schedule's decisions for one generation; a calibrated plan's also check the generation fits it."""
+
+    def __init__(self, schedule: "Schedule", total: int | None):
+        self.schedule, self.total = schedule, total
+
+    def decide(self, step: int, probe=None, size=(), timestep=None) -> bool:
+        if self.schedule.calibration is not None:
+            self.schedule.calibration.check(step, size, timestep)
+        return self.schedule.is_full(step, self.total)
+
+
 class Step(enum.Enum):
     FULL = "full"
     SHALLOW = "shallow"
@@ -111,6 +123,15 @@ class Schedule:
         if isinstance(self.calibration, dict):  # read back from a manifest
             object.__setattr__(self, "calibration", Calibration(**self.calibration))
         _validate(self)
+
+    uses_probe = False  # the refresh-policy protocol (policy.RefreshPolicy): decided from the step alone
+
+    @property
+    def exportable(self) -> bool:
+        return True
+
+    def controller(self, total: int | None = None) -> "_ScheduleController":
+        return _ScheduleController(self, total)
 
     @property
     def needs_total(self) -> bool:

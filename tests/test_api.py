@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from deepcache_compile import compile_deepcache
-from deepcache_compile.graph.branches import BranchNotFoundError
+from deepcache_compile.graph.cuts import CutNotFoundError
 from deepcache_compile.graph.trace import UNetTraceError
 
 from conftest import make_call, make_unet
@@ -87,5 +87,5 @@ class _NoSkips(nn.Module):
 
 def test_network_without_skip_connections_is_refused():
     dc = compile_deepcache(_NoSkips(), branch=0)
-    with pytest.raises(BranchNotFoundError, match="no skip connections found"):
+    with pytest.raises(CutNotFoundError, match=r"unet-skips \(U-Net skip connections: channel concatenations.*transformer-blocks"):
         dc(torch.randn(1, 4, 8, 8), 10)

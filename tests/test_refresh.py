@@ -30,7 +30,7 @@ def _probes(drifts):
 
 def _decisions(policy, probes):
     controller = AdaptiveController(policy)
-    return [controller.decide(p) for p in probes]
+    return [controller.decide(step, p) for step, p in enumerate(probes)]
 
 
 def test_adaptive_controller_accumulates_drift_until_the_threshold():

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..calls import FlatCall
 from ..options import check_options
-from ..runtime.generation import GenerationStates, check_finite, run_step, timestep_mark
+from ..runtime.generation import GenerationStates, StepGraphs, check_finite, run_step, timestep_mark
 from ..schedule import Schedule
 from ..shapes import ShapeRanges
 from .formats import get_format
@@ -98,7 +98,7 @@ class DeepCacheEngine(nn.Module):
     def __init__(self, manifest: dict, full, shallow, device: torch.device):
         super().__init__()
         self.manifest = manifest
-        self._full, self._shallow, self._device = full, shallow, device
+        self._graphs, self._device = StepGraphs(full, shallow), device
         self.schedule = Schedule(**{**manifest["schedule"], "steps": tuple(manifest["schedule"]["steps"])})
         self.config = EngineConfig(manifest["unet"]["config"])
         self.ranges = ShapeRanges.from_manifest(manifest["ranges"])
@@ -152,7 +152,7 @@ class DeepCacheEngine(nn.Module):
         state, mark = self._states.current(), timestep_mark(call.timestep)
         if state.starts_generation(signature, mark):
             check_finite(tensors, self._names)
-        sample = run_step(state, self.schedule, call, self._full, self._shallow, mark)
+        sample = run_step(state, self.schedule, call, self._graphs, mark)
         return EngineOutput(sample) if return_dict else (sample,)
 
     def _flatten(self, given: dict) -> tuple[torch.Tensor, ...]:

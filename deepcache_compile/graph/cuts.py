@@ -123,12 +123,14 @@ def find_cuts(gm: fx.GraphModule, **options) -> tuple[Cut, ...]:
 
 
 def select_cut(cuts: tuple[Cut, ...], branch: int) -> Cut:
-    if not 0 <= branch < len(cuts):
+    by_index = {cut.index: cut for cut in cuts}
+    if branch not in by_index:
+        model = "U-Net" if cuts[0].kind == "feature" else "transformer"
         raise ValueError(
-            f"branch={branch} is out of range for this model: valid branches are 0..{len(cuts) - 1} "
-            "(see list_branches(model))"
+            f"branch={branch} is out of range for this {model}: valid branches are 0..{len(cuts) - 1} "
+            f"(see list_branches({'unet' if model == 'U-Net' else 'model'}))"
         )
-    return cuts[branch]
+    return by_index[branch]
 
 
 def module_path(node: fx.Node, depth: int = 2) -> str:

@@ -24,10 +24,11 @@ from torch import nn
 from ..calls import CallFlattener, FlatCall
 from ..config import DeepCacheConfig
 from ..graph.trace import forget_last_trace
-from ..refresh import AdaptiveRefresh, CalibratedPlan
+from ..policy import RefreshPolicy
+from ..refresh import CalibratedPlan
 from ..schedule import Schedule
 from ..shapes import ShapeRanges, shape_class
-from .generation import GenerationStates, check_finite, run_adaptive_step, run_step, timestep_mark
+from .generation import GenerationStates, check_finite, run_step, timestep_mark
 from .pair import CompiledPair, compile_pair, release, shape_ranges
 
 logger = logging.getLogger(__name__)
@@ -144,11 +145,7 @@ class DeepCacheUNet(nn.Module):
         if state.starts_generation(call.signature, mark):
             check_finite(call.tensors, call.names)
             self._check_weights()
-        pair, config = self._pair(call), self.deepcache_config
-        if config.refresh is not None and state.recording is None:
-            sample = run_adaptive_step(state, config.refresh, call, pair.three, mark, pair.forecast)
-        else:
-            sample = run_step(state, config.schedule, call, pair.full, pair.shallow, mark, pair.forecast)
+        sample = run_step(state, self.deepcache_config.policy, call, self._pair(call), mark)
         if call.return_dict and self._output_type is not None:
             return self._output_type(sample=sample)
         return (sample,)
@@ -281,33 +278,32 @@ class DeepCacheUNet(nn.Module):
 
         self._refuse_if_released("export")
         config = self.deepcache_config
-        if config.refresh is not None or config.forecast:
+        if not config.policy.exportable or config.forecast:
             raise ValueError("adaptive refresh and forecast run in Python only (engine files hold the full and "
                              "shallow graphs): export a calibrated plan instead, dc.with_schedule(dc.calibrate(...))"
                              " with forecast=False")
         return export_deepcache(self, directory, format, **options)
 
-    def with_schedule(self, schedule: Schedule | CalibratedPlan | AdaptiveRefresh) -> "DeepCacheUNet":
-        """A DeepCacheUNet with another schedule, calibrated plan or adaptive policy that shares this one's
-        compiled pairs (no recompilation). An adaptive policy needs pairs compiled with the three-graph split.
+    def with_schedule(self, policy: RefreshPolicy) -> "DeepCacheUNet":
+        """A DeepCacheUNet with another schedule, calibrated plan or refresh policy that shares this one's
+        compiled pairs (no recompilation). A policy that decides from the probe needs pairs compiled with the
+        three-graph split.
 
         Example:
             >>> dc10 = dc.with_schedule(Schedule("uniform", interval=10))
             >>> planned = dc.with_schedule(dc.calibrate(lambda: pipe(prompt), full_steps=10))
         """
         config = self.deepcache_config
-        if isinstance(schedule, AdaptiveRefresh):
-            if config.graphs != "three":
-                raise ValueError("adaptive refresh needs pairs compiled with the three-graph split: compile with "
-                                 "compile_deepcache(..., split='three') and call with_schedule on that one")
-            changes = dict(refresh=schedule)
-        elif isinstance(schedule, (Schedule, CalibratedPlan)):
-            changes = dict(schedule=getattr(schedule, "schedule", schedule), refresh=None,
-                           split=config.graphs)  # keep the split the shared pairs were compiled with
-        else:
-            raise TypeError(f"with_schedule takes a Schedule, a CalibratedPlan or an AdaptiveRefresh, not "
-                            f"{type(schedule).__name__}")
-        other = DeepCacheUNet(self.unet, dataclasses.replace(config, **changes))
+        if not isinstance(policy, RefreshPolicy):
+            raise TypeError(f"with_schedule takes a Schedule, a CalibratedPlan or a refresh policy, not "
+                            f"{type(policy).__name__}")
+        if policy.uses_probe and config.graphs != "three":
+            raise ValueError("this policy decides from the head's probe, so it needs pairs compiled with the "
+                             "three-graph split: compile with compile_deepcache(..., split='three') and call "
+                             "with_schedule on that one")
+        schedule = getattr(policy, "schedule", policy)  # a calibrated plan runs as its schedule
+        changes = dict(schedule=schedule, refresh=None) if isinstance(schedule, Schedule) else dict(refresh=policy)
+        other = DeepCacheUNet(self.unet, dataclasses.replace(config, **changes, split=config.graphs))
         other._cache = self._cache
         return other
 

@@ -13,18 +13,30 @@ import contextlib
 import contextvars
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 
 from ..calls import FlatCall
-from ..refresh import AdaptiveController, AdaptiveRefresh
-from ..schedule import Schedule
+from ..policy import Controller, RefreshPolicy
 from ..tracing import GATE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GenerationState", "GenerationStates", "check_finite", "run_step", "run_adaptive_step", "timestep_mark"]
+__all__ = ["GenerationState", "GenerationStates", "StepGraphs", "check_finite", "run_step", "timestep_mark"]
+
+
+@dataclass(frozen=True)
+class StepGraphs:
+    """What `run_step` runs: the full and shallow graphs (`(*inputs) -> (sample, cache)`,
+    `(*inputs, cache[, slope, steps]) -> (sample,)`), and, for policies that decide from the head's probe, the
+    head/deep/tail graphs (`three`, with its `probe` index). `CompiledPair` has the same attributes."""
+
+    full: Callable
+    shallow: Callable
+    three: Any = None
+    forecast: bool = False
 
 
 class _Extrapolation:
@@ -69,15 +81,15 @@ class GenerationState:
     def reset(self) -> None:
         self.calls = 0
         self.caches: list[torch.Tensor | None] = [None] * self.calls_per_step
-        self.controllers: list[AdaptiveController | None] = [None] * self.calls_per_step
+        self.controllers: list[Controller | None] = [None] * self.calls_per_step
         self.extrapolations: list[_Extrapolation | None] = [None] * self.calls_per_step
         self.history = ""
         self.mark: tuple | None = None
 
-    def controller(self, slot: int, policy: AdaptiveRefresh) -> AdaptiveController:
+    def controller(self, slot: int, policy: RefreshPolicy) -> Controller:
         controller = self.controllers[slot]
         if controller is None:
-            controller = self.controllers[slot] = AdaptiveController(policy)
+            controller = self.controllers[slot] = policy.controller()
         return controller
 
     def extrapolation(self, slot: int) -> _Extrapolation:
@@ -153,55 +165,47 @@ class GenerationStates:
             self._scoped.reset(token)
 
 
-def run_step(state: GenerationState, schedule: Schedule, call: FlatCall, full: Callable, shallow: Callable,
-             mark: tuple | None = None, forecast: bool = False) -> torch.Tensor:
-    """Runs one U-Net call: full or shallow by the schedule, keeping the cache of the call's slot.
+def run_step(state: GenerationState, policy: RefreshPolicy, call: FlatCall, graphs, mark: tuple | None = None
+             ) -> torch.Tensor:
+    """Runs one model call: the slot's controller decides full or cached (after the head graph, from its probe,
+    for policies with `uses_probe`), and the slot's cache is kept. `graphs`: a `StepGraphs` or `CompiledPair`.
 
-    `mark` is the call's `timestep_mark` where the caller has it already; `forecast`: the shallow graph takes
-    the slot's extrapolation inputs after the cache. The state advances only after the graph returned, so an
-    exception leaves it consistent.
+    `mark` is the call's `timestep_mark` where the caller has it already. While calibrating (`state.recording`)
+    every step is full. The state advances only after the graphs returned, so an exception leaves it consistent.
     """
     step, slot = state.begin(call.signature, timestep_mark(call.timestep) if mark is None else mark)
-    if schedule.calibration is not None:
-        schedule.calibration.check(step, call.tensors[0].shape[-2:], call.timestep)
-    cache = state.caches[slot]
+    controller, cache, recording = state.controller(slot, policy), state.caches[slot], state.recording is not None
+    inputs, size = call.tensors, tuple(call.tensors[0].shape[-2:])
     with torch.no_grad(), GATE.step():
-        if cache is None or state.recording is not None or schedule.is_full(step):
-            sample, cache = full(*call.tensors)
+        if policy.uses_probe and not recording:
+            three = graphs.three
+            links = three.head(*inputs)
+            full = controller.decide(step, links[three.probe], size, call.timestep) or cache is None
+            if full:
+                (cache,) = three.deep(*inputs, *links)
+            (sample,) = three.tail(*inputs, *links, cache, *_forecast_inputs(state, slot, step, cache, graphs, full))
         else:
-            extra = state.extrapolation(slot).inputs(step) if forecast else ()
-            (sample,), cache = shallow(*call.tensors, cache, *extra), None
-    if state.recording is not None:
-        state.recording.append((step, slot, call.timestep, tuple(call.tensors[0].shape[-2:]), cache.detach().clone()))
-    state.end(slot, cache, forecast)
+            full = recording or controller.decide(step, None, size, call.timestep) or cache is None
+            if full:
+                sample, cache = graphs.full(*inputs)
+            else:
+                (sample,) = graphs.shallow(*inputs, cache, *_forecast_inputs(state, slot, step, cache, graphs, False))
+    if recording:
+        state.recording.append((step, slot, call.timestep, size, cache.detach().clone()))
+    state.end(slot, cache if full else None, graphs.forecast)
     return sample
+
+
+def _forecast_inputs(state: GenerationState, slot: int, step: int, cache: torch.Tensor, graphs, full: bool) -> tuple:
+    if not graphs.forecast:
+        return ()
+    return keep_cache(cache) if full else state.extrapolation(slot).inputs(step)
 
 
 def keep_cache(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The forecast inputs `(slope, steps)` that reuse `cache` unchanged: zeros, and 0 steps. (Never `cache`
     itself as the slope: tracers merge an input passed twice into one.)"""
     return torch.zeros_like(cache), torch.zeros((), dtype=cache.dtype, device=cache.device)
-
-
-def run_adaptive_step(state: GenerationState, policy: AdaptiveRefresh, call: FlatCall, three, mark: tuple | None,
-                      forecast: bool = False) -> torch.Tensor:
-    """Runs one U-Net call with adaptive refresh on a `CompiledThree`: the head, then the slot's controller
-    decides from the head's probe whether the deep graph runs (a full step) or the cache is reused; the tail.
-    One host read of one scalar per step (none that waits, with `policy.lagged`)."""
-    step, slot = state.begin(call.signature, mark)
-    inputs = call.tensors
-    with torch.no_grad(), GATE.step():
-        links = three.head(*inputs)
-        full = state.controller(slot, policy).decide(links[three.probe]) or state.caches[slot] is None
-        if full:
-            (cache,) = three.deep(*inputs, *links)
-            extra = keep_cache(cache) if forecast else ()
-        else:
-            cache = state.caches[slot]
-            extra = state.extrapolation(slot).inputs(step) if forecast else ()
-        (sample,) = three.tail(*inputs, *links, cache, *extra)
-    state.end(slot, cache if full else None, forecast)
-    return sample
 
 
 def check_finite(tensors: tuple[torch.Tensor, ...], names: tuple[str, ...]) -> None:

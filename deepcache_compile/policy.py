@@ -1,0 +1,81 @@
+"""When to refresh: the one protocol every refresh policy implements, and their registry.
+
+A policy answers, per generation and call slot, "full or reuse at this step?" through a `Controller` it makes
+for each generation (`policy.controller(total)`). Policies with `uses_probe` decide after the head graph ran,
+from its probe tensor (the three-graph split); the others decide from the step alone, before any graph runs.
+The same `run_step` (`runtime/generation.py`) asks them in `DeepCacheUNet`, the Python engine and the
+`StepBatcher` alike.
+
+Adding a policy is a class with `uses_probe`, `exportable` and `controller(total)`, and one
+`register_policy("name", Class)` line; `compile_deepcache(model, refresh="name")` then runs it.
+
+Example:
+    >>> class EveryOther:
+    ...     uses_probe, exportable = False, False
+    ...     def controller(self, total=None):
+    ...         return StepController(lambda step: step % 2 == 0)
+    >>> register_policy("every-other", EveryOther)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["RefreshPolicy", "Controller", "StepController", "register_policy", "resolve_policy",
+           "available_policies"]
+
+
+@runtime_checkable
+class Controller(Protocol):
+    """One generation's (one call slot's) decisions, asked once per step in order."""
+
+    def decide(self, step: int, probe: torch.Tensor | None, size: tuple[int, ...], timestep: Any) -> bool:
+        """True where step `step` must run full. `probe`: the head's probe tensor (policies with `uses_probe`),
+        else None; `size` the sample's spatial size and `timestep` the call's, for policies that check them."""
+
+
+@runtime_checkable
+class RefreshPolicy(Protocol):
+    """A refresh policy: `uses_probe` (decides from the head's probe), `exportable` (a fixed plan the engine
+    manifest can hold), and a fresh `Controller` per generation."""
+
+    uses_probe: bool
+    exportable: bool
+
+    def controller(self, total: int | None = None) -> Controller: ...
+
+
+class StepController:
+    """A controller that decides from the step index alone (`is_full(step) -> bool`)."""
+
+    def __init__(self, is_full: Callable[[int], bool]):
+        self.is_full = is_full
+
+    def decide(self, step: int, probe=None, size=(), timestep=None) -> bool:
+        return self.is_full(step)
+
+
+_POLICIES: dict[str, Callable[[], RefreshPolicy]] = {}
+
+
+def register_policy(name: str, factory: Callable[[], RefreshPolicy]) -> None:
+    """Makes `refresh=name` mean `factory()` (a policy with its defaults)."""
+    _POLICIES[name] = factory
+
+
+def available_policies() -> list[str]:
+    from . import refresh  # noqa: F401  (registers the project's policies)
+
+    return sorted(_POLICIES)
+
+
+def resolve_policy(value: str | RefreshPolicy | None) -> RefreshPolicy | None:
+    """`refresh=` as a policy: None, a registered name, or a policy object."""
+    if value is None or isinstance(value, RefreshPolicy):
+        return value
+    if isinstance(value, str) and value in available_policies():
+        return _POLICIES[value]()
+    raise ValueError(f"refresh={value!r} is not a refresh policy: pass one of {available_policies()} or an object "
+                     "with uses_probe, exportable and controller() (see deepcache_compile.policy)")
