@@ -55,7 +55,7 @@ def test_the_library_never_imports_the_evaluation():
 
 # Each stage may import only what comes before it in the pipeline (and the small shared modules).
 _SHARED = ("deepcache_compile.calls", "deepcache_compile.kernels", "deepcache_compile.options",
-           "deepcache_compile.refresh", "deepcache_compile.schedule", "deepcache_compile.shapes",
+           "deepcache_compile.policy", "deepcache_compile.refresh", "deepcache_compile.schedule", "deepcache_compile.shapes",
            "deepcache_compile.tracing")
 _ALLOWED = {
     "deepcache_compile.graph": ("deepcache_compile.graph",),

@@ -131,6 +131,16 @@ class DeepCacheEngine(nn.Module):
     def full_steps(self, total: int | None = None) -> list[int]:
         return self.schedule.full_steps(total)
 
+    def with_schedule(self, policy) -> "DeepCacheEngine":
+        """The same loaded graphs run on another schedule or refresh policy (`policy.RefreshPolicy`) that decides
+        from the step alone (engine files hold the full and shallow graphs, not the head a probe needs)."""
+        if policy.uses_probe:
+            raise ValueError("an engine runs full and shallow graphs only: a policy that decides from the head's "
+                             "probe (adaptive refresh) needs compile_deepcache(..., split='three') in Python")
+        other = type(self)(self.manifest, self._graphs.full, self._graphs.shallow, self._device)
+        other.schedule = policy
+        return other
+
     @property
     def step(self) -> int:
         """Index of the next step within the current generation."""

@@ -145,7 +145,7 @@ class DeepCacheUNet(nn.Module):
         if state.starts_generation(call.signature, mark):
             check_finite(call.tensors, call.names)
             self._check_weights()
-        sample = run_step(state, self.deepcache_config.policy, call, self._pair(call), mark)
+        sample = run_step(state, self.deepcache_config.policy, call, self.pair_for(call), mark)
         if call.return_dict and self._output_type is not None:
             return self._output_type(sample=sample)
         return (sample,)
@@ -323,9 +323,11 @@ class DeepCacheUNet(nn.Module):
 
     def prepare(self, *args, **kwargs) -> CompiledPair:
         """Traces and compiles the pair for this call's signature now (ahead of the first denoising step)."""
-        return self._pair(self.flatten(args, kwargs))
+        return self.pair_for(self.flatten(args, kwargs))
 
-    def _pair(self, call: FlatCall) -> CompiledPair:
+    def pair_for(self, call: FlatCall) -> CompiledPair:
+        """The compiled pair that runs this flattened call (`self.flatten(args, kwargs)`), compiling it on first
+        sight (the `StepBatcher` runs its batched calls on it)."""
         pairs = self._cache.pairs
         pair = pairs.get(call.signature)
         if pair is not None:

@@ -24,7 +24,7 @@ from ..tracing import GATE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GenerationState", "GenerationStates", "StepGraphs", "check_finite", "run_step", "timestep_mark"]
+__all__ = ["Extrapolation", "GenerationState", "GenerationStates", "StepGraphs", "check_finite", "run_step", "timestep_mark"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class StepGraphs:
     forecast: bool = False
 
 
-class _Extrapolation:
+class Extrapolation:
     """One slot's forecast inputs: the slope of the cached feature between its last two full steps."""
 
     def __init__(self):
@@ -82,7 +82,7 @@ class GenerationState:
         self.calls = 0
         self.caches: list[torch.Tensor | None] = [None] * self.calls_per_step
         self.controllers: list[Controller | None] = [None] * self.calls_per_step
-        self.extrapolations: list[_Extrapolation | None] = [None] * self.calls_per_step
+        self.extrapolations: list[Extrapolation | None] = [None] * self.calls_per_step
         self.history = ""
         self.mark: tuple | None = None
 
@@ -92,10 +92,10 @@ class GenerationState:
             controller = self.controllers[slot] = policy.controller()
         return controller
 
-    def extrapolation(self, slot: int) -> _Extrapolation:
+    def extrapolation(self, slot: int) -> Extrapolation:
         extrapolation = self.extrapolations[slot]
         if extrapolation is None:
-            extrapolation = self.extrapolations[slot] = _Extrapolation()
+            extrapolation = self.extrapolations[slot] = Extrapolation()
         return extrapolation
 
     @property

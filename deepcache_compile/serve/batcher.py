@@ -1,11 +1,16 @@
 """Continuous step-level batching of DeepCache generations (as LLM servers batch tokens).
 
-Requests arrive at any time and each keeps its own latents, scheduler, step counter, schedule and cached
-feature rows. Every `tick()` groups the active requests by the kind of their next step (full or shallow) and
-by shape class (channels, height, width, conditioning shapes), and runs one batched call per group on a
-dynamic pair: the full graph for requests due a full step (each gets its new cache rows back), the shallow
-graph for the others (their cache rows concatenated). Requests at different timesteps share a call: the
-timestep is passed per sample. A request that finishes, is cancelled or fails frees its rows at once.
+Requests arrive at any time and each keeps its own latents, scheduler, step counter, refresh policy (with its
+per-generation controller, the same `policy.Controller` that `DeepCacheUNet` asks) and cached rows. Every
+`tick()` asks each request's controller whether its next step is full, groups the requests by that decision
+and by shape class (channels, height, width, conditioning shapes), packs each group into calls of at most
+`max_batch` rows, and runs one batched call per pack on a dynamic pair: the full graph for requests due a full
+step (each gets its new cache rows back), the shallow graph for the others (their cache rows concatenated).
+Policies that decide from the head's probe (adaptive refresh) run head, then the deep graph on the rows whose
+controller asks for a full step, then the tail on all. With forecast, shallow calls group the requests that are
+as many steps past their last full step (the extrapolation's step count is one number per call).
+Requests at different timesteps share a call: the timestep is passed per sample. A request that finishes, is
+cancelled or fails frees its rows at once.
 
 Batched arithmetic is not bitwise the per-request arithmetic (other matmul blockings): results agree with the
 same generation run alone within rounding (tested to 1e-5 relative).
@@ -27,8 +32,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..policy import Controller, RefreshPolicy, resolve_policy
 from ..runtime.dispatch import DeepCacheUNet
-from ..runtime.generation import check_finite
+from ..runtime.generation import Extrapolation, check_finite
 from ..schedule import Schedule
 
 logger = logging.getLogger(__name__)
@@ -44,10 +50,13 @@ class Request:
     latents: torch.Tensor
     conditions: dict[str, torch.Tensor]
     scheduler: Any
-    schedule: Schedule
+    policy: RefreshPolicy
     steps: int
     step: int = 0
     cache: torch.Tensor | None = None
+    controller: Controller | None = None
+    full: bool | None = None  # the decision for the next step (None: decided after the head, from the probe)
+    extrapolation: Extrapolation = field(default_factory=Extrapolation)
     result: torch.Tensor | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -71,13 +80,24 @@ class Request:
         fn(self)
 
     @property
-    def next_is_full(self) -> bool:
-        return self.cache is None or self.schedule.is_full(self.step, self.steps)
+    def rows(self) -> int:
+        return self.latents.shape[0]
 
-    def group(self) -> tuple:
+    def decide(self) -> None:
+        """Asks the controller about the next step, where the policy decides before any graph runs."""
+        if self.controller is None:
+            self.controller = self.policy.controller(self.steps)
+        if self.policy.uses_probe:
+            self.full = None
+        else:
+            t = self.scheduler.timesteps[self.step]
+            self.full = self.controller.decide(self.step, None, tuple(self.latents.shape[-2:]), t) or self.cache is None
+
+    def group(self, forecast: bool) -> tuple:
         """Requests with equal groups share one batched call."""
         shapes = tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(self.conditions.items()))
-        return self.next_is_full, tuple(self.latents.shape[1:]), self.latents.dtype, shapes
+        since = self.step - self.extrapolation.step if forecast and self.full is False else None
+        return self.full, since, tuple(self.latents.shape[1:]), self.latents.dtype, shapes
 
 
 class StepBatcher:
@@ -93,6 +113,10 @@ class StepBatcher:
         if dc.deepcache_config.dynamic is None:
             raise ValueError("StepBatcher needs a pair that serves varying batches: compile with "
                              "compile_deepcache(..., dynamic=dict(batch=(1, N))) (N = the largest batch per call)")
+        config = dc.deepcache_config
+        if config.forecast and config.policy.uses_probe:
+            raise ValueError("the StepBatcher runs forecast with policies that decide from the step, not from the "
+                             "probe: use a schedule or a calibrated plan with forecast=True, or forecast=False")
         self.dc = dc
         self.scheduler = scheduler
         self.max_batch = max_batch or dc.deepcache_config.dynamic.get("batch", (1, 16))[1]
@@ -103,29 +127,37 @@ class StepBatcher:
         self.calls = 0  # batched U-Net calls so far
         self.rows = 0  # request rows they carried (rows / calls = the mean batch)
 
-    def submit(self, latents: torch.Tensor, steps: int, interval: int | None = None, schedule: Schedule | None = None,
-               **conditions: torch.Tensor) -> Request:
+    def submit(self, latents: torch.Tensor, steps: int, interval: int | None = None,
+               schedule: RefreshPolicy | str | None = None, **conditions: torch.Tensor) -> Request:
         """Adds a generation of `steps` steps starting from `latents` (batch first); returns its `Request`.
 
-        The schedule is `schedule`, or uniform 1:`interval`, or the DeepCacheUNet's own. Bad input (no steps,
-        NaN, a size outside the pair's ranges) raises here, before the request joins any batch."""
+        Its policy is `schedule` (a `Schedule`, a `CalibratedPlan`, or another refresh policy or its registered
+        name), or uniform 1:`interval`, or the DeepCacheUNet's own. Bad input (no steps, NaN, more rows than
+        `max_batch`, a size outside the pair's ranges, a probe policy on pairs without the three-graph split)
+        raises here, before the request joins any batch."""
         if steps < 1:
             raise ValueError(f"steps={steps}: a generation has at least 1 step")
+        if latents.shape[0] > self.max_batch:
+            raise ValueError(f"this request has {latents.shape[0]} rows, more than the {self.max_batch} one batched "
+                             f"call takes (max_batch): split it into requests of at most {self.max_batch} rows")
         check_finite((latents, *conditions.values()), ("latents", *conditions))
         for name, value in conditions.items():
             if value.shape[0] != latents.shape[0]:
                 raise ValueError(f"condition {name!r} has batch {value.shape[0]}, the latents {latents.shape[0]}: "
                                  "give every condition one row per latent")
         if self.dc.shape_ranges is None:  # the first request compiles the pair (once), here rather than in a tick
-            self.dc.prepare(sample=latents, timestep=torch.zeros(latents.shape[0], dtype=torch.long), **conditions)
+            self.dc.prepare(**{self.dc.flatten.parameters[0]: latents}, timestep=torch.zeros(latents.shape[0], dtype=torch.long), **conditions)
         self.dc.shape_ranges.check(tuple(latents.shape), owner="this server's pair",
                                    fix="this server accepts {what} in the pair's ranges only")
-        if schedule is None:
-            schedule = Schedule("uniform", interval=interval) if interval else self.dc.deepcache_config.schedule
+        policy = resolve_policy(schedule) if schedule is not None else (
+            Schedule("uniform", interval=interval) if interval else self.dc.deepcache_config.policy)
+        if policy.uses_probe and self.dc.deepcache_config.graphs != "three":
+            raise ValueError("this policy decides from the head's probe: compile the server's pair with "
+                             "split='three' (or refresh='adaptive')")
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(steps)
         with self._lock:
-            request = Request(next(self._ids), latents, conditions, scheduler, schedule, steps)
+            request = Request(next(self._ids), latents, conditions, scheduler, policy, steps)
             self._requests[request.id] = request
         self._wake.set()
         return request
@@ -144,11 +176,17 @@ class StepBatcher:
         with self._lock:
             requests = [r for r in self._requests.values() if not r.done.is_set()]
         groups: dict[tuple, list[Request]] = {}
+        forecast = self.dc.deepcache_config.forecast
         for request in requests:
-            groups.setdefault(request.group(), []).append(request)
+            try:
+                request.decide()
+            except Exception as err:  # a calibrated plan that does not fit this request, a policy's own error
+                self._finish(request, error=err)
+                continue
+            groups.setdefault(request.group(forecast), []).append(request)
         for key, members in groups.items():
-            for start in range(0, len(members), self.max_batch):
-                self._step(members[start:start + self.max_batch], full=key[0])
+            for pack in _packs(members, self.max_batch):
+                self._step(pack, full=key[0])
         return len(requests)
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -160,7 +198,7 @@ class StepBatcher:
                 continue
             self.tick()
 
-    def _step(self, members: list[Request], full: bool) -> None:
+    def _step(self, members: list[Request], full: bool | None) -> None:
         """One step of `members`. A failing batched call is run again request by request, so that only the
         request that fails (its input, its scheduler) fails; no state moves before a call succeeds."""
         try:
@@ -168,14 +206,14 @@ class StepBatcher:
         except Exception as err:
             if len(members) > 1:
                 logger.warning("a batched %s step of %d requests failed (%s): running them one by one",
-                               "full" if full else "shallow", len(members), err)
+                               {True: "full", False: "shallow", None: "adaptive"}[full], len(members), err)
                 for request in members:
                     self._step([request], full)
                 return
             logger.exception("request %d failed", members[0].id)
             self._finish(members[0], error=err)
             return
-        for request, out, cache in zip(members, outs, caches):
+        for request, out, (cache, was_full) in zip(members, outs, caches):
             if request.done.is_set():  # cancelled meanwhile
                 continue
             try:
@@ -185,30 +223,53 @@ class StepBatcher:
                 logger.exception("request %d failed in its scheduler", request.id)
                 self._finish(request, error=err)
                 continue
+            if was_full and self.dc.deepcache_config.forecast:
+                request.extrapolation.full(cache, request.step)
             request.cache = cache
             request.step += 1
             if request.step == request.steps:
                 self._finish(request, result=request.latents)
 
-    def _run_unet(self, members: list[Request], full: bool) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
-        """One batched U-Net call for `members`: their outputs and their cache rows (new ones on a full step)."""
-        rows = [r.latents.shape[0] for r in members]
+    def _run_unet(self, members: list[Request], full: bool | None) -> tuple[tuple[torch.Tensor, ...], list]:
+        """One batched call for `members`: their outputs and, per request, `(cache rows, whether full)`."""
+        rows = [r.rows for r in members]
         timesteps = torch.cat([r.scheduler.timesteps[r.step].reshape(1).expand(n) for r, n in zip(members, rows)])
-        call = {"sample": torch.cat([r.latents for r in members]), "timestep": timesteps}
+        call = {self.dc.flatten.parameters[0]: torch.cat([r.latents for r in members]), "timestep": timesteps}
         for name in members[0].conditions:
             call[name] = torch.cat([r.conditions[name] for r in members])
         flat = self.dc.flatten((), call)
-        pair, tensors = self.dc._pair(flat), flat.tensors
+        pair, tensors = self.dc.pair_for(flat), flat.tensors
         with torch.no_grad():
-            if full:
+            if full is None:
+                sample, caches = self._run_three(pair.three, tensors, members, rows)
+            elif full:
                 sample, cache = pair.full(*tensors)
-                caches = list(torch.split(cache, rows))
+                caches = [(c, True) for c in torch.split(cache, rows)]
             else:
-                (sample,) = pair.shallow(*tensors, torch.cat([r.cache for r in members]))
-                caches = [r.cache for r in members]
+                extra = self._forecast_inputs(members) if pair.forecast else ()
+                (sample,) = pair.shallow(*tensors, torch.cat([r.cache for r in members]), *extra)
+                caches = [(r.cache, False) for r in members]
         self.calls += 1
         self.rows += sum(rows)
         return torch.split(sample, rows), caches
+
+    def _run_three(self, three, tensors: tuple, members: list[Request], rows: list[int]):
+        """Head on all rows; each controller decides from its rows of the probe; where any row group is due a full
+        step, deep on all rows (the head's links carry the batch size, so the deep graph runs the call's rows)
+        and the fresh cache rows go to the groups due one; tail on all rows with their caches."""
+        links = three.head(*tensors)
+        probes = torch.split(links[three.probe], rows)
+        decisions = [r.controller.decide(r.step, p, tuple(r.latents.shape[-2:]), r.scheduler.timesteps[r.step])
+                     or r.cache is None for r, p in zip(members, probes)]
+        fresh = torch.split(three.deep(*tensors, *links)[0], rows) if any(decisions) else [None] * len(rows)
+        caches = [(new, True) if d else (r.cache, False) for r, d, new in zip(members, decisions, fresh)]
+        (sample,) = three.tail(*tensors, *links, torch.cat([c for c, _ in caches]))
+        return sample, caches
+
+    def _forecast_inputs(self, members: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The extrapolation inputs of a shallow call: every member is as many steps past its last full step."""
+        slopes, steps = zip(*(r.extrapolation.inputs(r.step) for r in members))
+        return torch.cat(slopes), steps[0]
 
     def _finish(self, request: Request, result: torch.Tensor | None = None, error: BaseException | None = None):
         with self._lock:
@@ -224,3 +285,15 @@ class StepBatcher:
                 fn(request)
             except Exception:  # a waiter's bug must not stop the batcher
                 logger.exception("a done-callback of request %d failed", request.id)
+
+
+def _packs(members: list[Request], max_batch: int) -> list[list[Request]]:
+    """Consecutive packs of at most `max_batch` rows (every request has at most `max_batch`)."""
+    packs, rows = [[]], 0
+    for request in members:
+        if rows + request.rows > max_batch:
+            packs.append([])
+            rows = 0
+        packs[-1].append(request)
+        rows += request.rows
+    return [p for p in packs if p]
