@@ -45,7 +45,7 @@ def test_a_new_policy_runs_by_name_in_the_wrapper_and_the_engine(digits, tmp_pat
     explicit = compile_deepcache(unet, branch=1, schedule=[0, 2, 3, 5, 7])
     assert torch.equal(out, ddim_loop(explicit, {"sample": _noise(0)}, 10, scheduler))
     exporter = compile_deepcache(unet, branch=1, interval=3)
-    exporter.export(tmp_path / "engine", format="pt2", example={"sample": _noise(0, rows=2), "timestep": 10})
+    exporter.export(tmp_path / "engine", format="pt2", example={"sample": _noise(0), "timestep": 10})  # batch 1
     engine = load_deepcache(tmp_path / "engine").with_schedule(PrimeRefresh())
     torch.testing.assert_close(ddim_loop(engine, {"sample": _noise(0)}, 10, scheduler), out, rtol=1e-5, atol=1e-5)
     assert engine.history == PRIME_HISTORY

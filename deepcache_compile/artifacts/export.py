@@ -25,7 +25,7 @@ from ..graph.partition import split_at_branch
 from ..graph.trace import export_program, trace_unet
 from ..kernels import native_ops
 from ..options import check_options
-from ..runtime.pair import select_branch, shape_ranges
+from ..runtime.pair import dynamic_example, select_branch, shape_ranges
 from ..schedule import nonuniform_full_steps
 from ..shapes import ShapeRanges
 from .formats import PartIO, get_format
@@ -97,6 +97,7 @@ def _example(dc, example: dict | None) -> FlatCall:
 
 
 def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, who: str):
+    call = dynamic_example(call, ranges)  # a batch-1 example would specialize the programs to batch 1
     traced = trace_unet(dc.unet, call, ranges)
     branch = select_branch(traced.gm, dc.deepcache_config)
     split = split_at_branch(traced.gm, branch)

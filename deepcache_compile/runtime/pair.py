@@ -126,7 +126,7 @@ def compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig,
 
 def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, ranges: ShapeRanges | None) -> CompiledPair:
     if ranges is not None:
-        call = _dynamic_example(call, ranges)
+        call = dynamic_example(call, ranges)
     traced = trace_unet(unet, call, ranges)
     branch = select_branch(traced.gm, config)
     split = split_at_branch(traced.gm, branch)
@@ -253,7 +253,7 @@ def _release_sources(keys) -> None:
         linecache.cache.pop(key, None)
 
 
-def _dynamic_example(call: FlatCall, ranges: ShapeRanges) -> FlatCall:
+def dynamic_example(call: FlatCall, ranges: ShapeRanges) -> FlatCall:
     """A batch-1 example traces size-1 specializations into the graph: trace dynamic pairs at batch >= 2."""
     sample = call.tensors[0]
     if sample.shape[0] >= 2 or ranges.batch[1] < 2:
