@@ -2,7 +2,7 @@
 
 Steps are U-Net calls within one generation (per call slot, see `DeepCacheConfig.calls_per_step`), counted
 from 0. Step 0 is always full. The non-uniform schedule reproduces the reference implementation exactly,
-complex powers included (DEEPCACHE.md).
+complex powers included (docs/method.md).
 """
 
 from __future__ import annotations

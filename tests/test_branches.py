@@ -38,7 +38,7 @@ def test_sd15_at_512px_matches_the_papers_macs(sd15_unet):
     assert attention == 63_026_135_040 and counted == attention
     # The paper's 338.83 G counts convolutions and linear layers, not the attention products.
     assert rows[0].full_macs - attention == pytest.approx(338.83e9, rel=0.002)
-    # DEEPCACHE.md: about 7.9 %, 22.4 %, 38 %, 47 % for branches 0..3
+    # docs/method.md: about 7.9 %, 22.4 %, 38 %, 47 % for branches 0..3
     for branch, share in {0: 0.079, 1: 0.224, 2: 0.38, 3: 0.47}.items():
         assert rows[branch].mac_share == pytest.approx(share, abs=0.01)
     shares = [r.mac_share for r in rows]

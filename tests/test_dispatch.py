@@ -170,7 +170,7 @@ def test_the_user_unet_is_not_modified():
 
 @pytest.mark.parametrize("branch", [0, 1, 4])
 def test_matches_the_pypi_reference_helper(branch):
-    """DEEPCACHE.md: branch=b equals DeepCacheSDHelper.set_params(cache_branch_id=b) for two-layer blocks."""
+    """docs/method.md: branch=b equals DeepCacheSDHelper.set_params(cache_branch_id=b) for two-layer blocks."""
     DeepCache = pytest.importorskip("DeepCache", reason="PyPI DeepCache (the reference helper) is not installed")
     unet = make_unet("sd")
     call = make_call(unet, batch=2)

@@ -53,7 +53,7 @@ def test_native_schedule_equals_python_schedule():
     reference = [Schedule("nonuniform", interval=5, num_inference_steps=50),
                  Schedule("nonuniform", interval=10, num_inference_steps=50)]
     assert [torch.ops.deepcache.full_steps(_manifest_json(s), 50) for s in reference] == \
-           [[0, 5, 9, 13, 17, 21, 26, 31, 37, 43], [0, 9, 17, 26, 37]]  # DEEPCACHE.md
+           [[0, 5, 9, 13, 17, 21, 26, 31, 37, 43], [0, 9, 17, 26, 37]]  # docs/method.md
     # A calibrated plan is an explicit schedule with its calibration beside it: the native runtime runs it as is.
     plan = Schedule("explicit", steps=(0, 4, 7, 9), num_inference_steps=10,
                     calibration=Calibration(tuple(range(900, -100, -100)), (16, 16)))

@@ -43,7 +43,7 @@ void test_schedules() {
   expect_eq(uniform.full_steps(12), std::vector<int>{0, 5, 10}, "uniform N=5");
   expect_eq(uniform.full_steps(50).size(), size_t{10}, "uniform T=50 N=5 has 10 full steps");
 
-  Schedule nonuniform;  // the non-uniform steps come resolved from the manifest (DEEPCACHE.md reference values)
+  Schedule nonuniform;  // the non-uniform steps come resolved from the manifest (docs/method.md reference values)
   nonuniform.kind = "nonuniform";
   nonuniform.steps = {0, 5, 9, 13, 17, 21, 26, 31, 37, 43};
   nonuniform.num_inference_steps = 50;
