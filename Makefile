@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test native bench clean
+.PHONY: demo test test-fast native bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: native
 	# Two workers, one file each (module fixtures stay shared); tests/conftest.py gives each worker one thread.
 	# The C++ unit tests (ctest) run inside the suite (tests/test_native.py).
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+
+# Everyday lane: no compiler backend, no C++ build, no SD 1.5-size model (tests marked slow in tests/conftest.py).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache build deepcache_compile/_native

@@ -22,7 +22,7 @@ _EXPORTS = {
     "available_backends": ".runtime.backends",
     "register_backend": ".runtime.backends",
     "DeepCacheEngine": ".artifacts.engine",
-    "load_deepcache": ".artifacts.engine",
+    "load_deepcache": ".artifacts.load",
     "ManifestError": ".artifacts.manifest",
     "AdaptiveRefresh": ".refresh",
     "CalibratedPlan": ".refresh",

@@ -66,8 +66,6 @@ def register_policy(name: str, factory: Callable[[], RefreshPolicy]) -> None:
 
 
 def available_policies() -> list[str]:
-    from . import refresh  # noqa: F401  (registers the project's policies)
-
     return sorted(_POLICIES)
 
 

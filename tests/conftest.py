@@ -202,3 +202,18 @@ def make_transformer_call(family: str, batch: int = 2, seed: int = 1, timestep: 
                     pooled_projections=randn(batch, 10), timestep=t / 1000, img_ids=torch.zeros(16, 3),
                     txt_ids=torch.zeros(5, 3))
     return dict(hidden_states=randn(batch, 4, 2, 8, 8), encoder_hidden_states=randn(batch, 5, 12), timestep=t)
+
+
+# The fast lane (`make test-fast`, `pytest -m "not slow"`): no compiler backend, no C++ build, no SD 1.5-size
+# model. A test is slow when its module is about compiled or deployed artifacts, or its id names a compiling
+# backend or a full-size architecture.
+_SLOW_MODULES = {"test_attention", "test_backends", "test_benchmark", "test_cli", "test_dynamic", "test_export",
+                 "test_native", "test_quality", "test_ray_serve", "test_soak", "test_weights", "test_pipelines"}
+_SLOW_WORDS = ("inductor", "aoti", "onnx", "tensorrt", "native", "sd15", "sdxl-real", "compiled")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        if module in _SLOW_MODULES or any(word in item.nodeid.lower() for word in _SLOW_WORDS):
+            item.add_marker(pytest.mark.slow)

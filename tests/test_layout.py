@@ -90,3 +90,45 @@ def test_public_api_is_importable_by_name():
         assert getattr(deepcache_compile, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'compile'"):
         deepcache_compile.compile  # noqa: B018
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, found = {}, {}, [], []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _module_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {m: {i for i in imported if i in modules and i not in (m, "deepcache_compile")}
+            for m, imported in modules.items()}
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_between_any_two_modules():
+    """Imports at any depth count (a function-level import too): data flows one way through the package."""
+    assert _cycles(_module_graph()) == []

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,16 +20,14 @@ import torch
 from torch import nn
 
 from ..calls import FlatCall
-from ..options import check_options
 from ..runtime.generation import GenerationStates, StepGraphs, check_finite, run_step, timestep_mark
 from ..schedule import Schedule
 from ..shapes import ShapeRanges
-from .formats import get_format
-from .manifest import ManifestError, check_native_ops, read_manifest
+from .manifest import ManifestError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_deepcache", "DeepCacheEngine", "EngineOutput", "ManifestError"]
+__all__ = ["DeepCacheEngine", "EngineOutput", "ManifestError"]
 
 
 @dataclass
@@ -51,40 +48,6 @@ class EngineConfig(dict):
             return self[name]
         except KeyError:
             raise AttributeError(f"the exported U-Net's config has no {name!r}") from None
-
-
-def load_deepcache(directory: str | Path, device: str | torch.device = "cpu", provider: str | None = None,
-                   runtime: str = "python") -> "DeepCacheEngine":
-    """Loads an export written by `dc.export(directory, format=...)`.
-
-    Args:
-        directory: the export directory (with `deepcache.json`).
-        device: where to run ("cpu", "cuda", "cuda:1").
-        provider: for ONNX, the onnxruntime execution provider (e.g. "CUDAExecutionProvider").
-        runtime: "python" (this module) or "native": the C++ runtime of `kernels/` (aoti exports; built by
-            `make native`) runs the dispatch, the cache and the checks.
-
-    Example:
-        >>> pipe.unet = load_deepcache("engines/sd15-b1", device="cuda")
-        >>> image = pipe(prompt).images[0]
-    """
-    directory, device = Path(directory), torch.device(device)
-    if runtime not in ("python", "native"):
-        raise ValueError(f"runtime={runtime!r} is unknown: use 'python' or 'native'")
-    if runtime == "native":
-        if provider:
-            raise ValueError("provider= applies to onnx exports; the native runtime runs aoti exports")
-        from .native import NativeEngine
-
-        return NativeEngine(directory, device)
-    manifest = read_manifest(directory)
-    check_native_ops(manifest, directory)
-    reader = get_format(manifest["format"])
-    options = {"provider": provider} if provider else {}
-    check_options(f"loading a {manifest['format']} export", options, reader.LOAD_OPTIONS)
-    full, shallow = (reader.load(directory / manifest["files"][part][0], device, **options)
-                     for part in ("full", "shallow"))
-    return DeepCacheEngine(manifest, full, shallow, device)
 
 
 class DeepCacheEngine(nn.Module):

@@ -109,8 +109,6 @@ def find_cuts(gm: fx.GraphModule, **options) -> tuple[Cut, ...]:
         >>> [c.index for c in find_cuts(traced.gm)][:3]
         [0, 1, 2]
     """
-    from . import blocks, branches  # noqa: F401  (each registers its finder on import)
-
     looked_for = []
     for name, finder in _FINDERS:
         cuts = finder(gm, **options)

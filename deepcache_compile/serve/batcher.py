@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import refresh  # noqa: F401  (registers the project's policies by name)
 from ..policy import Controller, RefreshPolicy, resolve_policy
 from ..runtime.dispatch import DeepCacheUNet
 from ..runtime.generation import Extrapolation, check_finite
