@@ -34,6 +34,10 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
+# The built-in refresh policies register their names (`policy.register_policy`) here, where every entry point
+# passes, rather than in each module that resolves `refresh="name"`.
+from . import refresh as _refresh  # noqa: E402,F401
+
 
 def __getattr__(name: str):
     if name not in _EXPORTS:

@@ -32,7 +32,6 @@ from typing import Any, Callable
 
 import torch
 
-from .. import refresh  # noqa: F401  (registers the project's policies by name)
 from ..policy import Controller, RefreshPolicy, resolve_policy
 from ..runtime.dispatch import DeepCacheUNet
 from ..runtime.generation import Extrapolation, check_finite
@@ -88,11 +87,12 @@ class Request:
         """Asks the controller about the next step, where the policy decides before any graph runs."""
         if self.controller is None:
             self.controller = self.policy.controller(self.steps)
-        if self.policy.uses_probe:
-            self.full = None
-        else:
-            t = self.scheduler.timesteps[self.step]
-            self.full = self.controller.decide(self.step, None, tuple(self.latents.shape[-2:]), t) or self.cache is None
+        self.full = None if self.policy.uses_probe else self.ask(None)
+
+    def ask(self, probe: torch.Tensor | None) -> bool:
+        """The controller's decision for the next step (full where nothing is cached yet), as `run_step` asks."""
+        t = self.scheduler.timesteps[self.step]
+        return self.controller.decide(self.step, probe, tuple(self.latents.shape[-2:]), t) or self.cache is None
 
     def group(self, forecast: bool) -> tuple:
         """Requests with equal groups share one batched call."""
@@ -260,8 +260,7 @@ class StepBatcher:
         and the fresh cache rows go to the groups due one; tail on all rows with their caches."""
         links = three.head(*tensors)
         probes = torch.split(links[three.probe], rows)
-        decisions = [r.controller.decide(r.step, p, tuple(r.latents.shape[-2:]), r.scheduler.timesteps[r.step])
-                     or r.cache is None for r, p in zip(members, probes)]
+        decisions = [r.ask(p) for r, p in zip(members, probes)]
         fresh = torch.split(three.deep(*tensors, *links)[0], rows) if any(decisions) else [None] * len(rows)
         caches = [(new, True) if d else (r.cache, False) for r, d, new in zip(members, decisions, fresh)]
         (sample,) = three.tail(*tensors, *links, torch.cat([c for c, _ in caches]))
