@@ -7,8 +7,8 @@
 
 namespace deepcache {
 
-Engine::Engine(const std::filesystem::path& directory, int device_index)
-    : manifest_(read_manifest(directory)), state_(manifest_.calls_per_step) {
+Engine::Engine(const std::filesystem::path& directory, int device_index, const std::vector<std::string>& trusted_keys)
+    : manifest_(read_manifest(directory, trusted_keys)), state_(manifest_.calls_per_step) {
   using torch::inductor::AOTIModelPackageLoader;
   for (const auto& op : manifest_.native_ops) {
     const auto missing = native_op_missing(op);
@@ -19,6 +19,12 @@ Engine::Engine(const std::filesystem::path& directory, int device_index)
   full_ = std::make_unique<AOTIModelPackageLoader>(manifest_.file("full").string(), "model", false, 1, device_index);
   shallow_ = std::make_unique<AOTIModelPackageLoader>(manifest_.file("shallow").string(), "model", false, 1,
                                                       device_index);
+  // What each package accepts comes from the package: the manifest's ranges must be the ones compiled in.
+  for (const auto& [part, loader] : {std::pair{"full", full_.get()}, std::pair{"shallow", shallow_.get()}}) {
+    const auto metadata = loader->get_metadata();
+    const auto found = metadata.find(kRangesKey);
+    check_compiled_ranges(manifest_, manifest_.file(part), found == metadata.end() ? "" : found->second);
+  }
   for (size_t i = 0; i < manifest_.inputs.size(); ++i)
     if (manifest_.inputs[i].name == "timestep") timestep_index_ = static_cast<int>(i);
 }
@@ -55,8 +61,13 @@ at::Tensor Engine::run(std::vector<at::Tensor> inputs) {
   if (timestep_index_ >= 0 && inputs[timestep_index_].device().is_cpu())
     timestep = inputs[timestep_index_].reshape(-1)[0].item<double>();  // host memory: no device sync
   auto [step, slot] = state_.begin(signature, timestep);
+  const auto& schedule = manifest_.schedule;
+  if (schedule.calibration) {
+    const auto& shape = inputs[0].sizes();
+    schedule.calibration->check(step, shape[shape.size() - 2], shape.back(), timestep);
+  }
   auto& cache = state_.caches[slot];
-  if (!cache || manifest_.schedule.is_full(step)) {
+  if (!cache || schedule.is_full(step)) {
     auto out = full_->run(inputs);
     state_.end(slot, out.at(1));
     return out.at(0);

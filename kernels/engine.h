@@ -24,8 +24,10 @@ namespace deepcache {
 
 class Engine {
  public:
-  // Verifies `directory` and loads both packages; `device_index` -1 = CPU, else a CUDA device.
-  explicit Engine(const std::filesystem::path& directory, int device_index = -1);
+  // Verifies `directory` (signed by one of `trusted_keys`, Ed25519 PEM files, where any are given) and loads both
+  // packages; `device_index` -1 = CPU, else a CUDA device.
+  explicit Engine(const std::filesystem::path& directory, int device_index = -1,
+                  const std::vector<std::string>& trusted_keys = {});
 
   // One U-Net call: `inputs` in the manifest's input order (`sample`, `timestep`, ...). Runs the full or the
   // shallow graph by the schedule and returns the predicted sample.

@@ -1,148 +1,166 @@
-// deepcache-generate: a complete DDIM (eta 0) generation in C++ with an exported DeepCache engine.
+// deepcache-generate: a complete generation in C++ with an exported DeepCache engine.
 //
-//   deepcache-generate ENGINE_DIR INPUTS.safetensors OUT.safetensors --steps 50 [--guidance 7.5] [--threads 2]
+//   deepcache-generate ENGINE_DIR INPUTS.safetensors OUT.safetensors --steps N [--guidance G] [--threads T]
+//                      [--scheduler scheduler_config.json] [--trusted-key signing.pub.pem ...]
 //
 // ENGINE_DIR is an `aoti` export with the scheduler's config beside the engines (dc.export(...,
-// scheduler=pipe.scheduler) writes `scheduler_config.json` and lists it in the manifest). INPUTS holds `sample`
-// (the initial noise) and the other U-Net inputs by their manifest names; with --guidance > 1 (classifier-free
-// guidance) those conditioning inputs hold the unconditional rows first, then the conditional ones, and the
-// U-Net runs once per step on the doubled batch. OUT receives `sample`, the final latents.
+// scheduler=pipe.scheduler) writes `scheduler_config.json` and lists it in the manifest); --scheduler runs
+// another sampler's config instead (DDIMScheduler, EulerDiscreteScheduler or DPMSolverMultistepScheduler, see
+// scheduler.h: the graphs do not depend on it). INPUTS holds `sample` (the initial noise, scaled here by the
+// scheduler's init_noise_sigma as diffusers' pipelines do) and the other U-Net inputs by their manifest names;
+// with --guidance > 1 (classifier-free guidance) those conditioning inputs hold the unconditional rows first,
+// then the conditional ones, and the U-Net runs once per step on the doubled batch. OUT receives `sample`, the
+// final latents. With --trusted-key (repeatable) the export must be signed by one of those Ed25519 keys
+// (export(..., sign_key=)), checked before anything is loaded. Every input is checked against the manifest (names, ranks, batch, the export's shape ranges)
+// before the first step.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <nlohmann/json.hpp>
 
-#include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
+#include <set>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "engine.h"
 #include "safetensors.h"
+#include "scheduler.h"
 
 namespace {
 
-// DDIM with eta = 0, from a diffusers DDIMScheduler config (the same float32 arithmetic as diffusers).
-class DDIM {
- public:
-  DDIM(const nlohmann::json& config, int steps) : steps_(steps) {
-    train_steps_ = config.value("num_train_timesteps", 1000);
-    auto schedule = config.value("beta_schedule", std::string("linear"));
-    double start = config.value("beta_start", 0.0001), end = config.value("beta_end", 0.02);
-    at::Tensor betas;
-    if (schedule == "linear")
-      betas = at::linspace(start, end, train_steps_, at::kFloat);
-    else if (schedule == "scaled_linear")
-      betas = at::linspace(std::sqrt(start), std::sqrt(end), train_steps_, at::kFloat).pow(2);
-    else
-      throw std::invalid_argument("beta_schedule=" + schedule + " is not supported: use linear or scaled_linear");
-    for (const char* unsupported : {"thresholding", "rescale_betas_zero_snr"})
-      if (config.value(unsupported, false))
-        throw std::invalid_argument(std::string(unsupported) + "=true is not supported by deepcache-generate");
-    alphas_cumprod_ = at::cumprod(1 - betas, 0);
-    final_alpha_cumprod_ = config.value("set_alpha_to_one", true) ? at::scalar_tensor(1.0, at::kFloat)
-                                                                   : alphas_cumprod_[0];
-    prediction_ = config.value("prediction_type", std::string("epsilon"));
-    clip_ = config.value("clip_sample", true);
-    clip_range_ = config.value("clip_sample_range", 1.0);
-    timesteps_ = make_timesteps(config.value("timestep_spacing", std::string("leading")),
-                                config.value("steps_offset", 0));
-  }
+const char* kUsage =
+    "usage: deepcache-generate ENGINE_DIR INPUTS.safetensors OUT.safetensors --steps N [--guidance G] "
+    "[--threads T] [--scheduler CONFIG.json] [--trusted-key PUBLIC.pem]...";
 
-  const std::vector<int64_t>& timesteps() const { return timesteps_; }
-
-  at::Tensor step(const at::Tensor& model_output, int64_t t, const at::Tensor& sample) const {
-    int64_t prev = t - train_steps_ / steps_;
-    auto alpha_t = alphas_cumprod_[t];
-    auto alpha_prev = prev >= 0 ? alphas_cumprod_[prev] : final_alpha_cumprod_;
-    auto beta_t = 1 - alpha_t;
-    at::Tensor x0, eps;
-    if (prediction_ == "epsilon") {
-      x0 = (sample - beta_t.pow(0.5) * model_output) / alpha_t.pow(0.5);
-      eps = model_output;
-    } else if (prediction_ == "sample") {
-      x0 = model_output;
-      eps = (sample - alpha_t.pow(0.5) * x0) / beta_t.pow(0.5);
-    } else if (prediction_ == "v_prediction") {
-      x0 = alpha_t.pow(0.5) * sample - beta_t.pow(0.5) * model_output;
-      eps = alpha_t.pow(0.5) * model_output + beta_t.pow(0.5) * sample;
-    } else {
-      throw std::invalid_argument("prediction_type=" + prediction_ + " is not supported");
-    }
-    if (clip_) x0 = x0.clamp(-clip_range_, clip_range_);
-    return alpha_prev.pow(0.5) * x0 + (1 - alpha_prev).pow(0.5) * eps;
-  }
-
- private:
-  std::vector<int64_t> make_timesteps(const std::string& spacing, int offset) const {
-    std::vector<int64_t> out;
-    if (spacing == "leading") {
-      for (int i = steps_ - 1; i >= 0; --i) out.push_back(int64_t(i) * (train_steps_ / steps_) + offset);
-    } else if (spacing == "trailing") {
-      double ratio = double(train_steps_) / steps_;
-      for (double t = train_steps_; t > 0; t -= ratio) out.push_back(std::llround(t) - 1);
-    } else if (spacing == "linspace") {
-      for (int i = steps_ - 1; i >= 0; --i)
-        out.push_back(std::llround(double(train_steps_ - 1) * i / std::max(1, steps_ - 1)));
-    } else {
-      throw std::invalid_argument("timestep_spacing=" + spacing + " is not supported");
-    }
-    return out;
-  }
-
-  int steps_, train_steps_;
-  at::Tensor alphas_cumprod_, final_alpha_cumprod_;
-  std::string prediction_;
-  bool clip_;
-  double clip_range_;
-  std::vector<int64_t> timesteps_;
+struct Options {
+  int steps = 0;
+  double guidance = 1.0;
+  int threads = 0;
+  std::string scheduler;
+  std::vector<std::string> trusted_keys;
 };
 
-int usage() {
-  std::cerr << "usage: deepcache-generate ENGINE_DIR INPUTS.safetensors OUT.safetensors --steps N "
-               "[--guidance G] [--threads T]\n";
-  return 2;
+template <typename T>
+T parse_number(const std::string& flag, const std::string& text) {
+  size_t used = 0;
+  T value{};
+  try {
+    if constexpr (std::is_same_v<T, int>) value = std::stoi(text, &used);
+    else value = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != text.size() || text.empty())
+    throw std::invalid_argument(flag + " " + text + " is not a number");
+  return value;
+}
+
+Options parse_options(int argc, char** argv) {
+  Options o;
+  for (int i = 4; i < argc; i += 2) {
+    const std::string flag = argv[i];
+    if (flag != "--steps" && flag != "--guidance" && flag != "--threads" && flag != "--scheduler" &&
+        flag != "--trusted-key")
+      throw std::invalid_argument("unknown flag " + flag + "\n" + kUsage);
+    if (i + 1 >= argc) throw std::invalid_argument(flag + " needs a value\n" + kUsage);
+    const std::string value = argv[i + 1];
+    if (flag == "--steps") o.steps = parse_number<int>(flag, value);
+    else if (flag == "--guidance") o.guidance = parse_number<double>(flag, value);
+    else if (flag == "--threads") o.threads = parse_number<int>(flag, value);
+    else if (flag == "--scheduler") o.scheduler = value;
+    else o.trusted_keys.push_back(value);
+  }
+  if (o.steps < 1) throw std::invalid_argument("--steps N (1 or more) is required\n" + std::string(kUsage));
+  if (o.threads < 0) throw std::invalid_argument("--threads must be 0 (all cores) or more");
+  return o;
+}
+
+std::string read_text(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  if (!in) throw std::invalid_argument(path.string() + " cannot be read");
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// Every manifest input besides `sample` and `timestep` must be in INPUTS with the manifest's rank and the call's
+// batch (twice the sample's with guidance); names not in the manifest are refused, as the Python engine does.
+void check_inputs(const deepcache::Manifest& manifest, const std::map<std::string, at::Tensor>& inputs,
+                  const std::string& file, bool cfg) {
+  auto names = [&] {
+    std::string out;
+    for (const auto& [name, _] : inputs) out += (out.empty() ? "" : ", ") + name;
+    return out.empty() ? std::string("no tensors") : out;
+  };
+  if (!inputs.count("sample"))
+    throw std::invalid_argument(file + " has no tensor named sample (the initial noise); it holds " + names());
+  const auto& sample = inputs.at("sample");
+  const int64_t batch = sample.size(0) * (cfg ? 2 : 1);
+  manifest.ranges.check(std::vector<int64_t>{batch, sample.size(-2), sample.size(-1)});
+  std::set<std::string> known = {"sample"};
+  for (const auto& spec : manifest.inputs) {
+    known.insert(spec.name);
+    if (spec.name == "sample" || spec.name == "timestep") {
+      if (spec.name == "sample" && sample.dim() != spec.rank)
+        throw std::invalid_argument(file + ": sample has " + std::to_string(sample.dim()) + " dimensions, the export " +
+                                    "takes " + std::to_string(spec.rank));
+      continue;
+    }
+    if (!inputs.count(spec.name))
+      throw std::invalid_argument(file + " lacks the input " + spec.name + " (it holds " + names() + ")");
+    const auto& t = inputs.at(spec.name);
+    if (t.dim() != spec.rank)
+      throw std::invalid_argument(file + ": " + spec.name + " has " + std::to_string(t.dim()) + " dimensions, the " +
+                                  "export takes " + std::to_string(spec.rank));
+    if (spec.rank > 0 && t.size(0) != batch)
+      throw std::invalid_argument(file + ": " + spec.name + " has " + std::to_string(t.size(0)) + " rows, the call " +
+                                  "has " + std::to_string(batch) + (cfg ? " (the sample's, twice for --guidance)" : ""));
+  }
+  for (const auto& [name, _] : inputs)
+    if (!known.count(name))
+      throw std::invalid_argument(file + " holds " + name + ", which is not an input of this export");
 }
 
 }  // namespace
 
 int main(int argc, char** argv) try {
-  if (argc < 4) return usage();
-  int steps = 50, threads = 0;
-  double guidance = 1.0;
-  for (int i = 4; i + 1 < argc; i += 2) {
-    std::string flag = argv[i];
-    if (flag == "--steps") steps = std::stoi(argv[i + 1]);
-    else if (flag == "--guidance") guidance = std::stod(argv[i + 1]);
-    else if (flag == "--threads") threads = std::stoi(argv[i + 1]);
-    else return usage();
+  if (argc < 4) {
+    std::cerr << kUsage << "\n";
+    return 2;
   }
-  if (threads > 0) at::set_num_threads(threads);
-  deepcache::Engine engine(argv[1]);
+  const auto options = parse_options(argc, argv);
+  if (options.threads > 0) at::set_num_threads(options.threads);
+  deepcache::Engine engine(argv[1], -1, options.trusted_keys);
   const auto& manifest = engine.manifest();
-  if (!manifest.json.contains("scheduler"))
-    throw std::invalid_argument(std::string(argv[1]) + " has no scheduler config: export with "
-                                "dc.export(..., scheduler=pipe.scheduler)");
-  std::ifstream config_file(manifest.directory / manifest.json["scheduler"].get<std::string>());
-  DDIM ddim(nlohmann::json::parse(config_file), steps);
+  std::filesystem::path config_path = options.scheduler;
+  if (config_path.empty()) {
+    if (!manifest.json.contains("scheduler") || manifest.json["scheduler"].is_null())
+      throw std::invalid_argument(std::string(argv[1]) + " has no scheduler config: export with "
+                                  "dc.export(..., scheduler=pipe.scheduler), or pass --scheduler");
+    config_path = manifest.directory / manifest.json["scheduler"].get<std::string>();
+  }
+  auto scheduler = deepcache::make_scheduler(deepcache::parse_scheduler_config(read_text(config_path)), options.steps);
 
-  auto inputs = deepcache::load_safetensors(argv[2]);
-  at::Tensor latents = inputs.at("sample");
-  const bool cfg = guidance > 1.0;
-  for (int64_t t : ddim.timesteps()) {
+  const auto inputs = deepcache::load_safetensors(argv[2]);
+  const bool cfg = options.guidance > 1.0;
+  check_inputs(manifest, inputs, argv[2], cfg);
+  at::Tensor latents = inputs.at("sample") * scheduler->init_noise_sigma();
+  for (int64_t i = 0; i < scheduler->size(); ++i) {
+    const auto model_input = scheduler->scale_model_input(cfg ? at::cat({latents, latents}) : latents, i);
     std::vector<at::Tensor> call;
     for (const auto& spec : manifest.inputs) {
-      if (spec.name == "sample") call.push_back(cfg ? at::cat({latents, latents}) : latents);
-      else if (spec.name == "timestep") call.push_back(at::scalar_tensor(t, at::kLong));
-      else if (inputs.count(spec.name)) call.push_back(inputs.at(spec.name));
-      else throw std::invalid_argument(std::string(argv[2]) + " lacks the input " + spec.name);
+      if (spec.name == "sample") call.push_back(model_input);
+      else if (spec.name == "timestep") call.push_back(scheduler->timestep(i));
+      else call.push_back(inputs.at(spec.name));
     }
     at::Tensor noise = engine.run(std::move(call));
     if (cfg) {
       auto halves = noise.chunk(2);
-      noise = halves[0] + guidance * (halves[1] - halves[0]);
+      noise = halves[0] + options.guidance * (halves[1] - halves[0]);
     }
-    latents = ddim.step(noise, t, latents);
+    latents = scheduler->step(noise, i, latents);
   }
   deepcache::save_safetensors(argv[3], {{"sample", latents}});
   std::cout << "history " << engine.history() << "\n";

@@ -1,6 +1,7 @@
 #include "manifest.h"
 
 #include <openssl/evp.h>
+#include <openssl/pem.h>
 
 #include <array>
 #include <fstream>
@@ -62,6 +63,49 @@ void check_isa(const nlohmann::json& j, const fs::path& path) {
                         "lacks: export again on this machine (or on one with the same instruction sets)");
 }
 
+std::string read_bytes(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw ManifestError(path.string() + " cannot be read");
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+using PublicKey = std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)>;
+
+PublicKey read_public_key(const std::string& path) {
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new_file(path.c_str(), "r"), BIO_free);
+  if (!bio) throw std::invalid_argument("trusted key " + path + " cannot be read");
+  PublicKey key(PEM_read_bio_PUBKEY(bio.get(), nullptr, nullptr, nullptr), EVP_PKEY_free);
+  if (!key || EVP_PKEY_id(key.get()) != EVP_PKEY_ED25519)
+    throw std::invalid_argument("trusted key " + path + " is not an Ed25519 public key (PEM)");
+  return key;
+}
+
+bool verifies(EVP_PKEY* key, const std::string& data, const std::string& signature) {
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  if (EVP_DigestVerifyInit(ctx.get(), nullptr, nullptr, nullptr, key) != 1) return false;
+  return EVP_DigestVerify(ctx.get(), reinterpret_cast<const unsigned char*>(signature.data()), signature.size(),
+                          reinterpret_cast<const unsigned char*>(data.data()), data.size()) == 1;
+}
+
+// The manifest's bytes after their signature verified with one of the trusted keys.
+std::string verified_manifest(const fs::path& directory, const std::vector<std::string>& trusted_keys) {
+  std::vector<PublicKey> keys;
+  for (const auto& path : trusted_keys) keys.push_back(read_public_key(path));
+  const fs::path manifest = directory / kManifest, signature = directory / kSignature;
+  if (!fs::is_regular_file(manifest))
+    throw ManifestError(manifest.string() + " is missing: not a deepcache_compile export (see dc.export)");
+  if (!fs::is_regular_file(signature))
+    throw ManifestError(signature.string() + " is missing: the export is not signed; export with sign_key=");
+  const auto data = read_bytes(manifest), signed_bytes = read_bytes(signature);
+  if (signed_bytes.size() != 64)
+    throw ManifestError(signature.string() + " has " + std::to_string(signed_bytes.size()) +
+                        " bytes, an Ed25519 signature has 64: the signature is damaged");
+  for (const auto& key : keys)
+    if (verifies(key.get(), data, signed_bytes)) return data;
+  throw ManifestError(signature.string() + " does not verify with any trusted key: the export was signed by "
+                      "another key, or its manifest changed after signing");
+}
+
 }  // namespace
 
 void ShapeRanges::check(const std::vector<int64_t>& shape) const {
@@ -105,6 +149,18 @@ std::string sha256_file(const fs::path& path) {
   return hex.str();
 }
 
+std::string ranges_text(const nlohmann::json& ranges) {
+  return nlohmann::json{{"batch", ranges.at("batch")}, {"height", ranges.at("height")}, {"width", ranges.at("width")},
+                        {"multiple", ranges.at("multiple")}}.dump();
+}
+
+void check_compiled_ranges(const Manifest& manifest, const fs::path& file, const std::string& compiled) {
+  const auto declared = ranges_text(manifest.json.at("ranges"));
+  if (compiled != declared)
+    throw ManifestError(file.string() + ": compiled for the ranges " + (compiled.empty() ? "(none)" : compiled) + ", " +
+                        kManifest + " declares " + declared + ": the manifest was edited after export; export again");
+}
+
 Schedule schedule_from_json(const nlohmann::json& manifest) {
   const auto& s = manifest.at("schedule");
   Schedule schedule;
@@ -115,18 +171,23 @@ Schedule schedule_from_json(const nlohmann::json& manifest) {
   schedule.always_full_first = s.at("always_full_first").get<int>();
   schedule.always_full_last = s.at("always_full_last").get<int>();
   if (schedule.kind == "nonuniform") schedule.steps = manifest.at("nonuniform_full_steps").get<std::vector<int>>();
+  if (s.contains("calibration") && !s["calibration"].is_null()) {
+    const auto& c = s["calibration"];
+    schedule.calibration = Calibration{c.at("timesteps").get<std::vector<double>>(), c.at("size").at(0).get<int64_t>(),
+                                       c.at("size").at(1).get<int64_t>()};
+  }
   return schedule;
 }
 
-Manifest read_manifest(const fs::path& directory) {
+Manifest read_manifest(const fs::path& directory, const std::vector<std::string>& trusted_keys) {
   const fs::path path = directory / kManifest;
-  if (!fs::is_regular_file(path))
+  if (trusted_keys.empty() && !fs::is_regular_file(path))
     throw ManifestError(path.string() + " is missing: not a deepcache_compile export (see dc.export)");
+  const auto text = trusted_keys.empty() ? read_bytes(path) : verified_manifest(directory, trusted_keys);
   Manifest m;
   m.directory = directory;
   try {
-    std::ifstream in(path);
-    m.json = nlohmann::json::parse(in);
+    m.json = nlohmann::json::parse(text);
   } catch (const nlohmann::json::parse_error& err) {
     throw ManifestError(path.string() + " is not valid JSON (" + err.what() + "): the manifest is damaged; export again");
   }

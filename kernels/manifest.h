@@ -16,8 +16,10 @@
 
 namespace deepcache {
 
-inline constexpr int kFormatVersion = 1;
+inline constexpr int kFormatVersion = 2;  // 2: every engine file holds the shape ranges it was compiled for
+inline constexpr const char* kRangesKey = "deepcache.ranges";   // their name in the AOTInductor package metadata
 inline constexpr const char* kManifest = "deepcache.json";
+inline constexpr const char* kSignature = "deepcache.json.sig";  // Ed25519 over the manifest's bytes
 
 // An engine directory is incomplete, tampered with, or made for another version.
 class ManifestError : public std::runtime_error {
@@ -54,11 +56,20 @@ struct Manifest {
 };
 
 // Reads `directory/deepcache.json` and verifies it and every file it lists (size, SHA-256); throws
-// ManifestError naming the file and the fix.
-Manifest read_manifest(const std::filesystem::path& directory);
+// ManifestError naming the file and the fix. With `trusted_keys` (Ed25519 public key PEM files), the manifest's
+// bytes must first verify against `deepcache.json.sig` with one of them (the same checks and messages as
+// deepcache_compile/artifacts/signing.py); the bytes verified are the bytes parsed.
+Manifest read_manifest(const std::filesystem::path& directory, const std::vector<std::string>& trusted_keys = {});
 
 // Hex SHA-256 of a file's bytes (OpenSSL's libcrypto).
 std::string sha256_file(const std::filesystem::path& path);
+
+// The manifest's ranges as the packages hold them (sorted keys, no spaces; formats/__init__.py's ranges_text).
+std::string ranges_text(const nlohmann::json& ranges);
+
+// Throws ManifestError where `compiled` (a package's own ranges) differs from the manifest's (the message of
+// artifacts/manifest.py's check_compiled_ranges).
+void check_compiled_ranges(const Manifest& manifest, const std::filesystem::path& file, const std::string& compiled);
 
 // The manifest's schedule object ("schedule" plus the resolved non-uniform steps).
 Schedule schedule_from_json(const nlohmann::json& manifest);

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdio>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -15,6 +16,39 @@ namespace deepcache {
 
 enum class Step { Full, Shallow };
 
+// What a calibrated plan was made for (schedule.Calibration): a generation that does not fit it is refused with
+// Python's messages, never truncated or stretched.
+struct Calibration {
+  std::vector<double> timesteps;  // one per step of the calibration run
+  int64_t height = 0, width = 0;  // its sample size
+
+  // Throws std::invalid_argument where step `step` (of a generation whose samples are height x width, at
+  // `timestep` where known) does not fit: any step past the last, the size at step 0, the timestep at steps 0, 1.
+  void check(int step, int64_t h, int64_t w, std::optional<double> timestep) const {
+    const auto total = static_cast<int>(timesteps.size());
+    if (step >= total)
+      throw std::invalid_argument("this generation runs more than the " + std::to_string(total) +
+                                  " steps the calibrated plan was made for: calibrate again with num_inference_steps=" +
+                                  std::to_string(step + 1) + " or more");
+    if (step == 0 && (h != height || w != width))
+      throw std::invalid_argument("sample size (" + std::to_string(h) + ", " + std::to_string(w) +
+                                  ") differs from the calibration run's (" + std::to_string(height) + ", " +
+                                  std::to_string(width) + "): calibrate again at this resolution");
+    if (step < 2 && timestep && *timestep != timesteps[step])
+      throw std::invalid_argument("step " + std::to_string(step) + " has timestep " + g(*timestep) +
+                                  ", the calibration run had " + g(timesteps[step]) + ": the plan was made for " +
+                                  std::to_string(total) + " steps of another schedule (a plan is not truncated or " +
+                                  "stretched); calibrate again with this step count and scheduler");
+  }
+
+ private:
+  static std::string g(double value) {  // Python's format(value, "g")
+    char text[32];
+    std::snprintf(text, sizeof text, "%g", value);
+    return text;
+  }
+};
+
 struct Schedule {
   std::string kind = "uniform";  // "uniform", "nonuniform" or "explicit"
   int interval = 3;
@@ -22,6 +56,7 @@ struct Schedule {
   std::optional<int> num_inference_steps;
   int always_full_first = 0;
   int always_full_last = 0;
+  std::optional<Calibration> calibration;  // a calibrated plan's
 
   bool needs_total() const { return kind == "nonuniform" || always_full_last > 0; }
 

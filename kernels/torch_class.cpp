@@ -5,14 +5,40 @@
 #include <torch/library.h>
 
 #include "engine.h"
+#include "scheduler.h"
 
 namespace deepcache {
 namespace {
 
+// An engine, or why the export was refused: a ManifestError is kept with its kind (load_error) for Python to
+// raise as its own ManifestError; other errors (std::invalid_argument: ValueError) propagate.
 struct EngineHolder : torch::CustomClassHolder {
-  EngineHolder(const std::string& directory, int64_t device_index)
-      : engine(directory, static_cast<int>(device_index)) {}
-  Engine engine;
+  EngineHolder(const std::string& directory, int64_t device_index, std::vector<std::string> trusted_keys) {
+    try {
+      engine = std::make_unique<Engine>(directory, static_cast<int>(device_index), trusted_keys);
+    } catch (const ManifestError& err) {
+      error = err.what();
+    }
+  }
+  Engine& get() const {
+    if (!engine) throw ManifestError(error);
+    return *engine;
+  }
+  std::unique_ptr<Engine> engine;
+  std::string error;
+};
+
+// The export format this library reads, declared once (manifest.h) and checked by the Python loader at load.
+std::string format_info() {
+  return nlohmann::json{{"format_version", kFormatVersion}, {"manifest", kManifest}, {"signature", kSignature},
+                        {"error_kinds", {"ManifestError"}}}.dump();
+}
+
+// A C++ sampler for Python (tests compare it with diffusers' schedulers step by step).
+struct SchedulerHolder : torch::CustomClassHolder {
+  SchedulerHolder(const std::string& config_json, int64_t steps)
+      : scheduler(make_scheduler(parse_scheduler_config(config_json), static_cast<int>(steps))) {}
+  std::unique_ptr<Scheduler> scheduler;
 };
 
 // The full steps of a generation of `total` steps under the schedule of a manifest (JSON text): lets the
@@ -26,17 +52,36 @@ std::vector<int64_t> full_steps(const std::string& manifest_json, int64_t total)
 
 TORCH_LIBRARY(deepcache, m) {
   m.class_<EngineHolder>("Engine")
-      .def(torch::init<std::string, int64_t>())
-      .def("run", [](const c10::intrusive_ptr<EngineHolder>& self, std::vector<at::Tensor> inputs) {
-        return self->engine.run(std::move(inputs));
+      .def(torch::init<std::string, int64_t, std::vector<std::string>>())
+      .def("load_error", [](const c10::intrusive_ptr<EngineHolder>& self) {
+        return std::make_tuple(std::string(self->engine ? "" : "ManifestError"), self->error);
       })
-      .def("reset", [](const c10::intrusive_ptr<EngineHolder>& self) { self->engine.reset(); })
-      .def("step", [](const c10::intrusive_ptr<EngineHolder>& self) { return int64_t{self->engine.step()}; })
-      .def("history", [](const c10::intrusive_ptr<EngineHolder>& self) { return self->engine.history(); })
+      .def("run", [](const c10::intrusive_ptr<EngineHolder>& self, std::vector<at::Tensor> inputs) {
+        try {
+          return self->get().run(std::move(inputs));
+        } catch (const std::invalid_argument& err) {  // bad input: Python's ValueError, by type, not by message
+          TORCH_CHECK_VALUE(false, err.what());
+        }
+      })
+      .def("reset", [](const c10::intrusive_ptr<EngineHolder>& self) { self->get().reset(); })
+      .def("step", [](const c10::intrusive_ptr<EngineHolder>& self) { return int64_t{self->get().step()}; })
+      .def("history", [](const c10::intrusive_ptr<EngineHolder>& self) { return self->get().history(); })
       .def("manifest", [](const c10::intrusive_ptr<EngineHolder>& self) {
-        return self->engine.manifest().json.dump();
+        return self->get().manifest().json.dump();
       });
+  m.class_<SchedulerHolder>("Scheduler")
+      .def(torch::init<std::string, int64_t>())
+      .def("timesteps", [](const c10::intrusive_ptr<SchedulerHolder>& self) { return self->scheduler->timesteps(); })
+      .def("init_noise_sigma",
+           [](const c10::intrusive_ptr<SchedulerHolder>& self) { return self->scheduler->init_noise_sigma(); })
+      .def("scale_model_input",
+           [](const c10::intrusive_ptr<SchedulerHolder>& self, const at::Tensor& sample, int64_t index) {
+             return self->scheduler->scale_model_input(sample, index);
+           })
+      .def("step", [](const c10::intrusive_ptr<SchedulerHolder>& self, const at::Tensor& model_output, int64_t index,
+                      const at::Tensor& sample) { return self->scheduler->step(model_output, index, sample); });
   m.def("full_steps", &full_steps);
+  m.def("format_info", &format_info);
   m.def("sha256", [](const std::string& path) { return sha256_file(path); });
 }
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import re
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -167,10 +169,30 @@ def test_damaged_exports_are_refused(exports, tmp_path, damage, message):
     elif damage == "remove":
         weights.unlink()
     elif damage == "version":
-        manifest.write_text(manifest.read_text().replace('"format_version": 1', '"format_version": 99'))
+        manifest.write_text(manifest.read_text().replace('"format_version": 2', '"format_version": 99'))
     else:
         manifest.write_text(manifest.read_text()[:-20])
     with pytest.raises(ManifestError, match=message):
+        load_deepcache(target)
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_edited_ranges_in_the_manifest_are_refused(exports, tmp_path, fmt):
+    """Each file holds the ranges it was compiled for; a manifest that declares others (here a smaller size
+    multiple, which would let 12 px through graphs compiled for multiples of 4) is refused at load."""
+    import json
+
+    _, directory = exports(fmt, "sd-mini")
+    target = _copy(directory, tmp_path)
+    record = json.loads((target / "deepcache.json").read_text())
+    multiple = record["ranges"]["multiple"]
+    record["ranges"]["multiple"] = multiple // 2
+    (target / "deepcache.json").write_text(json.dumps(record))
+    compiled = (f'{{"batch":[1,4],"height":[8,32],"multiple":{multiple},"width":[8,32]}}')
+    with pytest.raises(ManifestError, match=re.escape(
+            f"full.{'pt2' if fmt == 'pt2' else 'onnx'}: compiled for the ranges {compiled}, deepcache.json declares "
+            f'{{"batch":[1,4],"height":[8,32],"multiple":{multiple // 2},"width":[8,32]}}: the manifest was edited '
+            "after export; export again")):
         load_deepcache(target)
 
 

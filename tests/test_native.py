@@ -19,7 +19,7 @@ from deepcache_compile import ManifestError, compile_deepcache, load_deepcache
 from deepcache_compile.artifacts.manifest import cpu_isa, read_manifest
 from deepcache_compile.artifacts.native import library_path, load_library
 from deepcache_compile.eval.digits import load_digits_model
-from deepcache_compile.eval.sampling import ddim_loop
+from deepcache_compile.eval.sampling import ddim_loop, sample_loop
 from deepcache_compile.schedule import Calibration, Schedule, nonuniform_full_steps
 
 ROOT = Path(__file__).parents[1]
@@ -125,6 +125,101 @@ def test_cpp_guidance_path_on_an_unconditional_model_changes_nothing(digits_expo
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
 
 
+def _generate(directory: Path, inputs: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BUILD / "deepcache-generate"), str(directory), str(inputs), str(out), *flags],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("sampler, config, steps", [
+    ("DDIMScheduler", {"timestep_spacing": "trailing"}, 16),  # the timesteps that need numpy's half-to-even
+    ("EulerDiscreteScheduler", {}, 20),
+    ("DPMSolverMultistepScheduler", {}, 25),  # DPM-Solver++ (2M), the common SD sampler
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "prediction_type": "epsilon"}, 12),
+])
+def test_cpp_samplers_equal_the_python_engine_with_diffusers(digits_export, tmp_path, sampler, config, steps):
+    """deepcache-generate with another sampler's config (--scheduler) against the Python engine driving the same
+    packages under diffusers' scheduler, in the loop diffusers' pipelines run (init_noise_sigma, scale_model_input)."""
+    import diffusers
+
+    _, scheduler, directory = digits_export
+    reference = getattr(diffusers, sampler).from_config(scheduler.config, **config)
+    reference.save_config(tmp_path)
+    noise = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    save_file({"sample": noise}, tmp_path / "in.safetensors")
+    result = _generate(directory, tmp_path / "in.safetensors", tmp_path / "out.safetensors", "--steps", str(steps),
+                       "--scheduler", str(tmp_path / "scheduler_config.json"))
+    assert result.returncode == 0, result.stderr
+    python = sample_loop(load_deepcache(directory), {"sample": noise}, steps, reference)
+    torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["sample"], python, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags, tensors, message", [
+    ([], {"sample"}, "--steps N \(1 or more\) is required"),
+    (["--steps"], {"sample"}, "--steps needs a value"),
+    (["--steps", "0"], {"sample"}, "--steps N \(1 or more\) is required"),
+    (["--steps", "ten"], {"sample"}, "--steps ten is not a number"),
+    (["--steps", "10", "--guidance"], {"sample"}, "--guidance needs a value"),
+    (["--steps", "10", "--seed", "1"], {"sample"}, "unknown flag --seed"),
+    (["--steps", "10"], {"noise"}, "in.safetensors has no tensor named sample \(the initial noise\); it holds noise"),
+    (["--steps", "10"], {"sample", "encoder_hidden_states"},
+     "in.safetensors holds encoder_hidden_states, which is not an input of this export"),
+    (["--steps", "10", "--scheduler", "ddpm.json"], {"sample"}, "scheduler DDPMScheduler is not implemented in C\+\+"),
+])
+def test_the_generation_program_refuses_bad_input_by_name(digits_export, tmp_path, flags, tensors, message):
+    """Every refusal exits non-zero, names the problem, and writes nothing."""
+    from diffusers import DDPMScheduler
+
+    _, _, directory = digits_export
+    DDPMScheduler().save_config(tmp_path)
+    (tmp_path / "scheduler_config.json").rename(tmp_path / "ddpm.json")
+    save_file({name: torch.randn(2, 1, 16, 16) for name in tensors}, tmp_path / "in.safetensors")
+    flags = [str(tmp_path / f) if f.endswith(".json") else f for f in flags]
+    result = _generate(directory, tmp_path / "in.safetensors", tmp_path / "out.safetensors", *flags)
+    assert result.returncode != 0 and re.search(message, result.stderr), result.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_calibrated_plans_are_checked_in_cpp_as_in_python(digits_export, tmp_path):
+    """A calibrated plan runs where the generation fits it and is refused, with Python's messages, by the Python
+    engine, the native engine and the program where it does not (another step count, another size)."""
+    from diffusers import DDIMScheduler
+
+    _, scheduler, directory = digits_export
+    reference = DDIMScheduler.from_config(scheduler.config)
+    reference.set_timesteps(10)
+    plan = Schedule("explicit", steps=(0, 4, 7, 9), num_inference_steps=10,
+                    calibration=Calibration(tuple(reference.timesteps.tolist()), (16, 16)))
+    target = tmp_path / "planned"
+    shutil.copytree(directory, target)
+    record = json.loads((target / "deepcache.json").read_text())
+    (target / "deepcache.json").write_text(json.dumps({**record, "schedule": asdict(plan)}))
+    engines = [load_deepcache(target, runtime=runtime) for runtime in ("python", "native")]
+    fits = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    outputs = [ddim_loop(engine, {"sample": fits}, 10, scheduler) for engine in engines]
+    assert [engine.history for engine in engines] == ["FSSSFSSFSF"] * 2
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    # Leading spacing over 1,000 steps: 12 steps start at 11 * (1000 // 12) = 913, the plan's 10 at 900.
+    for steps, size, message in ((12, 16, "step 0 has timestep 913, the calibration run had 900: the plan was made "
+                                  "for 10 steps of another schedule"),
+                                 (10, 8, r"sample size \(8, 8\) differs from the calibration run's \(16, 16\)")):
+        noise = torch.randn(2, 1, size, size)
+        errors = []
+        for engine in engines:
+            engine.reset()
+            with pytest.raises(ValueError, match=message) as err:
+                ddim_loop(engine, {"sample": noise}, steps, scheduler)
+            errors.append(str(err.value))
+        assert errors[0] == errors[1]
+        save_file({"sample": noise}, tmp_path / "in.safetensors")
+        result = _generate(target, tmp_path / "in.safetensors", tmp_path / "out.safetensors", "--steps", str(steps))
+        assert result.returncode == 1 and f"deepcache-generate: {errors[0]}" in result.stderr, result.stderr
+    # Past the plan's last step: a plan is never stretched.
+    engines[1].reset()
+    with pytest.raises(ValueError, match="runs more than the 10 steps the calibrated plan was made for"):
+        for t in [*reference.timesteps, torch.tensor(0)]:
+            engines[1](fits, t)
+
+
 def test_native_engine_stands_in_for_pipe_unet(digits_export):
     from diffusers import DDIMPipeline
 
@@ -183,7 +278,7 @@ def _damage(directory: Path, how: str) -> None:
     ("truncate", "shallow.aoti.pt2 has .* bytes, the manifest says .*: the file is truncated or replaced"),
     ("remove", "shallow.aoti.pt2 is missing: copy the whole export directory"),
     ("scheduler", "scheduler_config.json has .* bytes"),
-    ("version", "has format_version=99; this deepcache_compile reads version 1"),
+    ("version", "has format_version=99; this deepcache_compile reads version 2"),
     ("torch", "aoti files were built with torch 2.0.0\\+cpu, this is 2.13"),
     ("isa", r"compiled for a CPU with \['amx_tile'\], which this CPU lacks"),
 ])
@@ -200,6 +295,31 @@ def test_damaged_exports_are_refused_from_cpp_with_the_python_messages(digits_ex
         read_manifest(target)
     if how != "torch":  # the C++ side knows libtorch's release (2.13.0), Python the wheel's (2.13.0+cpu)
         assert str(native.value) == str(python.value)
+
+
+def test_edited_ranges_are_refused_from_the_packages_themselves(digits_export, tmp_path):
+    """The packages hold the ranges they were compiled for (AOTInductor package metadata): a manifest edited to
+    accept sizes the packages were not compiled for (multiple 4 -> 2, batch up to 64) is refused by both
+    runtimes and the program, before any shape runs, with one message."""
+    _, _, directory = digits_export
+    for edit in ({"multiple": 2}, {"batch": [1, 64]}):
+        target = tmp_path / f"edited-{next(iter(edit))}"
+        shutil.copytree(directory, target)
+        record = json.loads((target / "deepcache.json").read_text())
+        record["ranges"].update(edit)
+        (target / "deepcache.json").write_text(json.dumps(record))
+        declared = {"batch": [1, 32], "height": [8, 32], "multiple": 4, "width": [8, 32], **edit}
+        message = (f'{target / "full.aoti.pt2"}: compiled for the ranges '
+                   '{"batch":[1,32],"height":[8,32],"multiple":4,"width":[8,32]}, deepcache.json declares '
+                   f'{json.dumps(declared, sort_keys=True, separators=(",", ":"))}: the manifest was edited after '
+                   "export; export again")
+        for runtime in ("python", "native"):
+            with pytest.raises(ManifestError) as err:
+                load_deepcache(target, runtime=runtime)
+            assert str(err.value) == message
+        save_file({"sample": torch.randn(1, 1, 10, 10)}, tmp_path / "in.safetensors")
+        result = _generate(target, tmp_path / "in.safetensors", tmp_path / "out.safetensors", "--steps", "2")
+        assert result.returncode == 1 and message in result.stderr, result.stderr
 
 
 def test_exports_calling_kernels_this_runtime_lacks_are_refused(digits_export, tmp_path):
@@ -226,3 +346,123 @@ def test_other_formats_and_missing_exports_are_refused(tmp_path):
         load_deepcache(tmp_path, runtime="native")
     with pytest.raises(ValueError, match="runtime='rust' is unknown"):
         load_deepcache(tmp_path, runtime="rust")
+
+
+def _keypair(folder: Path, name: str) -> tuple[Path, Path]:
+    """An Ed25519 key pair made the documented way (the openssl command line)."""
+    private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(private)], check=True)
+    subprocess.run(["openssl", "pkey", "-in", str(private), "-pubout", "-out", str(public)], check=True)
+    return private, public
+
+
+def _rewrite_manifest(directory: Path, **changes) -> None:
+    """Recomputes the manifest's digests of the files as they are now (what someone who can write the directory
+    can do), with `changes` applied."""
+    from deepcache_compile.artifacts.manifest import sha256
+
+    record = json.loads((directory / "deepcache.json").read_text())
+    record["sha256"] = {name: sha256(directory / name) for name in record["sha256"]}
+    record["sizes"] = {name: (directory / name).stat().st_size for name in record["sizes"]}
+    (directory / "deepcache.json").write_text(json.dumps({**record, **changes}))
+
+
+@pytest.fixture(scope="module")
+def signed_exports(digits_export, tmp_path_factory):
+    """Two signed copies of the digits export (the second with another scheduler config), the trusted key pair
+    and another key pair."""
+    from deepcache_compile.artifacts.signing import sign_manifest
+
+    _, _, directory = digits_export
+    root = tmp_path_factory.mktemp("signed")
+    trusted, other = _keypair(root, "trusted"), _keypair(root, "other")
+    first, second = root / "first", root / "second"
+    shutil.copytree(directory, first)
+    sign_manifest(first, trusted[0])
+    shutil.copytree(directory, second)
+    config = json.loads((second / "scheduler_config.json").read_text())
+    (second / "scheduler_config.json").write_text(json.dumps({**config, "timestep_spacing": "trailing"}))
+    _rewrite_manifest(second)
+    sign_manifest(second, trusted[0])
+    return first, second, trusted, other
+
+
+def _tamper(how: str, target: Path, second: Path, other_private: Path) -> None:
+    from deepcache_compile.artifacts.signing import sign_manifest
+
+    if how == "unsigned":
+        (target / "deepcache.json.sig").unlink()
+    elif how == "other key":
+        sign_manifest(target, other_private)
+    elif how == "manifest edited":
+        record = json.loads((target / "deepcache.json").read_text())
+        record["ranges"]["multiple"] = 2  # would widen the sizes the packages accept
+        (target / "deepcache.json").write_text(json.dumps(record, indent=2))
+    elif how == "package changed, manifest recomputed":
+        data = bytearray((target / "shallow.aoti.pt2").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (target / "shallow.aoti.pt2").write_bytes(bytes(data))
+        _rewrite_manifest(target)
+    elif how == "file swapped from another signed export":
+        shutil.copy(second / "scheduler_config.json", target / "scheduler_config.json")
+    elif how == "manifest swapped from another signed export":
+        for name in ("deepcache.json", "deepcache.json.sig"):
+            shutil.copy(second / name, target / name)
+    elif how == "truncated signature":
+        (target / "deepcache.json.sig").write_bytes((target / "deepcache.json.sig").read_bytes()[:-1])
+
+
+@pytest.mark.parametrize("how, message", [
+    ("unsigned", "deepcache.json.sig is missing: the export is not signed; export with sign_key="),
+    ("other key", "deepcache.json.sig does not verify with any trusted key: the export was signed by another key, "
+                  "or its manifest changed after signing"),
+    ("manifest edited", "does not verify with any trusted key"),
+    ("package changed, manifest recomputed", "does not verify with any trusted key"),
+    ("file swapped from another signed export", "scheduler_config.json has .* bytes, the manifest says"),
+    ("manifest swapped from another signed export", "scheduler_config.json has .* bytes, the manifest says"),
+    ("truncated signature", "deepcache.json.sig has 63 bytes, an Ed25519 signature has 64"),
+])
+def test_signed_exports_refuse_tampering_in_both_runtimes_and_the_program(signed_exports, tmp_path, how, message):
+    first, second, trusted, other = signed_exports
+    target = tmp_path / "copy"
+    shutil.copytree(first, target)
+    _tamper(how, target, second, other[0])
+    errors = []
+    for runtime in ("python", "native"):
+        with pytest.raises(ManifestError, match=message) as err:
+            load_deepcache(target, runtime=runtime, trusted_keys=[trusted[1]])
+        errors.append(str(err.value))
+    assert errors[0] == errors[1]
+    save_file({"sample": torch.randn(1, 1, 16, 16)}, tmp_path / "in.safetensors")
+    result = _generate(target, tmp_path / "in.safetensors", tmp_path / "out.safetensors", "--steps", "2",
+                       "--trusted-key", str(trusted[1]))
+    assert result.returncode == 1 and errors[0] in result.stderr, result.stderr
+
+
+def test_signed_exports_load_with_a_trusted_key(signed_exports, tmp_path):
+    first, _, trusted, other = signed_exports
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    outputs = [ddim_loop(load_deepcache(first, runtime=runtime, trusted_keys=[other[1], trusted[1]]),
+                         {"sample": noise}, 4, None) for runtime in ("python", "native")]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    save_file({"sample": noise}, tmp_path / "in.safetensors")
+    result = _generate(first, tmp_path / "in.safetensors", tmp_path / "out.safetensors", "--steps", "4",
+                       "--trusted-key", str(other[1]), "--trusted-key", str(trusted[1]))
+    assert result.returncode == 0, result.stderr
+    # Without trusted keys a signed export loads as any other (the signature is not required).
+    assert load_deepcache(first).history == ""
+    with pytest.raises(ValueError, match="trusted key .* is not an Ed25519 public key"):
+        load_deepcache(first, runtime="native", trusted_keys=[trusted[0]])  # the private key file
+
+
+def test_the_library_and_the_package_declare_one_format():
+    """The C++ library declares the format version, file names and error kinds; the loader checked them at load."""
+    load_library()
+    from deepcache_compile.artifacts.manifest import FORMAT_VERSION
+    from deepcache_compile.artifacts.native import _check_format
+
+    declared = json.loads(torch.ops.deepcache.format_info())
+    assert declared == {"format_version": FORMAT_VERSION, "manifest": "deepcache.json",
+                        "signature": "deepcache.json.sig", "error_kinds": ["ManifestError"]}
+    with pytest.raises(RuntimeError, match="rebuild it from this checkout"):
+        _check_format({**declared, "format_version": FORMAT_VERSION + 1}, library_path())

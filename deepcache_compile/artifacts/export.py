@@ -30,6 +30,7 @@ from ..schedule import nonuniform_full_steps
 from ..shapes import ShapeRanges
 from .formats import PartIO, get_format
 from .manifest import FORMAT_VERSION, MANIFEST, cpu_isa, sha256
+from .signing import SIGNATURE, sign_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ _IO = {"full": PartIO(outputs=("out_sample", "cache_out"), inputs=()),
 def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example: dict | None = None,
                      batch: tuple[int, int] | None = None, height: tuple[int, int] | None = None,
                      width: tuple[int, int] | None = None, fp16: bool = False, options: dict | None = None,
-                     scheduler=None) -> Path:
+                     scheduler=None, sign_key=None) -> Path:
     """Writes the full/shallow pair of a `DeepCacheUNet` as engine files plus `deepcache.json`.
 
     Args:
@@ -58,6 +59,8 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
             in the manifest's `native_ops`; tensorrt: `fp16`).
         scheduler: a diffusers scheduler whose config is written beside the engines (`scheduler_config.json`,
             verified like them), for generation loops outside Python (`deepcache-generate`).
+        sign_key: an Ed25519 private key (PEM file, or a cryptography key) to sign the manifest with
+            (`deepcache.json.sig`); loaders given `trusted_keys` refuse anything else (`signing`).
 
     Example:
         >>> dc = compile_deepcache(unet, branch=1, interval=5)
@@ -83,6 +86,9 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
     ops = sorted({op for program in programs.values() for op in native_ops(program.graph)})
     manifest = _manifest(dc, format, ranges, branch, files, call, ops)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    (directory / SIGNATURE).unlink(missing_ok=True)  # a signature from an earlier export here no longer applies
+    if sign_key is not None:
+        sign_manifest(directory, sign_key)
     logger.info("exported %s pair to %s: %s", format, directory, {k: [p.name for p in v] for k, v in files.items()})
     return directory
 

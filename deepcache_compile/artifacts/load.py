@@ -10,14 +10,15 @@ import torch
 from ..options import check_options
 from .engine import DeepCacheEngine
 from .formats import get_format
-from .manifest import check_native_ops, read_manifest
+from .manifest import check_compiled_ranges, check_native_ops, read_manifest
 from .native import NativeEngine
+from .signing import verified_manifest_bytes
 
 __all__ = ["load_deepcache"]
 
 
 def load_deepcache(directory: str | Path, device: str | torch.device = "cpu", provider: str | None = None,
-                   runtime: str = "python") -> "DeepCacheEngine":
+                   runtime: str = "python", trusted_keys=None) -> "DeepCacheEngine":
     """Loads an export written by `dc.export(directory, format=...)`.
 
     Args:
@@ -26,6 +27,8 @@ def load_deepcache(directory: str | Path, device: str | torch.device = "cpu", pr
         provider: for ONNX, the onnxruntime execution provider (e.g. "CUDAExecutionProvider").
         runtime: "python" (this module) or "native": the C++ runtime of `kernels/` (aoti exports; built by
             `make native`) runs the dispatch, the cache and the checks.
+        trusted_keys: Ed25519 public key files (PEM); when given, the export must be signed by one of them
+            (`export(..., sign_key=)`), verified before anything else is read (`signing`).
 
     Example:
         >>> pipe.unet = load_deepcache("engines/sd15-b1", device="cuda")
@@ -37,12 +40,17 @@ def load_deepcache(directory: str | Path, device: str | torch.device = "cpu", pr
     if runtime == "native":
         if provider:
             raise ValueError("provider= applies to onnx exports; the native runtime runs aoti exports")
-        return NativeEngine(directory, device)
-    manifest = read_manifest(directory)
+        return NativeEngine(directory, device, trusted_keys)
+    data = verified_manifest_bytes(directory, trusted_keys) if trusted_keys is not None else None
+    manifest = read_manifest(directory, data)
     check_native_ops(manifest, directory)
     reader = get_format(manifest["format"])
     options = {"provider": provider} if provider else {}
     check_options(f"loading a {manifest['format']} export", options, reader.LOAD_OPTIONS)
-    full, shallow = (reader.load(directory / manifest["files"][part][0], device, **options)
-                     for part in ("full", "shallow"))
+    runners = []
+    for part in ("full", "shallow"):
+        file = directory / manifest["files"][part][0]
+        runners.append(reader.load(file, device, **options))
+        check_compiled_ranges(manifest, file, runners[-1].compiled_ranges)
+    full, shallow = runners
     return DeepCacheEngine(manifest, full, shallow, device)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 from ..kernels import native_op_missing
 from ..shapes import ShapeRanges
-from .formats import available_formats, get_format
+from .formats import available_formats, get_format, ranges_text
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "ManifestError", "ShapeRanges", "check_native_ops", "cpu_isa", "read_manifest",
-           "sha256"]
+__all__ = ["FORMAT_VERSION", "MANIFEST", "ManifestError", "ShapeRanges", "check_compiled_ranges", "check_native_ops",
+           "cpu_isa", "read_manifest", "sha256"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every engine file holds the shape ranges it was compiled for
 MANIFEST = "deepcache.json"
 # CPU instruction sets that compiled CPU kernels (AOTInductor, oneDNN) may be built for.
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
@@ -50,8 +50,11 @@ def cpu_isa() -> set[str]:
     return set(flags) & set(ISA_FLAGS)
 
 
-def read_manifest(directory: str | Path) -> dict:
+def read_manifest(directory: str | Path, data: bytes | None = None) -> dict:
     """Reads and verifies `deepcache.json` and the files it lists; raises ManifestError naming the problem.
+
+    `data`: the manifest's bytes where the caller read them already (after verifying their signature,
+    `signing.verified_manifest_bytes`): parsed instead of the file, so what was verified is what is used.
 
     Example:
         >>> read_manifest("engines/sd15-b1")["format"]
@@ -59,10 +62,10 @@ def read_manifest(directory: str | Path) -> dict:
     """
     directory = Path(directory)
     path = directory / MANIFEST
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise ManifestError(f"{path} is missing: not a deepcache_compile export (see dc.export)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes() if data is None else data)
     except json.JSONDecodeError as err:
         raise ManifestError(f"{path} is not valid JSON ({err}): the manifest is damaged; export again") from None
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -85,6 +88,16 @@ def check_native_ops(manifest: dict, directory: str | Path) -> None:
         if missing is not None:
             raise ManifestError(f"{directory}: the engines call {op}, which cannot run here: {missing}; export again "
                                 "with options={'attention': 'sdpa'} for machines without it")
+
+
+def check_compiled_ranges(manifest: dict, file: Path, compiled: str | None) -> None:
+    """Refuses a manifest whose ranges differ from those compiled into `file` (`compiled`, the file's own
+    `ranges_text`; None where the format checks shapes itself): editing deepcache.json cannot widen what the
+    engines accept. The C++ runtime makes the same check with the same message (kernels/engine.cpp)."""
+    declared = ranges_text(manifest["ranges"])
+    if compiled is not None and compiled != declared:
+        raise ManifestError(f"{file}: compiled for the ranges {compiled or '(none)'}, {MANIFEST} declares {declared}: the "
+                            "manifest was edited after export; export again")
 
 
 def _check_versions(manifest: dict, path: Path) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from .engine import DeepCacheEngine, EngineOutput
-from .manifest import ManifestError
+from .manifest import FORMAT_VERSION, MANIFEST, ManifestError
+from .signing import SIGNATURE
 
 __all__ = ["NativeEngine", "library_path", "load_library"]
 
@@ -36,40 +37,45 @@ def load_library() -> None:
         raise FileNotFoundError(f"the native runtime {path} is not built: run `make native` (CMake, see the "
                                 "README), or set DEEPCACHE_RUNTIME_LIB to the library's path")
     torch.ops.load_library(str(path))
+    _check_format(json.loads(torch.ops.deepcache.format_info()), path)
+
+
+def _check_format(declared: dict, path: Path) -> None:
+    """The library and this package must read the same export format (version, manifest name, error kinds)."""
+    ours = {"format_version": FORMAT_VERSION, "manifest": MANIFEST, "signature": SIGNATURE,
+            "error_kinds": ["ManifestError"]}
+    if declared != ours:
+        raise RuntimeError(f"the native runtime {path} reads exports as {declared}, this deepcache_compile as {ours}: "
+                           "rebuild it from this checkout (`make native`)")
 
 
 class NativeEngine(DeepCacheEngine):
     """A `DeepCacheEngine` whose dispatch, cache and checks run in C++ (`kernels/engine.cpp`).
 
     One generation at a time: the C++ engine holds one generation state (load one engine per concurrent
-    generation).
+    generation). The C++ side's errors arrive by kind: an export it refuses as `ManifestError` (read from
+    `load_error()`, not from the message), bad input as ValueError (C++ `std::invalid_argument`).
 
     Example:
         >>> pipe.unet = load_deepcache("engines/digits-b0", runtime="native")
     """
 
-    def __init__(self, directory: Path, device: torch.device):
+    def __init__(self, directory: Path, device: torch.device, trusted_keys=None):
         load_library()
         index = -1 if device.type == "cpu" else (device.index or 0)
-        try:
-            native = torch.classes.deepcache.Engine(str(directory), index)
-        except RuntimeError as err:
-            message = str(err).splitlines()[0]
-            if message.startswith(str(directory)):  # the C++ manifest checks name the file first
-                raise ManifestError(message) from None
-            raise
+        if trusted_keys is not None and not list(trusted_keys):
+            raise ValueError("trusted_keys is empty: pass the public key files exports must be signed with")
+        keys = [str(key) for key in trusted_keys] if trusted_keys is not None else []
+        native = torch.classes.deepcache.Engine(str(directory), index, keys)
+        kind, message = native.load_error()
+        if kind == "ManifestError":
+            raise ManifestError(message)
         super().__init__(json.loads(native.manifest()), None, None, device)  # verified by the C++ side
         self._native = native
 
     def forward(self, *args, return_dict: bool = True, **kwargs):
         given = dict(zip(self._params, args), **kwargs)
-        try:
-            sample = self._native.run(list(self._flatten(given)))
-        except RuntimeError as err:  # the C++ input checks, raised as the Python engine raises them
-            message = str(err).splitlines()[0]
-            if message.startswith(("sample ", "expected ")):
-                raise ValueError(message) from None
-            raise
+        sample = self._native.run(list(self._flatten(given)))
         return EngineOutput(sample) if return_dict else (sample,)
 
     def reset(self) -> None:

@@ -1,4 +1,4 @@
-"""One DDIM loop, one interleaved timer and one median for every measurement the evaluation makes."""
+"""One DDIM loop, one loop for any diffusers scheduler, one interleaved timer and one median for every measurement the evaluation makes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler
 from torch.utils import benchmark
 from tqdm import tqdm
 
-__all__ = ["ddim_loop", "interleaved", "median", "median_ms", "timed"]
+__all__ = ["ddim_loop", "sample_loop", "interleaved", "median", "median_ms", "timed"]
 
 
 def ddim_loop(model: Callable, call: dict, steps: int, scheduler: DDIMScheduler | None = None) -> torch.Tensor:
@@ -32,6 +32,26 @@ def ddim_loop(model: Callable, call: dict, steps: int, scheduler: DDIMScheduler 
     with torch.no_grad():
         for t in scheduler.timesteps:
             latents = scheduler.step(model(latents, t, **extra).sample, t, latents).prev_sample
+    return latents
+
+
+def sample_loop(model: Callable, call: dict, steps: int, scheduler) -> torch.Tensor:
+    """The denoising loop diffusers' pipelines run, for any scheduler: the initial noise times
+    `init_noise_sigma`, `scale_model_input` before each model call, `step` after it; returns the latents.
+
+    `scheduler`'s config is copied into a fresh instance of its class (it is not mutated); `call` as in `ddim_loop`.
+
+    Example:
+        >>> latents = sample_loop(engine, {"sample": noise}, 25, DPMSolverMultistepScheduler())
+    """
+    scheduler = type(scheduler).from_config(scheduler.config)
+    scheduler.set_timesteps(steps)
+    latents = call["sample"] * scheduler.init_noise_sigma
+    extra = {k: v for k, v in call.items() if k not in ("sample", "timestep")}
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            output = model(scheduler.scale_model_input(latents, t), t, **extra).sample
+            latents = scheduler.step(output, t, latents).prev_sample
     return latents
 
 

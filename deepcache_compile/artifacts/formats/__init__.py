@@ -6,7 +6,10 @@ A format module defines:
 - `WRITE_OPTIONS`, `LOAD_OPTIONS`: the option names `write` and `load` accept;
 - `GRAPH_OPTIONS`: export options that choose graph passes before the program is written (`export` applies them);
 - `write(program, path, io, ranges, **options) -> list[Path]`: writes one exported program (and any side files);
-- `load(path, device, **options) -> runner`: a callable `(*tensors) -> tuple[tensor, ...]`.
+- `load(path, device, **options) -> runner`: a callable `(*tensors) -> tuple[tensor, ...]` whose `compiled_ranges`
+  is the `ranges_text` written into the file itself (pt2 extra files, AOTInductor package metadata, ONNX model
+  metadata), or None where the format enforces its own (TensorRT's optimization profile). The loaders compare it
+  with the manifest's ranges, so an edited manifest cannot widen what a file accepts.
 
 Format modules import torch and their own runtime only, never the graph passes or the dispatcher, so both
 `export` and the in-process backends that compile through a file (aoti, onnxruntime) can use them.
@@ -15,10 +18,13 @@ Format modules import torch and their own runtime only, never the graph passes o
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from types import ModuleType
 
-__all__ = ["PartIO", "available_formats", "get_format"]
+__all__ = ["PartIO", "RANGES_KEY", "available_formats", "get_format", "ranges_text"]
+
+RANGES_KEY = "deepcache.ranges"  # the name under which each file holds the ranges it was compiled for
 
 _REGISTRY = {
     "pt2": "deepcache_compile.artifacts.formats.pt2",
@@ -34,6 +40,16 @@ class PartIO:
 
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+
+
+def ranges_text(ranges) -> str:
+    """The shape ranges a file is compiled for, as canonical JSON (sorted keys, no spaces): the same bytes the C++
+    runtime's nlohmann::json::dump() makes of them, so both runtimes compare them as text."""
+    fields = {"batch": list(ranges["batch"]), "height": list(ranges["height"]), "width": list(ranges["width"]),
+              "multiple": ranges["multiple"]} if isinstance(ranges, dict) else \
+        {"batch": list(ranges.batch), "height": list(ranges.height), "width": list(ranges.width),
+         "multiple": ranges.multiple}
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
 
 def available_formats() -> tuple[str, ...]:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from . import RANGES_KEY, ranges_text
+
 SUFFIX = ".aoti.pt2"
 TIED_TO = "torch"
 WRITE_OPTIONS = ("inductor_configs",)
@@ -19,10 +21,13 @@ LOAD_OPTIONS: tuple[str, ...] = ()
 
 
 def package(program: torch.export.ExportedProgram, path: Path, inductor_configs: dict | None = None,
-            weights: bool = True) -> Path:
+            weights: bool = True, metadata: dict[str, str] | None = None) -> Path:
     """Compiles `program` with AOTInductor into the package file `path`; with `weights=False` the package holds
-    no weights (`load(..., constants=...)` binds them)."""
+    no weights (`load(..., constants=...)` binds them); `metadata` is stored in the package (the loader's
+    get_metadata(), in Python and C++)."""
     configs = dict(inductor_configs or {})
+    if metadata:
+        configs["aot_inductor.metadata"] = {**configs.get("aot_inductor.metadata", {}), **metadata}
     if not weights:
         configs["aot_inductor.package_constants_in_so"] = False
     torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
@@ -31,7 +36,7 @@ def package(program: torch.export.ExportedProgram, path: Path, inductor_configs:
 
 def write(program: torch.export.ExportedProgram, path: Path, io, ranges, inductor_configs: dict | None = None,
           ) -> list[Path]:
-    return [package(program, path, inductor_configs)]
+    return [package(program, path, inductor_configs, metadata={RANGES_KEY: ranges_text(ranges)})]
 
 
 def load(path: Path, device: torch.device, constants: dict[str, torch.Tensor] | None = None):
@@ -52,5 +57,6 @@ def load(path: Path, device: torch.device, constants: dict[str, torch.Tensor] | 
         return tuple(runner(*tensors))
 
     run.constants = constants  # what the graph reads: alive as long as the graph
+    run.compiled_ranges = runner.get_metadata().get(RANGES_KEY, "")
     run.owns_weights = constants is None  # the package's constants: the U-Net's own tensors are not read
     return run

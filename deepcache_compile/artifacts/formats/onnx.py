@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from ...tracing import GATE
+from . import RANGES_KEY, ranges_text
 
 SUFFIX = ".onnx"
 TIED_TO = None
@@ -50,7 +51,14 @@ def write_onnx(program: torch.export.ExportedProgram, path: Path, input_names: S
 
 
 def write(program: torch.export.ExportedProgram, path: Path, io, ranges) -> list[Path]:
-    return write_onnx(program, path, io.inputs, io.outputs)
+    files = write_onnx(program, path, io.inputs, io.outputs)
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)  # the graph only: the weights stay where they are
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        RANGES_KEY: ranges_text(ranges)})
+    onnx.save(model, str(path))
+    return files
 
 
 def load(path: Path, device: torch.device, provider: str | None = None,
@@ -91,6 +99,7 @@ class OrtRunner:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self._positions = [list(names).index(n) for n in self.input_names] if names else None
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.compiled_ranges = self.session.get_modelmeta().custom_metadata_map.get(RANGES_KEY, "")
         # Where onnxruntime reads and writes: the device's memory if the first provider runs there, else host.
         on_device = self.device.type == "cuda" and self.session.get_providers()[0] != "CPUExecutionProvider"
         self._where = ("cuda", self.device.index or 0) if on_device else ("cpu", 0)

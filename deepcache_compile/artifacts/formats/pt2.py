@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from . import RANGES_KEY, ranges_text
+
 SUFFIX = ".pt2"
 TIED_TO = None
 WRITE_OPTIONS: tuple[str, ...] = ()
@@ -14,7 +16,7 @@ LOAD_OPTIONS: tuple[str, ...] = ()
 
 
 def write(program: torch.export.ExportedProgram, path: Path, io, ranges) -> list[Path]:
-    torch.export.save(program, str(path))
+    torch.export.save(program, str(path), extra_files={RANGES_KEY: ranges_text(ranges)})
     return [path]
 
 
@@ -23,6 +25,8 @@ def load(path: Path, device: torch.device):
     # guards can be narrower than its range constraints: tracing a one-channel convolution at batch 2 adds
     # `batch > 1` (the fake conv kernel's stride choice) although the program is exported for batch 1..N and
     # runs batch 1 correctly; checked by tests/test_policy.py at batch 1 from a batch-2 example.
-    module = torch.export.load(str(path)).module(check_guards=False)
+    extra = {RANGES_KEY: ""}
+    module = torch.export.load(str(path), extra_files=extra).module(check_guards=False)
     module.to(device)
+    module.compiled_ranges = extra[RANGES_KEY]  # "" where the file has none
     return module

@@ -97,6 +97,7 @@ class TrtRunner:
         if self.engine is None:
             raise RuntimeError("TensorRT could not deserialize the engine: built for another TensorRT version or GPU?")
         self.context = self.engine.create_execution_context()
+        self.compiled_ranges = None  # TensorRT refuses shapes outside the engine's optimization profile itself
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]

@@ -1,0 +1,133 @@
+"""The C++ samplers (kernels/scheduler.cpp) against diffusers' own schedulers: the same timesteps, the same
+initial-noise scale and the same trajectory under one deterministic stand-in model, over every spacing, beta
+schedule, prediction type and step count the C++ side accepts; and its refusals of what it does not implement."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from deepcache_compile.artifacts.native import library_path, load_library
+
+pytestmark = pytest.mark.skipif(not library_path().is_file(), reason="the native runtime is not built: run `make native`")
+
+SPACINGS = ("leading", "trailing", "linspace")
+BETAS = ("linear", "scaled_linear", "squaredcos_cap_v2")
+STEPS = (10, 16, 25, 50)
+PREDICTIONS = {DDIMScheduler: ("epsilon", "v_prediction", "sample"),
+               EulerDiscreteScheduler: ("epsilon", "v_prediction"),  # diffusers' Euler has no sample-prediction x0
+               DPMSolverMultistepScheduler: ("epsilon", "v_prediction", "sample")}
+
+
+def _model(x: torch.Tensor, t) -> torch.Tensor:
+    """A deterministic stand-in for a denoiser: depends on both the input and the timestep."""
+    return torch.tanh(0.5 * x + float(t) / 1000 - 0.5)
+
+
+def _compare(scheduler, steps: int, timestep_rtol: float = 0.0) -> None:
+    load_library()
+    scheduler.set_timesteps(steps)
+    native = torch.classes.deepcache.Scheduler(scheduler.to_json_string(), steps)
+    timesteps = native.timesteps()
+    assert timesteps.dtype == scheduler.timesteps.dtype
+    torch.testing.assert_close(timesteps, scheduler.timesteps, rtol=timestep_rtol, atol=0)
+    assert native.init_noise_sigma() == pytest.approx(float(scheduler.init_noise_sigma), rel=1e-7)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
+    ours, theirs = noise * native.init_noise_sigma(), noise * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        theirs = scheduler.step(_model(scheduler.scale_model_input(theirs, t), t), t, theirs).prev_sample
+        ours = native.step(_model(native.scale_model_input(ours, i), timesteps[i]), i, ours)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", list(PREDICTIONS), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_cpp_schedulers_equal_diffusers(cls, spacing):
+    for betas, prediction, steps in itertools.product(BETAS, PREDICTIONS[cls], STEPS):
+        scheduler = cls(timestep_spacing=spacing, beta_schedule=betas, prediction_type=prediction)
+        try:
+            _compare(scheduler, steps)
+        except AssertionError as err:
+            raise AssertionError(f"{cls.__name__} {betas} {prediction} {steps} steps: {err}") from None
+
+
+@pytest.mark.parametrize("cls, config", [
+    (DDIMScheduler, dict(steps_offset=1, set_alpha_to_one=False, clip_sample=False)),  # SD 1.5's exported config
+    (DDIMScheduler, dict(beta_schedule="scaled_linear", clip_sample_range=0.5, trained_betas=None)),
+    (DDIMScheduler, dict(trained_betas=torch.linspace(1e-4, 0.03, 1000).tolist())),
+    (EulerDiscreteScheduler, dict(final_sigmas_type="sigma_min")),
+    (EulerDiscreteScheduler, dict(timestep_spacing="leading", steps_offset=1, beta_schedule="scaled_linear")),
+    (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True, beta_schedule="scaled_linear")),
+    (DPMSolverMultistepScheduler, dict(solver_type="heun")),
+    (DPMSolverMultistepScheduler, dict(solver_order=1)),
+    (DPMSolverMultistepScheduler, dict(final_sigmas_type="sigma_min", lower_order_final=False)),
+    (DPMSolverMultistepScheduler, dict(euler_at_final=True, lower_order_final=False)),
+    (DPMSolverMultistepScheduler, dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1)),
+    (DPMSolverMultistepScheduler, dict(timestep_spacing="leading", steps_offset=1)),
+], ids=lambda v: v.__name__ if isinstance(v, type) else ",".join(f"{k}" for k in v))
+@pytest.mark.parametrize("steps", STEPS)
+def test_cpp_scheduler_options_equal_diffusers(cls, config, steps):
+    _compare(cls(**config), steps)
+
+
+def test_euler_karras_sigmas_equal_diffusers():
+    """Karras timesteps are fractional, found by interpolating log sigmas: numpy's float32 log differs from the
+    correctly rounded one (C++) in the last bit for about 15 % of the table, so they agree to 1e-6, not bitwise."""
+    for steps in STEPS:
+        _compare(EulerDiscreteScheduler(use_karras_sigmas=True, beta_schedule="scaled_linear"), steps,
+                 timestep_rtol=1e-6)
+
+
+def _config(cls, **changes) -> dict:
+    return {**json.loads(cls().to_json_string()), **changes}
+
+
+@pytest.mark.parametrize("config, steps, message", [
+    (_config(DDPMScheduler), 10, "scheduler DDPMScheduler is not implemented in C\\+\\+ \\(it implements "
+     "DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler\\)"),
+    (_config(DDIMScheduler, thresholding=True), 10,
+     "scheduler config thresholding=true is not implemented by the C\\+\\+ DDIMScheduler \\(it runs thresholding=false\\)"),
+    (_config(DDIMScheduler, brand_new_option=1), 10,
+     "scheduler config key 'brand_new_option' is not implemented by the C\\+\\+ DDIMScheduler"),
+    (_config(DDIMScheduler, timestep_spacing="karras"), 10,
+     'scheduler config timestep_spacing="karras" is not implemented by the C\\+\\+ DDIMScheduler \\(it implements '
+     "leading, trailing, linspace\\)"),
+    (_config(DPMSolverMultistepScheduler, solver_order=3), 10, "solver_order=3 is not implemented"),
+    (_config(DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++"), 10,
+     'algorithm_type="sde-dpmsolver\\+\\+" is not implemented'),
+    (_config(EulerDiscreteScheduler, use_exponential_sigmas=True), 10,
+     "use_exponential_sigmas=true is not implemented by the C\\+\\+ EulerDiscreteScheduler"),
+    (_config(DDIMScheduler), 0, "steps=0: a generation needs 1 step or more"),
+    (_config(DDIMScheduler), 1001, "steps=1001 is more than the scheduler's 1000 training timesteps"),
+])
+def test_what_the_cpp_schedulers_do_not_implement_is_refused_by_name(config, steps, message):
+    load_library()
+    with pytest.raises(ValueError, match=message):  # std::invalid_argument reaches Python as ValueError
+        torch.classes.deepcache.Scheduler(json.dumps(config), steps)
+
+
+def test_other_schedulers_keys_are_ignored_as_diffusers_ignores_them():
+    """EulerDiscreteScheduler.from_config(a DDIM or PNDM config) keeps that config's own keys (clip_sample,
+    set_alpha_to_one, skip_prk_steps); diffusers' Euler ignores them, and so does the C++ one."""
+    load_library()
+    sd15 = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+            "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}  # SD 1.5's scheduler_config.json
+    for cls in (EulerDiscreteScheduler, DPMSolverMultistepScheduler):
+        scheduler = cls.from_config(sd15)
+        assert "skip_prk_steps" in json.loads(scheduler.to_json_string())
+        _compare(scheduler, 20)
+
+
+def test_python_json_infinity_is_read():
+    """diffusers writes DPMSolverMultistepScheduler's default lambda_min_clipped as the bare word -Infinity."""
+    load_library()
+    text = DPMSolverMultistepScheduler().to_json_string()
+    assert "-Infinity" in text
+    reference = DPMSolverMultistepScheduler()
+    reference.set_timesteps(20)
+    assert torch.equal(torch.classes.deepcache.Scheduler(text, 20).timesteps(), reference.timesteps)
