@@ -38,8 +38,8 @@ class Controller(Protocol):
 
 @runtime_checkable
 class RefreshPolicy(Protocol):
-    """A refresh policy: `uses_probe` (decides from the head's probe), `exportable` (a fixed plan the engine
-    manifest can hold), and a fresh `Controller` per generation."""
+    """A refresh policy: `uses_probe` (decides from the head's probe), `exportable` (engine files can carry it:
+    fixed plans, and adaptive refresh with its head/deep/tail graphs), and a fresh `Controller` per generation."""
 
     uses_probe: bool
     exportable: bool

@@ -47,7 +47,12 @@ class AdaptiveRefresh:
     lagged: bool = False
 
     uses_probe = True
-    exportable = False
+
+    @property
+    def exportable(self) -> bool:
+        """Engine files carry it (head/deep/tail graphs, its controller in both runtimes), except lagged: that
+        decides from an asynchronous device copy the engines do not make."""
+        return not self.lagged
 
     def controller(self, total: int | None = None) -> "AdaptiveController":
         return AdaptiveController(self)

@@ -83,7 +83,7 @@ class ShapeRanges:
             spec: dict[int, Any] = {}
             if _batched(t, sample):
                 spec[0] = b
-            if t.dim() >= 4:
+            if t.dim() >= 4 and t.shape[-2] * self.multiple >= sample.shape[-2]:  # 1 x 1 (broadcast) stays 1
                 spec[t.dim() - 2] = h * (t.shape[-2] * self.multiple // sample.shape[-2])
                 spec[t.dim() - 1] = w * (t.shape[-1] * self.multiple // sample.shape[-1])
             dims.append(spec or None)

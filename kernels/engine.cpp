@@ -2,13 +2,17 @@
 
 #include "kernels.h"
 
+#include <ATen/ATen.h>
+
 #include <sstream>
 #include <stdexcept>
 
 namespace deepcache {
 
-Engine::Engine(const std::filesystem::path& directory, int device_index, const std::vector<std::string>& trusted_keys)
+Engine::Engine(const std::filesystem::path& directory, int device_index, const std::vector<std::string>& trusted_keys,
+               int runners)
     : manifest_(read_manifest(directory, trusted_keys)), state_(manifest_.calls_per_step) {
+  if (runners < 1) throw std::invalid_argument("runners=" + std::to_string(runners) + ": 1 or more");
   using torch::inductor::AOTIModelPackageLoader;
   for (const auto& op : manifest_.native_ops) {
     const auto missing = native_op_missing(op);
@@ -16,14 +20,23 @@ Engine::Engine(const std::filesystem::path& directory, int device_index, const s
       throw ManifestError(directory.string() + ": the engines call " + op + ", which cannot run here: " +
                                missing + "; export again with options={'attention': 'sdpa'} for machines without it");
   }
-  full_ = std::make_unique<AOTIModelPackageLoader>(manifest_.file("full").string(), "model", false, 1, device_index);
-  shallow_ = std::make_unique<AOTIModelPackageLoader>(manifest_.file("shallow").string(), "model", false, 1,
-                                                      device_index);
-  // What each package accepts comes from the package: the manifest's ranges must be the ones compiled in.
-  for (const auto& [part, loader] : {std::pair{"full", full_.get()}, std::pair{"shallow", shallow_.get()}}) {
+  // The packages this export runs: full and shallow, or head, deep and tail for adaptive refresh. What each
+  // accepts comes from the package: the manifest's ranges must be the ones compiled in.
+  auto load = [&](const std::string& part) {
+    auto loader = std::make_unique<AOTIModelPackageLoader>(manifest_.file(part).string(), "model", false, runners,
+                                                           device_index);
     const auto metadata = loader->get_metadata();
     const auto found = metadata.find(kRangesKey);
     check_compiled_ranges(manifest_, manifest_.file(part), found == metadata.end() ? "" : found->second);
+    return loader;
+  };
+  if (manifest_.policy) {
+    head_ = load("head");
+    deep_ = load("deep");
+    tail_ = load("tail");
+  } else {
+    full_ = load("full");
+    shallow_ = load("shallow");
   }
   for (size_t i = 0; i < manifest_.inputs.size(); ++i)
     if (manifest_.inputs[i].name == "timestep") timestep_index_ = static_cast<int>(i);
@@ -48,6 +61,7 @@ std::string Engine::check_inputs(std::vector<at::Tensor>& inputs) {
     signature << t.sizes() << t.scalar_type() << ';';
   }
   auto key = signature.str();
+  std::lock_guard<std::mutex> lock(checked_mutex_);
   if (!checked_.count(key)) {
     manifest_.ranges.check(inputs[0].sizes().vec());
     checked_.insert(key);
@@ -55,26 +69,59 @@ std::string Engine::check_inputs(std::vector<at::Tensor>& inputs) {
   return key;
 }
 
-at::Tensor Engine::run(std::vector<at::Tensor> inputs) {
+at::Tensor Engine::run(Generation& generation, std::vector<at::Tensor> inputs) {
   const auto signature = check_inputs(inputs);
   std::optional<double> timestep;
   if (timestep_index_ >= 0 && inputs[timestep_index_].device().is_cpu())
     timestep = inputs[timestep_index_].reshape(-1)[0].item<double>();  // host memory: no device sync
-  auto [step, slot] = state_.begin(signature, timestep);
+  auto [step, slot] = generation.begin(signature, timestep);
+  if (manifest_.policy) return run_adaptive(generation, step, slot, std::move(inputs));
   const auto& schedule = manifest_.schedule;
   if (schedule.calibration) {
     const auto& shape = inputs[0].sizes();
     schedule.calibration->check(step, shape[shape.size() - 2], shape.back(), timestep);
   }
-  auto& cache = state_.caches[slot];
+  auto& cache = generation.caches[slot];
   if (!cache || schedule.is_full(step)) {
     auto out = full_->run(inputs);
-    state_.end(slot, out.at(1));
+    generation.end(slot, out.at(1));
     return out.at(0);
   }
   inputs.push_back(*cache);
   auto out = shallow_->run(inputs);
-  state_.end(slot, std::nullopt);
+  generation.end(slot, std::nullopt);
+  return out.at(0);
+}
+
+// The C++ twin of refresh.AdaptiveController.decide and runtime/generation.run_step's three-graph branch.
+at::Tensor Engine::run_adaptive(Generation& generation, int step, int slot, std::vector<at::Tensor> inputs) {
+  (void)step;
+  const auto& policy = *manifest_.policy;
+  auto links = head_->run(inputs);
+  const auto& probe = links.at(policy.probe);
+  auto& previous = generation.probes[slot];
+  bool full = true;
+  if (previous) {  // the relative L1 change of the probe since the step before, accumulated (float32 norms)
+    const auto x = probe.to(at::kFloat), reference = previous->to(at::kFloat);
+    const auto change = at::linalg_vector_norm(x - reference, 1) / at::linalg_vector_norm(reference, 1).clamp_min(1e-12);
+    generation.drift[slot] += change.item<float>();
+    full = generation.drift[slot] >= policy.threshold || generation.shallow_run[slot] >= policy.max_skip;
+  }
+  previous = probe;
+  if (full) {
+    generation.drift[slot] = 0.0;
+    generation.shallow_run[slot] = 0;
+  } else {
+    ++generation.shallow_run[slot];
+  }
+  auto& cache = generation.caches[slot];
+  full = full || !cache;
+  std::vector<at::Tensor> call = inputs;
+  call.insert(call.end(), links.begin(), links.end());
+  at::Tensor kept = full ? deep_->run(call).at(0) : *cache;
+  call.push_back(kept);
+  auto out = tail_->run(call);
+  generation.end(slot, full ? std::optional<at::Tensor>(kept) : std::nullopt);
   return out.at(0);
 }
 

@@ -20,6 +20,9 @@ struct GenerationState {
   void reset() {
     calls = 0;
     caches.assign(calls_per_step, std::nullopt);
+    probes.assign(calls_per_step, std::nullopt);
+    drift.assign(calls_per_step, 0.0);
+    shallow_run.assign(calls_per_step, 0);
     history.clear();
     last_timestep.reset();
   }
@@ -46,6 +49,11 @@ struct GenerationState {
   int calls_per_step;
   int calls = 0;
   std::vector<std::optional<at::Tensor>> caches;
+  // Adaptive refresh, per slot: the probe of the step before, the drift since the last full step, and how many
+  // shallow steps ran in a row.
+  std::vector<std::optional<at::Tensor>> probes;
+  std::vector<double> drift;
+  std::vector<int> shallow_run;
   std::string history;  // one letter per call of this generation: F full, S shallow
   std::string signature;
   std::optional<double> last_timestep;

@@ -211,6 +211,12 @@ Manifest read_manifest(const fs::path& directory, const std::vector<std::string>
   m.branch = j.at("branch").get<int>();
   m.schedule = schedule_from_json(j);
   m.calls_per_step = j.at("calls_per_step").get<int>();
+  if (j.contains("policy") && !j["policy"].is_null()) {
+    const auto& p = j["policy"];
+    if (p.at("name") != "adaptive")
+      throw ManifestError(path.string() + ": policy " + p.at("name").dump() + " is not one this runtime runs");
+    m.policy = AdaptivePolicy{p.at("threshold").get<double>(), p.at("max_skip").get<int>(), p.at("probe").get<int>()};
+  }
   for (const auto& in : j.at("inputs"))
     m.inputs.push_back({in.at("name"), dtype_from_name(in.at("dtype")), in.at("rank").get<int64_t>()});
   const auto& r = j.at("ranges");

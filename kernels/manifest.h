@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -40,12 +41,21 @@ struct ShapeRanges {
   void check(const std::vector<int64_t>& shape) const;
 };
 
+// Adaptive refresh (refresh.AdaptiveRefresh): a step is full when the head's probe has drifted by `threshold`
+// (accumulated relative L1 change since the last full step), after `max_skip` shallow steps in a row, and at 0.
+struct AdaptivePolicy {
+  double threshold = 0.1;
+  int max_skip = 10;
+  int probe = 0;  // the probe's index among the head graph's outputs
+};
+
 struct Manifest {
   std::filesystem::path directory;
   std::string format;
   int branch = 0;
   Schedule schedule;
   int calls_per_step = 1;
+  std::optional<AdaptivePolicy> policy;  // set: the export holds head/deep/tail packages, not full/shallow
   std::vector<InputSpec> inputs;
   ShapeRanges ranges{};
   std::map<std::string, std::vector<std::string>> files;  // part -> file names

@@ -13,9 +13,11 @@ namespace {
 // An engine, or why the export was refused: a ManifestError is kept with its kind (load_error) for Python to
 // raise as its own ManifestError; other errors (std::invalid_argument: ValueError) propagate.
 struct EngineHolder : torch::CustomClassHolder {
-  EngineHolder(const std::string& directory, int64_t device_index, std::vector<std::string> trusted_keys) {
+  EngineHolder(const std::string& directory, int64_t device_index, std::vector<std::string> trusted_keys,
+               int64_t runners) {
     try {
-      engine = std::make_unique<Engine>(directory, static_cast<int>(device_index), trusted_keys);
+      engine = std::make_unique<Engine>(directory, static_cast<int>(device_index), trusted_keys,
+                                        static_cast<int>(runners));
     } catch (const ManifestError& err) {
       error = err.what();
     }
@@ -27,6 +29,22 @@ struct EngineHolder : torch::CustomClassHolder {
   std::unique_ptr<Engine> engine;
   std::string error;
 };
+
+// One generation of an engine, for concurrent use (NativeEngine.generation()).
+struct GenerationHolder : torch::CustomClassHolder {
+  explicit GenerationHolder(std::unique_ptr<Generation> state) : state(std::move(state)) {}
+  std::unique_ptr<Generation> state;
+};
+
+// Bad input reaches Python as ValueError (by type, not by message).
+template <typename F>
+auto value_errors(F&& fn) {
+  try {
+    return fn();
+  } catch (const std::invalid_argument& err) {
+    TORCH_CHECK_VALUE(false, err.what());
+  }
+}
 
 // The export format this library reads, declared once (manifest.h) and checked by the Python loader at load.
 std::string format_info() {
@@ -51,17 +69,26 @@ std::vector<int64_t> full_steps(const std::string& manifest_json, int64_t total)
 }  // namespace
 
 TORCH_LIBRARY(deepcache, m) {
+  m.class_<GenerationHolder>("Generation")
+      .def("reset", [](const c10::intrusive_ptr<GenerationHolder>& self) { self->state->reset(); })
+      .def("step", [](const c10::intrusive_ptr<GenerationHolder>& self) {
+        return int64_t{self->state->calls / self->state->calls_per_step};
+      })
+      .def("history", [](const c10::intrusive_ptr<GenerationHolder>& self) { return self->state->history; });
   m.class_<EngineHolder>("Engine")
-      .def(torch::init<std::string, int64_t, std::vector<std::string>>())
+      .def(torch::init<std::string, int64_t, std::vector<std::string>, int64_t>())
       .def("load_error", [](const c10::intrusive_ptr<EngineHolder>& self) {
         return std::make_tuple(std::string(self->engine ? "" : "ManifestError"), self->error);
       })
       .def("run", [](const c10::intrusive_ptr<EngineHolder>& self, std::vector<at::Tensor> inputs) {
-        try {
-          return self->get().run(std::move(inputs));
-        } catch (const std::invalid_argument& err) {  // bad input: Python's ValueError, by type, not by message
-          TORCH_CHECK_VALUE(false, err.what());
-        }
+        return value_errors([&] { return self->get().run(std::move(inputs)); });
+      })
+      .def("generation", [](const c10::intrusive_ptr<EngineHolder>& self) {
+        return c10::make_intrusive<GenerationHolder>(self->get().generation());
+      })
+      .def("run_in", [](const c10::intrusive_ptr<EngineHolder>& self, const c10::intrusive_ptr<GenerationHolder>& gen,
+                        std::vector<at::Tensor> inputs) {
+        return value_errors([&] { return self->get().run(*gen->state, std::move(inputs)); });
       })
       .def("reset", [](const c10::intrusive_ptr<EngineHolder>& self) { self->get().reset(); })
       .def("step", [](const c10::intrusive_ptr<EngineHolder>& self) { return int64_t{self->get().step()}; })

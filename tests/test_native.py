@@ -220,6 +220,62 @@ def test_calibrated_plans_are_checked_in_cpp_as_in_python(digits_export, tmp_pat
             engines[1](fits, t)
 
 
+@pytest.mark.parametrize("runners", [1, 4])
+def test_eight_concurrent_cpp_generations_in_one_engine_equal_their_runs_alone(digits_export, runners):
+    """8 C++ threads, different batch sizes, resolutions, step counts and seeds, one engine (one copy of the
+    weights): each result bitwise equal to its run alone, each history its own schedule's."""
+    _, _, directory = digits_export
+    result = subprocess.run([str(BUILD / "deepcache-concurrent"), str(directory), "check", str(runners)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 8 and all(line.startswith("equal ") for line in lines), result.stdout
+    steps = [int(line.split()[line.split().index("steps") + 1]) for line in lines]
+    assert [line.split()[-1] for line in lines] == ["".join("F" if s % 3 == 0 else "S" for s in range(n))
+                                                    for n in steps]
+
+
+def test_native_engine_runs_concurrent_generations_as_the_python_engine_does(digits_export):
+    """generation() blocks interleaved in one thread (asyncio tasks), and threads, each equal to its generation
+    alone, with its own history, on one native engine."""
+    import asyncio
+    import threading
+
+    from diffusers import DDIMScheduler
+
+    _, scheduler, directory = digits_export
+    native = load_deepcache(directory, runtime="native")
+    jobs = [(1, 16, 7), (2, 12, 5), (3, 8, 6)]
+    noises = {job: torch.randn(job[0], 1, job[1], job[1], generator=torch.Generator().manual_seed(job[0]))
+              for job in jobs}
+    alone = {job: ddim_loop(native, {"sample": noises[job]}, job[2], scheduler) for job in jobs}
+
+    async def generate(job):
+        steps = DDIMScheduler.from_config(scheduler.config)
+        steps.set_timesteps(job[2])
+        latents = noises[job]
+        with native.generation():
+            for t in steps.timesteps:
+                latents = steps.step(native(latents, t).sample, t, latents).prev_sample
+                await asyncio.sleep(0)  # let the other generations take a step
+            return latents, native.history
+
+    async def main():
+        return await asyncio.gather(*(generate(job) for job in jobs))
+
+    for job, (latents, history) in zip(jobs, asyncio.run(main())):
+        assert torch.equal(latents, alone[job])
+        assert history == "".join("F" if s % 3 == 0 else "S" for s in range(job[2]))
+    results = {}
+    threads = [threading.Thread(target=lambda job=job: results.__setitem__(
+        job, ddim_loop(native, {"sample": noises[job]}, job[2], scheduler))) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(torch.equal(results[job], alone[job]) for job in jobs)
+
+
 def test_native_engine_stands_in_for_pipe_unet(digits_export):
     from diffusers import DDIMPipeline
 
@@ -466,3 +522,54 @@ def test_the_library_and_the_package_declare_one_format():
                         "signature": "deepcache.json.sig", "error_kinds": ["ManifestError"]}
     with pytest.raises(RuntimeError, match="rebuild it from this checkout"):
         _check_format({**declared, "format_version": FORMAT_VERSION + 1}, library_path())
+
+
+@pytest.fixture(scope="module")
+def adaptive_export(tmp_path_factory):
+    """The digits model with adaptive refresh (branch 1), exported as head/deep/tail AOTInductor packages."""
+    from deepcache_compile.refresh import AdaptiveRefresh
+
+    unet, scheduler = load_digits_model()
+    dc = compile_deepcache(unet, branch=1, refresh=AdaptiveRefresh(threshold=0.1, max_skip=5))
+    directory = tmp_path_factory.mktemp("digits-adaptive")
+    dc.export(directory, format="aoti", example={"sample": torch.randn(2, 1, 16, 16), "timestep": torch.tensor(999)},
+              batch=(1, 8), height=(8, 32), width=(8, 32), scheduler=scheduler)
+    return dc, scheduler, directory
+
+
+def test_adaptive_refresh_exports_and_decides_the_same_in_every_runtime(adaptive_export, tmp_path):
+    """The same decisions (history strings) from the eager three-graph DeepCacheUNet, the Python engine, the
+    native engine and the C++ program; outputs within the compiled-format tolerance of eager, and the two
+    runtimes on the same packages equal."""
+    dc, scheduler, directory = adaptive_export
+    assert json.loads((directory / "deepcache.json").read_text())["files"].keys() == {"head", "deep", "tail",
+                                                                                        "scheduler"}
+    noise = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    eager = ddim_loop(dc, {"sample": noise}, 25, scheduler)
+    histories, outputs = [dc.history], []
+    for runtime in ("python", "native"):
+        engine = load_deepcache(directory, runtime=runtime)
+        outputs.append(ddim_loop(engine, {"sample": noise}, 25, scheduler))
+        histories.append(engine.history)
+    save_file({"sample": noise}, tmp_path / "in.safetensors")
+    result = _generate(directory, tmp_path / "in.safetensors", tmp_path / "out.safetensors", "--steps", "25")
+    assert result.returncode == 0, result.stderr
+    histories.append(result.stdout.split()[1])
+    assert len(set(histories)) == 1, histories
+    assert 0 < histories[0].count("S") < 24 and "SSSSSS" not in histories[0]  # adaptive, max_skip=5 held
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["sample"], outputs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[0], eager, rtol=5e-4, atol=5e-4)
+    with pytest.raises(ValueError, match="an engine's graphs belong to its kind of policy"):
+        load_deepcache(directory).with_schedule(Schedule("uniform", interval=3))
+
+
+def test_policies_the_engines_cannot_carry_are_refused_at_export(tmp_path):
+    from deepcache_compile.refresh import AdaptiveRefresh
+
+    unet, _ = load_digits_model()
+    example = {"sample": torch.randn(2, 1, 16, 16), "timestep": torch.tensor(999)}
+    for options in ({"refresh": AdaptiveRefresh(lagged=True)}, {"interval": 3, "forecast": True}):
+        dc = compile_deepcache(unet, branch=1, **options)
+        with pytest.raises(ValueError, match="run in Python only"):
+            dc.export(tmp_path, format="pt2", example=example)

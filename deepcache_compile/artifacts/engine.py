@@ -21,6 +21,7 @@ from torch import nn
 
 from ..calls import FlatCall
 from ..runtime.generation import GenerationStates, StepGraphs, check_finite, run_step, timestep_mark
+from ..refresh import AdaptiveRefresh
 from ..schedule import Schedule
 from ..shapes import ShapeRanges
 from .manifest import ManifestError
@@ -58,11 +59,21 @@ class DeepCacheEngine(nn.Module):
         >>> out = engine(latents, t, encoder_hidden_states=text).sample
     """
 
-    def __init__(self, manifest: dict, full, shallow, device: torch.device):
+    def __init__(self, manifest: dict, parts: dict | None, device: torch.device):
+        """`parts`: the loaded graphs by part name, "full" and "shallow", or "head", "deep" and "tail" for an
+        adaptive-refresh export (the manifest's `policy`); None where another runtime runs them (native)."""
         super().__init__()
         self.manifest = manifest
-        self._graphs, self._device = StepGraphs(full, shallow), device
-        self.schedule = Schedule(**{**manifest["schedule"], "steps": tuple(manifest["schedule"]["steps"])})
+        self._parts, self._device = parts or {}, device
+        policy = manifest.get("policy")
+        if policy is not None:  # adaptive refresh: head -> [deep] -> tail, deciding from the head's probe
+            three = SimpleNamespace(head=self._parts.get("head"), deep=self._parts.get("deep"),
+                                    tail=self._parts.get("tail"), probe=policy["probe"])
+            self._graphs = StepGraphs(None, None, three=three)
+            self.schedule = AdaptiveRefresh(threshold=policy["threshold"], max_skip=policy["max_skip"])
+        else:
+            self._graphs = StepGraphs(self._parts.get("full"), self._parts.get("shallow"))
+            self.schedule = Schedule(**{**manifest["schedule"], "steps": tuple(manifest["schedule"]["steps"])})
         self.config = EngineConfig(manifest["unet"]["config"])
         self.ranges = ShapeRanges.from_manifest(manifest["ranges"])
         self._inputs = [(i["name"], getattr(torch, i["dtype"]), i["rank"]) for i in manifest["inputs"]]
@@ -92,15 +103,18 @@ class DeepCacheEngine(nn.Module):
         return self._states.generation()
 
     def full_steps(self, total: int | None = None) -> list[int]:
+        if self.schedule.uses_probe:
+            raise ValueError("adaptive refresh decides each step from the features: there is no fixed list of "
+                             "full steps (see .history after a generation)")
         return self.schedule.full_steps(total)
 
     def with_schedule(self, policy) -> "DeepCacheEngine":
         """The same loaded graphs run on another schedule or refresh policy (`policy.RefreshPolicy`) that decides
         from the step alone (engine files hold the full and shallow graphs, not the head a probe needs)."""
-        if policy.uses_probe:
-            raise ValueError("an engine runs full and shallow graphs only: a policy that decides from the head's "
-                             "probe (adaptive refresh) needs compile_deepcache(..., split='three') in Python")
-        other = type(self)(self.manifest, self._graphs.full, self._graphs.shallow, self._device)
+        if policy.uses_probe or self.schedule.uses_probe:
+            raise ValueError("an engine's graphs belong to its kind of policy: export again for adaptive refresh "
+                             "(head/deep/tail graphs), or for a schedule (full and shallow graphs)")
+        other = type(self)(self.manifest, self._parts, self._device)
         other.schedule = policy
         return other
 

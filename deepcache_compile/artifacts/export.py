@@ -21,7 +21,7 @@ import torch
 
 from ..calls import CallFlattener, FlatCall
 from ..graph.attention import with_native_attention
-from ..graph.partition import split_at_branch
+from ..graph.partition import split_at_branch, split_three
 from ..graph.trace import export_program, trace_unet
 from ..kernels import native_ops
 from ..options import check_options
@@ -38,6 +38,13 @@ __all__ = ["export_deepcache"]
 
 _IO = {"full": PartIO(outputs=("out_sample", "cache_out"), inputs=()),
        "shallow": PartIO(outputs=("out_sample",), inputs=("cache",))}
+
+
+def _three_io(links: int) -> dict[str, PartIO]:
+    """Extra inputs and the outputs of the head, deep and tail graphs (an adaptive-refresh export)."""
+    names = tuple(f"link{i}" for i in range(links))
+    return {"head": PartIO(outputs=names, inputs=()), "deep": PartIO(outputs=("cache_out",), inputs=names),
+            "tail": PartIO(outputs=("out_sample",), inputs=(*names, "cache"))}
 
 
 def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example: dict | None = None,
@@ -75,16 +82,17 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
     directory.mkdir(parents=True, exist_ok=True)
     call = _example(dc, example)
     ranges = shape_ranges(dc.unet, call, "export", batch=batch, height=height, width=width)
-    programs, branch = _dynamic_programs(dc, call, ranges, attention, f"the {format} export")
+    programs, branch, probe = _dynamic_programs(dc, call, ranges, attention, f"the {format} export")
+    parts = _IO if probe is None else _three_io(len(programs["head"].graph_signature.user_outputs))
     files = {}
     for part, program in programs.items():
-        io = PartIO(inputs=call.names + _IO[part].inputs, outputs=_IO[part].outputs)
+        io = PartIO(inputs=call.names + parts[part].inputs, outputs=parts[part].outputs)
         files[part] = writer.write(program, directory / f"{part}{writer.SUFFIX}", io, ranges, **options)
     if scheduler is not None:
         scheduler.save_config(directory)
         files["scheduler"] = [directory / "scheduler_config.json"]
     ops = sorted({op for program in programs.values() for op in native_ops(program.graph)})
-    manifest = _manifest(dc, format, ranges, branch, files, call, ops)
+    manifest = _manifest(dc, format, ranges, branch, files, call, ops, parts, probe)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     (directory / SIGNATURE).unlink(missing_ok=True)  # a signature from an earlier export here no longer applies
     if sign_key is not None:
@@ -103,20 +111,32 @@ def _example(dc, example: dict | None) -> FlatCall:
 
 
 def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, who: str):
+    """The programs to write: full and shallow, or, for a policy that decides from the head's probe, head, deep
+    and tail (and the probe's index among the head's outputs; None for a pair)."""
     call = dynamic_example(call, ranges)  # a batch-1 example would specialize the programs to batch 1
     traced = trace_unet(dc.unet, call, ranges)
     branch = select_branch(traced.gm, dc.deepcache_config)
-    split = split_at_branch(traced.gm, branch)
     inputs = call.tensors
+
+    def export(gm, tensors):
+        return export_program(with_native_attention(gm, attention, who), tensors, ranges)
+
+    if dc.deepcache_config.policy.uses_probe:
+        three = split_three(traced.gm, branch)
+        with torch.no_grad():
+            links = three.head(*inputs)
+            (cache,) = three.deep(*inputs, *links)
+        programs = {"head": export(three.head, inputs), "deep": export(three.deep, (*inputs, *links)),
+                    "tail": export(three.tail, (*inputs, *links, cache))}
+        return programs, branch, three.probe
+    split = split_at_branch(traced.gm, branch)
     with torch.no_grad():
         cache = split.full(*inputs)[1]
-    full = export_program(with_native_attention(split.full, attention, who), inputs, ranges)
-    shallow = export_program(with_native_attention(split.shallow, attention, who), (*inputs, cache), ranges)
-    return {"full": full, "shallow": shallow}, branch
+    return {"full": export(split.full, inputs), "shallow": export(split.shallow, (*inputs, cache))}, branch, None
 
 
 def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, list[Path]], call: FlatCall,
-              ops: list[str]) -> dict:
+              ops: list[str], parts: dict[str, PartIO], probe: int | None) -> dict:
     import diffusers
 
     from .. import __version__
@@ -141,10 +161,14 @@ def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, lis
         "nonuniform_full_steps": list(nonuniform_full_steps(schedule.num_inference_steps, schedule.interval,
                                                             schedule.center, schedule.power))
         if schedule.kind == "nonuniform" else None,
+        # A policy that decides from the head's probe (adaptive refresh) runs head -> [deep] -> tail: its
+        # parameters, and the probe's index among the head's outputs.
+        "policy": {"name": "adaptive", "threshold": config.policy.threshold, "max_skip": config.policy.max_skip,
+                   "probe": probe} if probe is not None else None,
         "calls_per_step": config.calls_per_step,
         "inputs": [{"name": n, "dtype": str(t.dtype).removeprefix("torch."), "rank": t.dim()}
                    for n, t in zip(call.names, call.tensors)],
-        "outputs": {part: list(io.outputs) for part, io in _IO.items()},
+        "outputs": {part: list(io.outputs) for part, io in parts.items()},
         "ranges": {**asdict(ranges), "units": "U-Net input pixels"},
         "cache": {"channels": branch.cache_shape[1], "stride": sample.shape[-2] // branch.cache_shape[-2],
                   "dtype": str(branch.cache_dtype).removeprefix("torch."),

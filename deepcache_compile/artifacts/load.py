@@ -47,10 +47,9 @@ def load_deepcache(directory: str | Path, device: str | torch.device = "cpu", pr
     reader = get_format(manifest["format"])
     options = {"provider": provider} if provider else {}
     check_options(f"loading a {manifest['format']} export", options, reader.LOAD_OPTIONS)
-    runners = []
-    for part in ("full", "shallow"):
+    parts = {}
+    for part in ("head", "deep", "tail") if manifest.get("policy") else ("full", "shallow"):
         file = directory / manifest["files"][part][0]
-        runners.append(reader.load(file, device, **options))
-        check_compiled_ranges(manifest, file, runners[-1].compiled_ranges)
-    full, shallow = runners
-    return DeepCacheEngine(manifest, full, shallow, device)
+        parts[part] = reader.load(file, device, **options)
+        check_compiled_ranges(manifest, file, parts[part].compiled_ranges)
+    return DeepCacheEngine(manifest, parts, device)

@@ -8,8 +8,11 @@ state itself. Loaded with `torch.ops.load_library`, it registers the TorchScript
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -52,43 +55,60 @@ def _check_format(declared: dict, path: Path) -> None:
 class NativeEngine(DeepCacheEngine):
     """A `DeepCacheEngine` whose dispatch, cache and checks run in C++ (`kernels/engine.cpp`).
 
-    One generation at a time: the C++ engine holds one generation state (load one engine per concurrent
-    generation). The C++ side's errors arrive by kind: an export it refuses as `ManifestError` (read from
+    Concurrent generations share it as they share a `DeepCacheEngine`: each thread has a C++ generation of its
+    own, and each `with engine.generation():` block a fresh one; `runners` > 1 lets that many calls run at once
+    (AOTInductor model instances over one copy of the weights; with 1 they take turns). The C++ side's errors arrive by kind: an export it refuses as `ManifestError` (read from
     `load_error()`, not from the message), bad input as ValueError (C++ `std::invalid_argument`).
 
     Example:
         >>> pipe.unet = load_deepcache("engines/digits-b0", runtime="native")
     """
 
-    def __init__(self, directory: Path, device: torch.device, trusted_keys=None):
+    def __init__(self, directory: Path, device: torch.device, trusted_keys=None, runners: int = 1):
         load_library()
         index = -1 if device.type == "cpu" else (device.index or 0)
         if trusted_keys is not None and not list(trusted_keys):
             raise ValueError("trusted_keys is empty: pass the public key files exports must be signed with")
         keys = [str(key) for key in trusted_keys] if trusted_keys is not None else []
-        native = torch.classes.deepcache.Engine(str(directory), index, keys)
+        native = torch.classes.deepcache.Engine(str(directory), index, keys, runners)
         kind, message = native.load_error()
         if kind == "ManifestError":
             raise ManifestError(message)
-        super().__init__(json.loads(native.manifest()), None, None, device)  # verified by the C++ side
+        super().__init__(json.loads(native.manifest()), None, device)  # verified by the C++ side
         self._native = native
+        self._scoped: contextvars.ContextVar = contextvars.ContextVar(f"deepcache_native_{id(self)}", default=None)
+        self._per_thread = threading.local()
+
+    def _generation(self):
+        """The C++ generation this call belongs to: the enclosing generation() block's, else this thread's."""
+        generation = self._scoped.get()
+        if generation is None:
+            generation = getattr(self._per_thread, "generation", None)
+            if generation is None:
+                generation = self._per_thread.generation = self._native.generation()
+        return generation
 
     def forward(self, *args, return_dict: bool = True, **kwargs):
         given = dict(zip(self._params, args), **kwargs)
-        sample = self._native.run(list(self._flatten(given)))
+        sample = self._native.run_in(self._generation(), list(self._flatten(given)))
         return EngineOutput(sample) if return_dict else (sample,)
 
     def reset(self) -> None:
-        self._native.reset()
+        self._generation().reset()
 
+    @contextlib.contextmanager
     def generation(self):
-        raise NotImplementedError("the native runtime runs one generation at a time per engine: load one engine "
-                                  "per concurrent generation (they can share the export directory)")
+        """A block whose calls form one generation of their own (a C++ generation; see DeepCacheEngine)."""
+        token = self._scoped.set(self._native.generation())
+        try:
+            yield
+        finally:
+            self._scoped.reset(token)
 
     @property
     def step(self) -> int:
-        return self._native.step()
+        return self._generation().step()
 
     @property
     def history(self) -> str:
-        return self._native.history()
+        return self._generation().history()

@@ -99,7 +99,7 @@ def split_three(root: fx.GraphModule, cut: Cut) -> ThreeGraphs:
     """
     part = assign_parts(root, cut)
     bases = {s.base for s in cut.streams if s.base is not None}
-    links = tuple(n.name for n in root.graph.nodes if part.get(n) == "head" and (
+    links = tuple(n.name for n in root.graph.nodes if part.get(n) == "head" and not _input_size(n) and (
         n.name in bases or n.name == cut.probe or any(part.get(u) in ("deep", "tail") for u in n.users)))
     head = _emit(root, part, {"head"}, links, cut, name="DeepCacheHead")
     deep = _emit(root, part, {"deep"}, (), cut, links=links, keep=True, name="DeepCacheDeep")
@@ -166,8 +166,8 @@ def _emit(root: fx.GraphModule, part: dict[fx.Node, str], parts: set[str], outpu
             continue
         if cache is not None and node in cut_nodes:  # topological order: every stream's base is copied by now
             env[node] = _restored(graph, cut, cut_nodes[node], cache, env, by_name)
-        elif node.op == "get_attr" or part.get(node) in parts:
-            env[node] = graph.node_copy(node, lambda n: env[n])
+        elif node.op == "get_attr" or part.get(node) in parts or _input_size(node):
+            env[node] = graph.node_copy(node, lambda n: env[n])  # a size read: each graph reads its own input
     results = [env[by_name[n]] for n in outputs]
     if keep:
         results.append(_keep(graph, cut, env, by_name))
@@ -175,6 +175,13 @@ def _emit(root: fx.GraphModule, part: dict[fx.Node, str], parts: set[str], outpu
     prune_dead_nodes(graph)
     graph.lint()
     return fx.GraphModule(root, graph, class_name=name)
+
+
+def _input_size(node: fx.Node) -> bool:
+    """A symbolic size of a graph input (dynamic traces): every graph that needs it reads it from its own copy
+    of the input, instead of receiving it as a link (an int output would make a graph's interface symbolic)."""
+    return (node.op == "call_function" and node.target is torch.ops.aten.sym_size.int
+            and node.args[0].op == "placeholder")
 
 
 def _keep(graph: fx.Graph, cut: Cut, env: dict, by_name: dict) -> fx.Node:
@@ -265,11 +272,13 @@ def check_split(split: SplitGraphs) -> None:
 
 def check_three(three: ThreeGraphs, computing_nodes: int) -> None:
     """Checks the `ThreeGraphs` invariants; raises RuntimeError if one fails."""
-    def computing(gm):
-        return sum(1 for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")
-                   and not n.meta.get("deepcache_added"))
+    def computing(gm):  # input size reads are each graph's own (_input_size): counted once
+        return {n.name for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")
+                and not n.meta.get("deepcache_added") and not _input_size(n)}
 
-    counted = sum(computing(g) for g in (three.head, three.deep, three.tail))
+    graphs = [computing(g) for g in (three.head, three.deep, three.tail)]
+    sizes = {n.name for g in (three.head, three.deep, three.tail) for n in g.graph.nodes if _input_size(n)}
+    counted = sum(len(g) for g in graphs) + len(sizes)
     if counted != computing_nodes:
         raise RuntimeError(f"head, deep and tail hold {counted} computing nodes, the model {computing_nodes}: "
                            f"a node was dropped or duplicated by the cut")

@@ -278,10 +278,10 @@ class DeepCacheUNet(nn.Module):
 
         self._refuse_if_released("export")
         config = self.deepcache_config
-        if not config.policy.exportable or config.forecast:
-            raise ValueError("adaptive refresh and forecast run in Python only (engine files hold the full and "
-                             "shallow graphs): export a calibrated plan instead, dc.with_schedule(dc.calibrate(...))"
-                             " with forecast=False")
+        if config.forecast or not config.policy.exportable:
+            raise ValueError(f"{type(config.policy).__name__} and forecast run in Python only (engine files hold "
+                             "fixed schedules, calibrated plans and adaptive refresh without lagged=True): export "
+                             "one of those, e.g. dc.with_schedule(dc.calibrate(...)), with forecast=False")
         return export_deepcache(self, directory, format, **options)
 
     def with_schedule(self, policy: RefreshPolicy) -> "DeepCacheUNet":
@@ -373,3 +373,4 @@ class DeepCacheUNet(nn.Module):
         else:
             cache.dynamic.move_to_end(key)
         return cache.put(cache.pairs, call.signature, pair)
+
