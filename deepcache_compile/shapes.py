@@ -47,6 +47,8 @@ class ShapeRanges:
         default = (2 * multiple, max(2 * sample_size, 8 * multiple))
         ranges = cls(tuple(batch or (1, 16)), tuple(height or default), tuple(width or default), multiple)
         for name, (lo, hi) in (("height", ranges.height), ("width", ranges.width)):
+            if lo == hi and lo % multiple == 0 and lo >= multiple:
+                continue  # one size: that dimension stays static (transformers, see runtime.pair.shape_ranges)
             if not (2 * multiple <= lo and hi // multiple > lo // multiple):
                 raise ValueError(f"{what}: {name}=({lo}, {hi}) is not a usable range: it needs 2*{multiple} <= min "
                                  f"and at least two multiples of {multiple} (e.g. {name}=({2 * multiple}, "
@@ -76,16 +78,20 @@ class ShapeRanges:
         be appended): the batch symbol on batched dimensions, spatial symbols `multiple` pixels each."""
         sample = tensors[0]
         b = torch.export.Dim("batch", min=self.batch[0], max=self.batch[1])
-        h = torch.export.Dim("height", min=self.height[0] // self.multiple, max=self.height[1] // self.multiple)
-        w = torch.export.Dim("width", min=self.width[0] // self.multiple, max=self.width[1] // self.multiple)
+        h = torch.export.Dim("height", min=self.height[0] // self.multiple, max=self.height[1] // self.multiple) \
+            if self.height[0] < self.height[1] else None
+        w = torch.export.Dim("width", min=self.width[0] // self.multiple, max=self.width[1] // self.multiple) \
+            if self.width[0] < self.width[1] else None
         dims = []
         for t in tensors:
             spec: dict[int, Any] = {}
             if _batched(t, sample):
                 spec[0] = b
             if t.dim() >= 4 and t.shape[-2] * self.multiple >= sample.shape[-2]:  # 1 x 1 (broadcast) stays 1
-                spec[t.dim() - 2] = h * (t.shape[-2] * self.multiple // sample.shape[-2])
-                spec[t.dim() - 1] = w * (t.shape[-1] * self.multiple // sample.shape[-1])
+                if self.height[0] < self.height[1]:  # a one-size range stays static
+                    spec[t.dim() - 2] = h * (t.shape[-2] * self.multiple // sample.shape[-2])
+                if self.width[0] < self.width[1]:
+                    spec[t.dim() - 1] = w * (t.shape[-1] * self.multiple // sample.shape[-1])
             dims.append(spec or None)
         return tuple(dims)
 

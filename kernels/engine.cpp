@@ -84,10 +84,16 @@ at::Tensor Engine::run(Generation& generation, std::vector<at::Tensor> inputs) {
   auto& cache = generation.caches[slot];
   if (!cache || schedule.is_full(step)) {
     auto out = full_->run(inputs);
+    if (manifest_.forecast) generation.extrapolations[slot].full(out.at(1), step);
     generation.end(slot, out.at(1));
     return out.at(0);
   }
   inputs.push_back(*cache);
+  if (manifest_.forecast) {
+    auto [slope, steps] = generation.extrapolations[slot].inputs(step);
+    inputs.push_back(slope);
+    inputs.push_back(steps);
+  }
   auto out = shallow_->run(inputs);
   generation.end(slot, std::nullopt);
   return out.at(0);

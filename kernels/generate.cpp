@@ -6,7 +6,8 @@
 // ENGINE_DIR is an `aoti` export with the scheduler's config beside the engines (dc.export(...,
 // scheduler=pipe.scheduler) writes `scheduler_config.json` and lists it in the manifest); --scheduler runs
 // another sampler's config instead (DDIMScheduler, EulerDiscreteScheduler or DPMSolverMultistepScheduler, see
-// scheduler.h: the graphs do not depend on it). INPUTS holds `sample` (the initial noise, scaled here by the
+// scheduler.h: the graphs do not depend on it). INPUTS holds `sample` (the initial noise, passed as the model's
+// first input: a U-Net's `sample`, a transformer's `hidden_states`; scaled here by the
 // scheduler's init_noise_sigma as diffusers' pipelines do) and the other U-Net inputs by their manifest names;
 // with --guidance > 1 (classifier-free guidance) those conditioning inputs hold the unconditional rows first,
 // then the conditional ones, and the U-Net runs once per step on the doubled batch. OUT receives `sample`, the
@@ -102,8 +103,9 @@ void check_inputs(const deepcache::Manifest& manifest, const std::map<std::strin
   std::set<std::string> known = {"sample"};
   for (const auto& spec : manifest.inputs) {
     known.insert(spec.name);
-    if (spec.name == "sample" || spec.name == "timestep") {
-      if (spec.name == "sample" && sample.dim() != spec.rank)
+    const bool is_sample = &spec == &manifest.inputs.front();
+    if (is_sample || spec.name == "timestep") {
+      if (is_sample && sample.dim() != spec.rank)
         throw std::invalid_argument(file + ": sample has " + std::to_string(sample.dim()) + " dimensions, the export " +
                                     "takes " + std::to_string(spec.rank));
       continue;
@@ -151,11 +153,13 @@ int main(int argc, char** argv) try {
     const auto model_input = scheduler->scale_model_input(cfg ? at::cat({latents, latents}) : latents, i);
     std::vector<at::Tensor> call;
     for (const auto& spec : manifest.inputs) {
-      if (spec.name == "sample") call.push_back(model_input);
+      if (&spec == &manifest.inputs.front()) call.push_back(model_input);  // the sample (U-Net) or hidden_states
       else if (spec.name == "timestep") call.push_back(scheduler->timestep(i));
       else call.push_back(inputs.at(spec.name));
     }
     at::Tensor noise = engine.run(std::move(call));
+    if (noise.size(1) == 2 * latents.size(1))  // a learned-variance model (DiT, PixArt): its noise half, as
+      noise = noise.chunk(2, 1)[0];             // diffusers' pipelines take it
     if (cfg) {
       auto halves = noise.chunk(2);
       noise = halves[0] + options.guidance * (halves[1] - halves[0]);

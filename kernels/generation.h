@@ -5,7 +5,7 @@
 // device sync (a CPU tensor); for device timesteps the caller calls reset() between generations.
 #pragma once
 
-#include <ATen/Tensor.h>
+#include <ATen/ATen.h>
 
 #include <optional>
 #include <string>
@@ -14,6 +14,23 @@
 
 namespace deepcache {
 
+// One slot's forecast inputs (runtime/generation.py's Extrapolation): the cached tensor's change per step between
+// its last two full steps, and the step of the last one.
+struct Extrapolation {
+  std::optional<at::Tensor> cache, slope;
+  int step = 0;
+
+  void full(const at::Tensor& value, int at_step) {
+    slope = cache ? (value - *cache).div_(at_step - step) : at::zeros_like(value);  // one full step: plain reuse
+    cache = value;
+    step = at_step;
+  }
+  // (slope, steps since the last full step) for a shallow step.
+  std::pair<at::Tensor, at::Tensor> inputs(int at_step) const {
+    return {*slope, at::full({}, double(at_step - step), slope->options())};
+  }
+};
+
 struct GenerationState {
   explicit GenerationState(int calls_per_step) : calls_per_step(calls_per_step) { reset(); }
 
@@ -21,6 +38,7 @@ struct GenerationState {
     calls = 0;
     caches.assign(calls_per_step, std::nullopt);
     probes.assign(calls_per_step, std::nullopt);
+    extrapolations.assign(calls_per_step, Extrapolation{});
     drift.assign(calls_per_step, 0.0);
     shallow_run.assign(calls_per_step, 0);
     history.clear();
@@ -54,6 +72,7 @@ struct GenerationState {
   std::vector<std::optional<at::Tensor>> probes;
   std::vector<double> drift;
   std::vector<int> shallow_run;
+  std::vector<Extrapolation> extrapolations;  // forecast, per slot
   std::string history;  // one letter per call of this generation: F full, S shallow
   std::string signature;
   std::optional<double> last_timestep;

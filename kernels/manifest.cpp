@@ -211,6 +211,7 @@ Manifest read_manifest(const fs::path& directory, const std::vector<std::string>
   m.branch = j.at("branch").get<int>();
   m.schedule = schedule_from_json(j);
   m.calls_per_step = j.at("calls_per_step").get<int>();
+  m.forecast = j.value("forecast", false);
   if (j.contains("policy") && !j["policy"].is_null()) {
     const auto& p = j["policy"];
     if (p.at("name") != "adaptive")

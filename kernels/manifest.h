@@ -56,6 +56,7 @@ struct Manifest {
   Schedule schedule;
   int calls_per_step = 1;
   std::optional<AdaptivePolicy> policy;  // set: the export holds head/deep/tail packages, not full/shallow
+  bool forecast = false;                 // the shallow package also takes (slope, steps): see generation.h
   std::vector<InputSpec> inputs;
   ShapeRanges ranges{};
   std::map<std::string, std::vector<std::string>> files;  // part -> file names

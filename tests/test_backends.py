@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deepcache_compile import compile_deepcache
-from deepcache_compile.runtime.backends import available_backends, get_backend, register_backend
+from deepcache_compile.runtime.backends import available_backends, get_backend, register_backend, registered_backend
 
 from conftest import make_call, make_unet
 
@@ -80,8 +80,12 @@ def _shallow_off_by_one_percent(gm, example_inputs, options):
 
 
 def test_a_miscompiled_graph_is_caught_at_compile_time():
-    if "wrong-shallow" not in available_backends():
-        register_backend("wrong-shallow", _shallow_off_by_one_percent)
+    with registered_backend("wrong-shallow", _shallow_off_by_one_percent):
+        _check_the_miscompilation_is_caught()
+    assert "wrong-shallow" not in available_backends()  # the scoped registration is gone
+
+
+def _check_the_miscompilation_is_caught():
     unet = make_unet("ddpm-class")
     call = make_call(unet, batch=2)
     with pytest.raises(RuntimeError, match=r"wrong-shallow backend's shallow graph differs from the eager graph "
@@ -134,8 +138,12 @@ def test_outputs_a_graph_overwrites_are_never_kept(declare):
     """The cache of a full step must survive the shallow steps after it, and with separate CFG calls the first
     call's sample must survive the second call: with `static_outputs` declared the pair copies them (equal to the
     eager pair), without it the replayed buffers are visibly overwritten (this test can fail)."""
+    with registered_backend(f"replayed-{declare}", lambda gm, inputs, options, **shapes: _GraphReplay(gm, declare)):
+        _check_replayed_outputs(declare)
+
+
+def _check_replayed_outputs(declare: bool) -> None:
     name = f"replayed-{declare}"
-    register_backend(name, lambda gm, inputs, options, **shapes: _GraphReplay(gm, declare))
     unet = make_unet("ddpm-class")
     first, second = make_call(unet, batch=2, seed=1), make_call(unet, batch=2, seed=2)
     replayed = compile_deepcache(unet, branch=1, interval=3, backend=name, calls_per_step=2, verify=False)

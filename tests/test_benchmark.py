@@ -32,7 +32,7 @@ def test_bench_writes_rows_table_and_plot_for_each_dtype(tmp_path, capsys):
         run = [r for r in rows if r["run_dtype"] == dtype]
         names = [r["name"] for r in run]
         assert names[0] == "unet-eager fp32"  # the common reference row of every dtype's run
-        assert "deepcache eager bf16 uniform N=2" in names or dtype == "fp32"
+        assert f"deepcache eager {dtype} uniform N=2" in names and f"deepcache eager {dtype} uniform N=3" in names
         assert ("unet-eager bf16" in names) == (dtype == "bf16")
         helpers = {r["interval"]: r["median_s"] for r in run if r["name"].startswith("reference-helper")}
         assert sorted(helpers) == [2, 3]
@@ -69,14 +69,11 @@ def test_a_backend_that_fails_gives_a_row_with_its_error_and_the_others_still_ru
     def broken(gm, example_inputs, options, **shapes):
         raise RuntimeError("no kernel for this dtype")
 
-    backends.register_backend("broken-for-bench", broken)
-    try:
+    with backends.registered_backend("broken-for-bench", broken):
         rows = run_benchmark(BenchOptions(preset="tiny-sd", resolution=64, steps=2, intervals=(2,),
                                           schedules=("uniform",), backends=("broken-for-bench", "eager"),
                                           dtypes=("fp32",), baselines=(), repeats=1, min_run_time=0.05,
                                           out=str(tmp_path)))
-    finally:
-        backends._REGISTRY.pop("broken-for-bench")
     failed = [r for r in rows if r["backend"] == "broken-for-bench"]
     assert len(failed) == 1 and "no kernel for this dtype" in failed[0]["error"] and "median_s" not in failed[0]
     assert [r["name"] for r in rows if "median_s" in r] == ["unet-eager fp32", "deepcache eager fp32 uniform N=2"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from deepcache_compile.eval.cli import main
 
 
@@ -46,11 +48,16 @@ def test_analyze_writes_the_heatmap_and_a_suggestion(tmp_path, capsys):
         sim = torch.tensor(record["similarity"][str(b)])
         best = min(((0, *r) for r in itertools.combinations(range(1, 10), 2)), key=lambda p: reuse_drift(sim, p))
         assert f"3 full steps of 10 at branch {b}" in out and str(list(best)) in out
-    # The printed suggestion is the best of the recorded candidates above the threshold (or the error, if none).
-    ok = [c for c in record["candidates"] if c["reuse_similarity"] >= 0.997]
-    if ok:
-        best = max(ok, key=lambda c: (c["mac_speedup"], -c["branch"]))
-        assert f"suggestion: branch={best['branch']}, interval={best['interval']}:" in out
-    else:
-        assert "suggestion: no branch keeps its cached feature above" in out
+    # Each candidate's reuse similarity, recomputed from the recorded matrices: the 10th percentile over the
+    # shallow steps of a uniform 1:N schedule of their similarity to the full step they reuse.
+    for c in record["candidates"]:
+        sim = torch.tensor(record["similarity"][str(c["branch"])])
+        full = set(range(0, 10, c["interval"]))
+        reused = [sim[t, max(f for f in full if f <= t)].item() for t in range(10) if t not in full]
+        # (the record keeps 5 decimals of each similarity)
+        assert c["reuse_similarity"] == pytest.approx(torch.quantile(torch.tensor(reused), 0.1).item(), abs=1e-5)
+    # On the shipped digits model at 10 steps no candidate keeps its feature above 0.997 (the largest interval
+    # steps are too far apart): the suggestion is the refusal, naming the threshold.
+    assert max(c["reuse_similarity"] for c in record["candidates"]) < 0.997
+    assert "suggestion: no branch keeps its cached feature above cosine similarity 0.997" in out
     assert (tmp_path / "sim.png").stat().st_size > 1000

@@ -211,8 +211,10 @@ def test_export_errors():
         dc.export("/tmp/never", format="trt", example=make_call(unet))
     with pytest.raises(ValueError, match=r"the pt2 format: options \['fp16'\] are unknown; it takes no options"):
         dc.export("/tmp/never", format="pt2", example=make_call(unet), fp16=True)
-    with pytest.raises(ValueError, match=r"height=\(8, 8\) is not a usable range"):
-        dc.export("/tmp/never", format="pt2", example=make_call(unet, height=8, width=8), height=(8, 8))
+    with pytest.raises(ValueError, match=r"height=\(8, 9\) is not a usable range"):
+        dc.export("/tmp/never", format="pt2", example=make_call(unet, height=8, width=8), height=(8, 9))
+    with pytest.raises(ValueError, match=r"height=\(16, 16\) is one size, and the example's height is 8"):
+        dc.export("/tmp/never", format="pt2", example=make_call(unet, height=8, width=8), height=(16, 16))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines need a CUDA GPU")

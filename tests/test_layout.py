@@ -86,8 +86,13 @@ def test_loading_an_engine_imports_no_graph_pass_and_no_diffusers():
 
 
 def test_public_api_is_importable_by_name():
+    """Every public name is the object of that name defined in its home module (the lazy table points right)."""
+    import importlib
+
     for name in deepcache_compile.__all__:
-        assert getattr(deepcache_compile, name) is not None
+        value = getattr(deepcache_compile, name)
+        home = importlib.import_module(deepcache_compile._EXPORTS[name], "deepcache_compile")
+        assert value.__name__ == name and value.__module__ == home.__name__, (name, value)
     with pytest.raises(AttributeError, match="no attribute 'compile'"):
         deepcache_compile.compile  # noqa: B018
 

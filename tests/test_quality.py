@@ -113,13 +113,13 @@ def test_bf16_evaluation_scores_the_reduced_precision_against_fp32(tmp_path):
 def test_deepcache_rows_run_on_the_chosen_backend(tmp_path):
     """`backend` (with options, as bench takes them) compiles the DeepCache rows: a registered backend that runs
     the graphs as they are gets the options, and its rows score what the eager rows score."""
-    from deepcache_compile.runtime.backends import register_backend
+    from deepcache_compile.runtime.backends import registered_backend
 
     seen = []
-    register_backend("quality-probe", lambda gm, inputs, options: seen.append(dict(options)) or gm)
     common = dict(steps=(4,), intervals=(2,), branches=(0,), schedules=("uniform",), samples=8)
     eager = evaluate_quality(QualityOptions(**common, out=str(tmp_path / "eager")))
-    probed = evaluate_quality(QualityOptions(**common, backend="quality-probe:tag='x'", out=str(tmp_path / "p")))
+    with registered_backend("quality-probe", lambda gm, inputs, options: seen.append(dict(options)) or gm):
+        probed = evaluate_quality(QualityOptions(**common, backend="quality-probe:tag='x'", out=str(tmp_path / "p")))
     ours, reference = (next(r for r in rows if r["kind"] == "deepcache") for rows in (probed, eager))
     assert seen and all(options == {"tag": "x"} for options in seen)
     assert ours["backend"] == "quality-probe:tag='x'" and "quality-probe" in ours["name"]

@@ -249,8 +249,8 @@ def test_bad_calibration_runs_and_policies_are_refused(tiny):
         dc.with_schedule(AdaptiveRefresh())
     with pytest.raises(ValueError, match="refresh='calibrated' is not a refresh policy"):
         compile_deepcache(unet, branch=1, refresh="calibrated")
-    with pytest.raises(ValueError, match="export a calibrated plan instead"):
-        compile_deepcache(unet, branch=1, refresh="adaptive").export("unused")
+    with pytest.raises(ValueError, match="AdaptiveRefresh runs in Python only"):
+        compile_deepcache(unet, branch=1, refresh=AdaptiveRefresh(lagged=True)).export("unused")
     with pytest.raises(ValueError, match="belongs to an explicit schedule of its own step count"):
         Schedule("explicit", steps=(0, 2), num_inference_steps=5, calibration=Calibration((1.0, 2.0), (8, 8)))
 
@@ -281,3 +281,19 @@ def test_calibrated_plan_exports_into_the_manifest(tmp_path):
     assert engine.history == planned.history
     with pytest.raises(ValueError, match="the plan was made for 6 steps"):
         ddim_loop(engine, call, 8)
+
+
+def test_forecast_exports_and_the_engine_extrapolates_as_the_module_does(tmp_path):
+    from deepcache_compile import load_deepcache
+    from deepcache_compile.eval.digits import load_digits_model
+
+    unet, scheduler = load_digits_model()
+    dc = compile_deepcache(unet, branch=1, interval=3, forecast=True)
+    dc.export(tmp_path, format="pt2", example={"sample": torch.randn(2, 1, 16, 16), "timestep": torch.tensor(999)},
+              batch=(1, 4), height=(8, 32), width=(8, 32))
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    engine = load_deepcache(tmp_path)
+    ours, exported = (ddim_loop(m, {"sample": noise}, 10, scheduler) for m in (dc, engine))
+    plain = ddim_loop(compile_deepcache(unet, branch=1, interval=3), {"sample": noise}, 10, scheduler)
+    torch.testing.assert_close(exported, ours, rtol=1e-5, atol=1e-5)
+    assert engine.history == "FSSFSSFSSF" and (ours - plain).abs().max() > 1e-3  # the extrapolation ran

@@ -72,7 +72,8 @@ class DeepCacheEngine(nn.Module):
             self._graphs = StepGraphs(None, None, three=three)
             self.schedule = AdaptiveRefresh(threshold=policy["threshold"], max_skip=policy["max_skip"])
         else:
-            self._graphs = StepGraphs(self._parts.get("full"), self._parts.get("shallow"))
+            self._graphs = StepGraphs(self._parts.get("full"), self._parts.get("shallow"),
+                                      forecast=bool(manifest.get("forecast")))
             self.schedule = Schedule(**{**manifest["schedule"], "steps": tuple(manifest["schedule"]["steps"])})
         self.config = EngineConfig(manifest["unet"]["config"])
         self.ranges = ShapeRanges.from_manifest(manifest["ranges"])
@@ -168,6 +169,7 @@ def _lookup(given: dict, name: str):
 
 
 def _refuse_extra(given: dict, known: set[str]) -> None:
-    extra = [k for k, v in given.items() if v is not None and k not in known and not (isinstance(v, dict) and not v)]
+    extra = [k for k, v in given.items() if v is not None and k not in known
+             and not (isinstance(v, dict) and all(x is None for x in v.values()))]  # {} or {"resolution": None}
     if extra:
         raise ValueError(f"inputs {extra} were not part of the exported call: export again with them, or drop them")

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from ..calls import CallFlattener, FlatCall
-from ..graph.attention import with_native_attention
+from ..graph.passes import PassOptions, apply_passes
 from ..graph.partition import split_at_branch, split_three
 from ..graph.trace import export_program, trace_unet
 from ..kernels import native_ops
 from ..options import check_options
+from ..runtime.generation import keep_cache
 from ..runtime.pair import dynamic_example, select_branch, shape_ranges
 from ..schedule import nonuniform_full_steps
 from ..shapes import ShapeRanges
@@ -38,6 +39,7 @@ __all__ = ["export_deepcache"]
 
 _IO = {"full": PartIO(outputs=("out_sample", "cache_out"), inputs=()),
        "shallow": PartIO(outputs=("out_sample",), inputs=("cache",))}
+_FORECAST_INPUTS = ("slope", "steps")  # the shallow graph's extra inputs with forecast (graph.passes)
 
 
 def _three_io(links: int) -> dict[str, PartIO]:
@@ -77,13 +79,17 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
     writer = get_format(format)
     options = {**({"fp16": True} if fp16 else {}), **(options or {})}
     check_options(f"the {format} format", options, (*writer.WRITE_OPTIONS, *writer.GRAPH_OPTIONS))
-    attention = options.pop("attention", "auto" if "attention" in writer.GRAPH_OPTIONS else "sdpa")
+    attention = options.pop("attention", "auto") if "attention" in writer.GRAPH_OPTIONS else None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     call = _example(dc, example)
     ranges = shape_ranges(dc.unet, call, "export", batch=batch, height=height, width=width)
     programs, branch, probe = _dynamic_programs(dc, call, ranges, attention, f"the {format} export")
+    forecast = dc.deepcache_config.forecast
     parts = _IO if probe is None else _three_io(len(programs["head"].graph_signature.user_outputs))
+    if forecast:
+        parts = {**parts, "shallow": PartIO(outputs=parts["shallow"].outputs,
+                                            inputs=parts["shallow"].inputs + _FORECAST_INPUTS)}
     files = {}
     for part, program in programs.items():
         io = PartIO(inputs=call.names + parts[part].inputs, outputs=parts[part].outputs)
@@ -118,21 +124,26 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
     branch = select_branch(traced.gm, dc.deepcache_config)
     inputs = call.tensors
 
-    def export(gm, tensors):
-        return export_program(with_native_attention(gm, attention, who), tensors, ranges)
+    forecast = dc.deepcache_config.forecast
+    passes = PassOptions(forecast=forecast, attention=attention, who=who)
+
+    def export(gm, part, tensors):
+        return export_program(apply_passes(gm, part, passes), tensors, ranges)
 
     if dc.deepcache_config.policy.uses_probe:
         three = split_three(traced.gm, branch)
         with torch.no_grad():
             links = three.head(*inputs)
             (cache,) = three.deep(*inputs, *links)
-        programs = {"head": export(three.head, inputs), "deep": export(three.deep, (*inputs, *links)),
-                    "tail": export(three.tail, (*inputs, *links, cache))}
+        programs = {"head": export(three.head, "head", inputs), "deep": export(three.deep, "deep", (*inputs, *links)),
+                    "tail": export(three.tail, "tail", (*inputs, *links, cache))}
         return programs, branch, three.probe
     split = split_at_branch(traced.gm, branch)
     with torch.no_grad():
         cache = split.full(*inputs)[1]
-    return {"full": export(split.full, inputs), "shallow": export(split.shallow, (*inputs, cache))}, branch, None
+    extra = keep_cache(cache) if forecast else ()  # (slope, steps): zeros, 0 steps
+    return ({"full": export(split.full, "full", inputs),
+             "shallow": export(split.shallow, "shallow", (*inputs, cache, *extra))}, branch, None)
 
 
 def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, list[Path]], call: FlatCall,
@@ -165,14 +176,15 @@ def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, lis
         # parameters, and the probe's index among the head's outputs.
         "policy": {"name": "adaptive", "threshold": config.policy.threshold, "max_skip": config.policy.max_skip,
                    "probe": probe} if probe is not None else None,
+        # With forecast the shallow graph also takes (slope, steps): the cache's change per step between the last
+        # two full steps, and the steps since the last one (runtime.generation.Extrapolation).
+        "forecast": config.forecast,
         "calls_per_step": config.calls_per_step,
         "inputs": [{"name": n, "dtype": str(t.dtype).removeprefix("torch."), "rank": t.dim()}
                    for n, t in zip(call.names, call.tensors)],
         "outputs": {part: list(io.outputs) for part, io in parts.items()},
         "ranges": {**asdict(ranges), "units": "U-Net input pixels"},
-        "cache": {"channels": branch.cache_shape[1], "stride": sample.shape[-2] // branch.cache_shape[-2],
-                  "dtype": str(branch.cache_dtype).removeprefix("torch."),
-                  "shape": "[batch, channels, height // stride, width // stride]"},
+        "cache": _cache_rule(branch, sample),
         "unet": {"class": type(unet).__name__, "config": dict(unet.config), "dtype": str(sample.dtype),
                  "forward_params": list(CallFlattener(unet).parameters),
                  "add_embedding_in_features": add_embedding.in_features if add_embedding is not None else None},
@@ -186,3 +198,14 @@ def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, lis
         "sha256": {p.name: sha256(p) for paths in files.values() for p in paths},
         "sizes": {p.name: p.stat().st_size for paths in files.values() for p in paths},
     }
+
+
+def _cache_rule(cut, sample: torch.Tensor) -> dict:
+    """The cached tensor's shape as a function of the sample's: a U-Net feature scales with the sample; a
+    transformer residual (one resolution per export) has the batch as its only varying dimension."""
+    dtype = str(cut.cache_dtype).removeprefix("torch.")
+    shape = cut.cache_shape
+    if len(shape) == 4:
+        return {"channels": shape[1], "stride": sample.shape[-2] // shape[-2], "dtype": dtype,
+                "shape": "[batch, channels, height // stride, width // stride]"}
+    return {"dtype": dtype, "shape": "[batch, " + ", ".join(str(d) for d in shape[1:]) + "]"}

@@ -47,6 +47,7 @@ def _bench(args: argparse.Namespace) -> None:
         min_run_time=args.min_run_time,
     ))
     print(markdown_table(rows))
+    print(f"written to {args.out}/")
 
 
 def _quality(args: argparse.Namespace) -> None:
@@ -73,7 +74,7 @@ def _policies(args: argparse.Namespace) -> None:
         raise SystemExit("--policies compares policies at one branch: pass one --branch (e.g. --branch 1)")
     opts = RefreshStudyOptions(steps=tuple(args.steps), intervals=tuple(args.interval), branch=args.branch[0],
                                samples=args.samples, seed=args.seed,
-                               out=args.out if args.out != QualityOptions.out else "bench/results/refresh")
+                               out=args.out if args.out != QualityOptions.out else RefreshStudyOptions.out)
     rows = evaluate_refresh(opts)
     print(refresh_table(rows))
     print(f"written to {write_refresh_results(rows, opts)}")
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--baseline", nargs="*", default=["unet-eager", "unet-compile", "reference-helper"],
                        choices=["unet-eager", "unet-compile", "reference-helper"])
     bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--out", default="bench/results")
+    bench.add_argument("--out", default="out/bench", help="where the rows, table and plot go (git ignores out/)")
     bench.add_argument("--min-run-time", type=float, default=6.0, help="seconds per per-graph measurement")
     bench.set_defaults(func=_bench)
 
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                          help="the last this-many steps are full steps")
     quality.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                          help="run the full model and DeepCache in this precision, scored against the fp32 full "
-                              "model (default out: bench/results/quality_<dtype>)")
+                              "model (default out: out/quality_<dtype>)")
     quality.add_argument("--backend", default=Q.backend,
                          help="the DeepCache rows' backend, with options as for bench (inductor:attention='sdpa'); "
                               "the full-model rows stay eager")
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     quality.add_argument("--policies", action="store_true",
                          help="compare refresh policies (uniform, non-uniform, calibrated, adaptive, each with and "
                               "without forecast) at the budgets of the given intervals, at one --branch; writes "
-                              "bench/results/refresh/")
+                              "out/refresh/")
     quality.set_defaults(func=_quality)
 
     analyze = sub.add_parser("analyze", help="feature similarity across steps (paper Fig. 2), branch/interval hint")
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     analyze.add_argument("--budget", type=int, default=None,
                          help="also print the calibrated plan with this many full steps for each plotted branch")
     analyze.add_argument("--seed", type=int, default=0)
-    analyze.add_argument("--out", default="bench/results/similarity_digits.png")
+    analyze.add_argument("--out", default="out/similarity_digits.png", help="the heatmap (a JSON beside it)")
     analyze.set_defaults(func=_analyze)
 
     args = parser.parse_args(argv)

@@ -54,7 +54,7 @@ class QualityOptions:
     samples: int = 500
     seed: int = 0
     always_full_last: int = 0  # the last this-many steps are full (all schedules)
-    out: str = "bench/results/quality"
+    out: str = "out/quality"  # ignored by git; records pass --out bench/results/quality
     assets: str = str(ASSETS)  # the trained model and classifier (digits.save_assets)
     dtype: str = "fp32"  # the precision DeepCache (and a full-model row) run in; the reference stays fp32
     backend: str = "eager"  # the DeepCache rows' backend, with options: "inductor:attention='sdpa'"

@@ -44,7 +44,7 @@ class RefreshStudyOptions:
     seed: int = 0
     policies: tuple[str, ...] = POLICIES
     forecast: tuple[bool, ...] = (False, True)
-    out: str = "bench/results/refresh"
+    out: str = "out/refresh"  # ignored by git; records pass --out bench/results/refresh
     assets: str = str(ASSETS)
 
 

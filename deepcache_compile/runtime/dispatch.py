@@ -278,10 +278,10 @@ class DeepCacheUNet(nn.Module):
 
         self._refuse_if_released("export")
         config = self.deepcache_config
-        if config.forecast or not config.policy.exportable:
-            raise ValueError(f"{type(config.policy).__name__} and forecast run in Python only (engine files hold "
-                             "fixed schedules, calibrated plans and adaptive refresh without lagged=True): export "
-                             "one of those, e.g. dc.with_schedule(dc.calibrate(...)), with forecast=False")
+        if not config.policy.exportable or (config.forecast and config.policy.uses_probe):
+            raise ValueError(f"{type(config.policy).__name__}{' with forecast' if config.forecast else ''} runs in "
+                             "Python only (engine files carry fixed schedules and calibrated plans, with or without "
+                             "forecast, and adaptive refresh without lagged=True or forecast)")
         return export_deepcache(self, directory, format, **options)
 
     def with_schedule(self, policy: RefreshPolicy) -> "DeepCacheUNet":

@@ -15,12 +15,13 @@ from torch import nn
 
 from ..calls import FlatCall
 from ..config import DeepCacheConfig
-from ..graph.branches import downsampling_factor, find_branches
+from ..graph.branches import BranchNotFoundError, downsampling_factor, find_branches
 from ..graph.cuts import Cut, find_cuts, select_cut
-from ..graph.partition import SplitGraphs, ThreeGraphs, add_forecast, split_at_branch, split_three
+from ..graph.partition import SplitGraphs, ThreeGraphs, split_at_branch, split_three
+from ..graph.passes import PassOptions, apply_passes
 from ..graph.trace import TracedUNet, forget_last_trace, trace_unet
 from ..shapes import ShapeRanges, sample_size, with_batch
-from .backends import get_backend
+from .backends import get_backend, graph_options
 from .generation import keep_cache
 
 logger = logging.getLogger(__name__)
@@ -101,12 +102,43 @@ def select_branch(gm, config: DeepCacheConfig) -> Cut:
 
 def shape_ranges(unet: nn.Module, call: FlatCall, what: str, **ranges: tuple[int, int] | None) -> ShapeRanges:
     """`ShapeRanges` from the user's (min, max) `ranges` (batch, height, width), resolved for this U-Net: one
-    static trace of `call` finds its downsampling factor. `what` names the caller in error messages."""
+    static trace of `call` finds its downsampling factor. `what` names the caller in error messages.
+
+    Transformers (no U-Net skips; a 4-D sample cut into patches) serve one resolution per pair, the example's:
+    their token count is the product of two symbolic sizes, and diffusers' patch embeddings compute position
+    tables from the size in Python, which a trace fixes. Their batch stays dynamic."""
+    sample = call.tensors[0]
     with _fx_sources_added() as added:
-        multiple = downsampling_factor(find_branches(trace_unet(unet, call).gm), call.tensors[0].shape[-2])
+        gm = trace_unet(unet, call).gm
     _release_sources(added)
     _clear_trace_caches()
-    return ShapeRanges.resolve(multiple, sample_size(unet), **ranges, what=what)
+    try:
+        multiple = downsampling_factor(find_branches(gm), sample.shape[-2])
+    except BranchNotFoundError:
+        return _transformer_ranges(unet, sample, what, **ranges)
+    resolved = ShapeRanges.resolve(multiple, sample_size(unet), **ranges, what=what)
+    for name, (lo, hi), size in (("height", resolved.height, sample.shape[-2]), ("width", resolved.width,
+                                                                                 sample.shape[-1])):
+        if lo == hi != size:  # a one-size range stays static: the example is traced at that size
+            raise ValueError(f"{what}: {name}=({lo}, {hi}) is one size, and the example's {name} is {size}: give "
+                             f"an example of that size, or a range of sizes")
+    return resolved
+
+
+def _transformer_ranges(model: nn.Module, sample: torch.Tensor, what: str, batch=None, height=None,
+                        width=None) -> ShapeRanges:
+    patch = getattr(model.config, "patch_size", None)
+    if sample.dim() != 4 or not isinstance(patch, int):
+        raise ValueError(f"{what}: {type(model).__name__} takes a sample of shape {tuple(sample.shape)}; dynamic "
+                         "ranges cover 4-D (batch, channels, height, width) samples cut into square patches: "
+                         "compile it without dynamic= (one pair per shape)")
+    size = tuple(sample.shape[-2:])
+    for name, given, own in (("height", height, size[0]), ("width", width, size[1])):
+        if given is not None and tuple(given) != (own, own):
+            raise ValueError(f"{what}: {type(model).__name__} serves one resolution per pair, the example's: pass "
+                             f"{name}=({own}, {own}) or leave it out (another size: another pair)")
+    return ShapeRanges.resolve(patch, sample_size(model), batch=batch, height=(size[0],) * 2,
+                               width=(size[1],) * 2, what=what)
 
 
 def compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig,
@@ -132,11 +164,14 @@ def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, rang
     split = split_at_branch(traced.gm, branch)
     backend = get_backend(config.backend)
     shapes = {"ranges": ranges} if ranges is not None else {}  # static-only backends need not know the word
+    passes = PassOptions(forecast=config.forecast, who=f"the {config.backend} backend",
+                         attention=config.backend_options.get("attention", "auto")
+                         if "attention" in graph_options(config.backend) else None)
 
     compiled = []
 
-    def compile_graph(gm, inputs):
-        compiled.append(backend(gm, inputs, config.backend_options, **shapes))
+    def compile_graph(gm, part, inputs):
+        compiled.append(backend(apply_passes(gm, part, passes), inputs, config.backend_options, **shapes))
         return owned_outputs(compiled[-1])
 
     with torch.no_grad():
@@ -171,24 +206,20 @@ def owned_outputs(compiled: Callable) -> Callable:
 
 
 def _compile_two(split: SplitGraphs, inputs: tuple, compile_graph: Callable, forecast: bool) -> tuple:
-    full = compile_graph(split.full, inputs)
+    """`compile_graph(gm, part, inputs)` applies the graph passes (forecast among them) and the backend."""
+    full = compile_graph(split.full, "full", inputs)
     # The cache as the compiled full graph lays it out (Inductor may choose channels-last), so the shallow
     # graph is compiled for the tensors it will get.
     cache = full(*inputs)[1]
-    if not forecast:
-        return full, compile_graph(split.shallow, (*inputs, cache))
-    return full, compile_graph(add_forecast(split.shallow), (*inputs, cache, *keep_cache(cache)))
+    return full, compile_graph(split.shallow, "shallow", (*inputs, cache, *(keep_cache(cache) if forecast else ())))
 
 
 def _compile_three(graphs: ThreeGraphs, inputs: tuple, compile_graph: Callable, forecast: bool) -> CompiledThree:
-    head = compile_graph(graphs.head, inputs)
+    head = compile_graph(graphs.head, "head", inputs)
     links = tuple(head(*inputs))
-    deep = compile_graph(graphs.deep, (*inputs, *links))
+    deep = compile_graph(graphs.deep, "deep", (*inputs, *links))
     (cache,) = deep(*inputs, *links)
-    if forecast:
-        tail = compile_graph(add_forecast(graphs.tail), (*inputs, *links, cache, *keep_cache(cache)))
-    else:
-        tail = compile_graph(graphs.tail, (*inputs, *links, cache))
+    tail = compile_graph(graphs.tail, "tail", (*inputs, *links, cache, *(keep_cache(cache) if forecast else ())))
     return CompiledThree(graphs, head, deep, tail)
 
 

@@ -13,14 +13,16 @@ every other backend is verified against.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import fx
 
-__all__ = ["Backend", "available_backends", "choose_backend", "get_backend", "register_backend", "runnable_backends"]
+__all__ = ["Backend", "available_backends", "choose_backend", "get_backend", "graph_options", "register_backend",
+           "registered_backend", "runnable_backends"]
 
 
 class Backend(Protocol):
@@ -59,6 +61,13 @@ _FASTEST: dict[tuple[str, torch.dtype], tuple[str, ...]] = {
 _NEEDS = {"onnxruntime": "onnxruntime", "tensorrt": "torch_tensorrt"}
 
 
+def graph_options(name: str) -> tuple[str, ...]:
+    """The options of backend `name` that choose graph passes (`graph.passes`) rather than compile settings: the
+    module's `GRAPH_OPTIONS` (the inductor and aoti backends take "attention"); none for registered functions."""
+    entry = _REGISTRY.get(name)
+    return tuple(getattr(importlib.import_module(entry), "GRAPH_OPTIONS", ())) if isinstance(entry, str) else ()
+
+
 def available_backends() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
@@ -87,6 +96,21 @@ def choose_backend(device: torch.device | str, dtype: torch.dtype) -> str:
         if _installed(name):
             return name
     return "inductor"
+
+
+@contextlib.contextmanager
+def registered_backend(name: str, compile_graph: Backend) -> Iterator[str]:
+    """`register_backend` for the length of a block: the name is free again after it (tests, experiments).
+
+    Example:
+        >>> with registered_backend("mine", lambda gm, inputs, options: gm):
+        ...     dc = compile_deepcache(unet, branch=1, backend="mine")
+    """
+    register_backend(name, compile_graph)
+    try:
+        yield name
+    finally:
+        _REGISTRY.pop(name, None)
 
 
 def register_backend(name: str, compile_graph: Backend) -> None:

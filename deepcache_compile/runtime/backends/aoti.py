@@ -27,18 +27,18 @@ import torch
 from torch import fx
 
 from ...artifacts.formats import aoti
-from ...graph.attention import with_native_attention
 from ...graph.trace import export_program
 from ...options import check_options
 from ...shapes import ShapeRanges
 
 logger = logging.getLogger(__name__)
 
+GRAPH_OPTIONS = aoti.GRAPH_OPTIONS  # "attention": applied by graph.passes before the graph reaches this backend
+
 
 def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], options: dict[str, Any],
                   ranges: ShapeRanges | None = None):
-    check_options("the aoti backend", options, (*aoti.WRITE_OPTIONS, *aoti.GRAPH_OPTIONS, "share_weights"))
-    gm = with_native_attention(gm, options.get("attention", "auto"), "the aoti backend")
+    check_options("the aoti backend", options, (*aoti.WRITE_OPTIONS, *GRAPH_OPTIONS, "share_weights"))
     configs = dict(options.get("inductor_configs") or {})
     # Freezing pays on CPU with static shapes; set either way, so that the process-wide setting does not decide.
     freezing = configs.get("freezing", example_inputs[0].device.type == "cpu" and ranges is None)

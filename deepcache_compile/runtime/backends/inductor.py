@@ -5,10 +5,11 @@ Inductor's freezing folds the (shared, read-only) weights into the compiled grap
 convolution weights for oneDNN on CPU. It defaults to on for CPU inputs. A frozen graph keeps its own copy of
 the weights it uses, so moving or editing the U-Net's weights afterwards does not reach it: compile again.
 
-`attention`: "auto" (default), "native" or "sdpa". bf16 attention on CPUs with AVX512-BF16 runs on the
-project's kernel (`graph.attention`, `kernels/attention.cpp`; PyTorch's SDPA gains nothing from bf16 on CPU):
-"auto" takes it where it can run (else SDPA, and logs why), "native" requires it (an error says why it cannot
-run), "sdpa" keeps PyTorch's SDPA everywhere.
+`attention`: "auto" (default), "native" or "sdpa", a graph option (`GRAPH_OPTIONS`: the pair applies it with the
+other graph passes, `graph.passes`, before the graph reaches this backend). bf16 attention on CPUs with
+AVX512-BF16 runs on the project's kernel (`graph.attention`, `kernels/attention.cpp`; PyTorch's SDPA gains
+nothing from bf16 on CPU): "auto" takes it where it can run (else SDPA, and logs why), "native" requires it,
+"sdpa" keeps PyTorch's SDPA everywhere.
 
 With `ranges` (dynamic pairs) freezing defaults to off (see `compile_graph`), the batch and spatial dimensions
 are marked dynamic without duck sizing (equal sizes stay separate symbols), and the graph is compiled ahead of
@@ -25,20 +26,19 @@ import torch
 from torch import fx
 from torch.fx.experimental import _config as fx_config
 
-from ...graph.attention import with_native_attention
 from ...options import check_options
 from ...shapes import ShapeRanges, with_batch
 
 logger = logging.getLogger(__name__)
 
 _COMPILE_KEYS = {"mode", "fullgraph", "dynamic", "options"}
+GRAPH_OPTIONS = ("attention",)
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], options: dict[str, Any],
                   ranges: ShapeRanges | None = None):
-    check_options("the inductor backend", options, _COMPILE_KEYS | {"freezing", "attention"})
-    options = dict(options)
-    gm = with_native_attention(gm, options.pop("attention", "auto"), "the inductor backend")
+    check_options("the inductor backend", options, _COMPILE_KEYS | {"freezing", *GRAPH_OPTIONS})
+    options = {k: v for k, v in options.items() if k not in GRAPH_OPTIONS}  # applied by graph.passes
     # Freezing with symbolic shapes fails in torch 2.13 on some U-Nets (the digits model: an AssertionError in
     # sym_max while materializing strides), so dynamic pairs default to weights as inputs.
     freezing = options.pop("freezing", example_inputs[0].device.type == "cpu" and ranges is None)

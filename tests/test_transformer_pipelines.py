@@ -1,0 +1,200 @@
+"""`pipe.transformer = compile_deepcache(pipe.transformer, ...)` in diffusers' PixArt-Sigma, SD3 and Flux pipelines,
+built from tiny random components (the text encoders' outputs are passed as prompt embeddings: the pipelines
+need no tokenizer or text encoder then). Classifier-free guidance runs batched (two rows per call)."""
+
+from __future__ import annotations
+
+import json
+
+import diffusers
+import pytest
+import torch
+
+from deepcache_compile import compile_deepcache, load_deepcache
+from deepcache_compile.artifacts.native import library_path
+
+from conftest import make_transformer, make_transformer_call
+
+
+def _vae(latent_channels: int) -> diffusers.AutoencoderKL:
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=latent_channels,
+        norm_num_groups=4, sample_size=16, shift_factor=0.0).eval()
+
+
+def _pipeline(family: str):
+    """The pipeline and its call (prompt embeddings in place of text encoders), 16 x 16 px, 6 steps, CFG 4."""
+    transformer, gen = make_transformer(family), torch.Generator().manual_seed(3)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    common = dict(num_inference_steps=6, height=16, width=16, output_type="pt", guidance_scale=4.0)
+    if family == "pixart":
+        pipe = diffusers.PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=_vae(4), transformer=transformer,
+                                             scheduler=diffusers.DPMSolverMultistepScheduler())
+        mask = torch.ones(1, 5)
+        call = dict(prompt_embeds=randn(1, 5, 12), prompt_attention_mask=mask, negative_prompt=None,
+                    negative_prompt_embeds=randn(1, 5, 12), negative_prompt_attention_mask=mask,
+                    use_resolution_binning=False)
+    elif family == "sd3":
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=_vae(4),
+            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+            tokenizer_3=None)
+        call = dict(prompt_embeds=randn(1, 5, 12), pooled_prompt_embeds=randn(1, 10),
+                    negative_prompt_embeds=randn(1, 5, 12), negative_pooled_prompt_embeds=randn(1, 10))
+    else:  # Flux: 2x2 latent patches packed into 8-channel tokens; guidance is distilled (one row per call)
+        pipe = diffusers.FluxPipeline(transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+                                      vae=_vae(2), text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                      tokenizer_2=None)
+        call = dict(prompt_embeds=randn(1, 5, 12), pooled_prompt_embeds=randn(1, 10))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, {**common, **call}
+
+
+def _images(pipe, call) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe(**call, generator=torch.Generator().manual_seed(0)).images
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd3", "flux"])
+def test_drop_in_for_the_transformer_pipelines(family):
+    """All-full steps give the plain pipeline's images bit for bit; N=3 caches on 4 of 6 steps and changes them."""
+    pipe, call = _pipeline(family)
+    plain, transformer = _images(pipe, call), pipe.transformer
+    pipe.transformer = compile_deepcache(transformer, branch=0, interval=1)
+    assert torch.equal(_images(pipe, call), plain) and pipe.transformer.history == "FFFFFF"
+    pipe.transformer = compile_deepcache(transformer, branch=0, interval=3)
+    cached = _images(pipe, call)
+    assert pipe.transformer.history == "FSSFSS"
+    assert torch.isfinite(cached).all() and not torch.equal(cached, plain)
+    assert (cached - plain).abs().max() < 0.5  # the same image, approximately (random weights: no quality claim)
+
+
+@pytest.mark.parametrize("family", ["pixart", "flux"])
+def test_transformer_pipelines_on_inductor_equal_eager(family):
+    pipe, call = _pipeline(family)
+    transformer = pipe.transformer
+    pipe.transformer = compile_deepcache(transformer, branch=0, interval=3)
+    eager = _images(pipe, call)
+    pipe.transformer = compile_deepcache(transformer, branch=0, interval=3, backend="inductor")
+    torch.testing.assert_close(_images(pipe, call), eager, rtol=1e-3, atol=1e-3)
+    assert pipe.transformer.history == "FSSFSS"
+
+
+# Dynamic batch (one resolution per pair), the step batcher and engine files, on DiT and PixArt.
+
+def _conditions(family: str, rows: int, seed: int) -> dict:
+    call = {k: v for k, v in make_transformer_call(family, batch=rows, seed=seed).items()
+            if k not in ("hidden_states", "timestep", "added_cond_kwargs")}
+    return call
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart"])
+def test_one_dynamic_batch_pair_serves_every_batch_size_bitwise(family):
+    model = make_transformer(family)
+    dynamic = compile_deepcache(model, branch=0, interval=2, dynamic=dict(batch=(1, 4)))
+    static = compile_deepcache(model, branch=0, interval=2)
+    for rows in (2, 1, 3):
+        call = make_transformer_call(family, batch=rows)
+        for t in (900, 800):  # full, then cached
+            call["timestep"] = torch.full((rows,), t, dtype=call["timestep"].dtype)
+            assert torch.equal(dynamic(**call).sample, static(**call).sample)
+        dynamic.reset(), static.reset()
+    assert len(dynamic.pairs) == 1 and dynamic.shape_ranges.height == (8, 8)
+    with pytest.raises(ValueError, match="serves one resolution per pair, the example's: pass height=\\(8, 8\\)"):
+        compile_deepcache(model, branch=0, dynamic=dict(batch=(1, 4), height=(8, 16)))(**make_transformer_call(family))
+
+
+def test_the_step_batcher_serves_a_transformer():
+    """Requests of 1-3 rows with their own conditioning, step counts and intervals, batched per step, each equal
+    to its generation alone (1e-5)."""
+    from diffusers import DDIMScheduler
+
+    from deepcache_compile import Schedule
+    from deepcache_compile.eval.sampling import ddim_loop
+    from deepcache_compile.serve import StepBatcher
+
+    torch.manual_seed(0)  # PixArt as make_transformer builds it, predicting noise only (4 channels, no sigma)
+    model = diffusers.PixArtTransformer2DModel(
+        sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+        out_channels=4, cross_attention_dim=16, caption_channels=12, norm_num_groups=1,
+        use_additional_conditions=False).eval()
+    scheduler = DDIMScheduler()
+    alone = compile_deepcache(model, branch=0)
+    jobs = [(1, 6, 2), (2, 5, 3), (3, 7, 2), (1, 4, 3)]  # rows, steps, interval
+    noise = {job: torch.randn(job[0], 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i, job in enumerate(jobs)}
+    conditions = {job: _conditions("pixart", job[0], seed=i) for i, job in enumerate(jobs)}
+
+    def run_alone(job):
+        model_call = alone.with_schedule(Schedule("uniform", interval=job[2]))
+        return ddim_loop(lambda x, t, **kw: model_call(hidden_states=x, timestep=t.expand(x.shape[0]), **kw),
+                         {"sample": noise[job], **conditions[job]}, job[1], scheduler)
+
+    expected = {job: run_alone(job) for job in jobs}
+    batcher = StepBatcher(compile_deepcache(model, branch=0, dynamic=dict(batch=(1, 6))), scheduler)
+    requests = {job: batcher.submit(noise[job], steps=job[1], interval=job[2], **conditions[job]) for job in jobs}
+    while batcher.active:
+        batcher.tick()
+    for job, request in requests.items():
+        out, ref = request.wait(0), expected[job]
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), job
+    assert batcher.rows == sum(rows * steps for rows, steps, _ in jobs) and batcher.calls < sum(s for _, s, _ in jobs)
+
+
+def test_transformer_pt2_engine_serves_every_batch_size(tmp_path):
+    model = make_transformer("dit")
+    dc = compile_deepcache(model, branch=0, interval=2)
+    dc.export(tmp_path, format="pt2", example=make_transformer_call("dit", batch=2), batch=(1, 4))
+    manifest = json.loads((tmp_path / "deepcache.json").read_text())
+    assert manifest["ranges"]["height"] == [8, 8] and manifest["cache"]["shape"] == "[batch, 16, 16]"
+    engine = load_deepcache(tmp_path)
+    for rows in (1, 3):
+        call = make_transformer_call("dit", batch=rows)
+        for t in (900, 800, 700):
+            call["timestep"] = torch.full((rows,), t)
+            assert torch.equal(engine(**call).sample, dc(**call).sample)
+        assert engine.history == dc.history == "FSF"
+        engine.reset(), dc.reset()
+
+
+@pytest.mark.skipif(not library_path().is_file(), reason="the native runtime is not built: run `make native`")
+def test_transformer_aoti_engine_in_python_native_and_the_program(tmp_path):
+    """PixArt exported as AOTInductor packages: the Python engine, the native engine and deepcache-generate
+    (its learned-variance output halved as the pipelines do) give the same latents and the same history."""
+    import subprocess
+    from pathlib import Path
+
+    from diffusers import DDIMScheduler
+    from safetensors.torch import load_file, save_file
+
+    model, scheduler = make_transformer("pixart"), DDIMScheduler()
+    dc = compile_deepcache(model, branch=0, interval=2)
+    dc.export(tmp_path / "engine", format="aoti", example=make_transformer_call("pixart", batch=2), batch=(1, 4),
+              scheduler=scheduler)
+    noise, text = torch.randn(3, 4, 8, 8), torch.randn(3, 5, 12)
+
+    def loop(transformer):
+        steps = DDIMScheduler.from_config(scheduler.config)
+        steps.set_timesteps(6)
+        x = noise
+        for t in steps.timesteps:
+            out = transformer(hidden_states=x, encoder_hidden_states=text, timestep=t.expand(3).float()).sample
+            x = steps.step(out.chunk(2, dim=1)[0], t, x).prev_sample
+        return x, transformer.history
+
+    runs = [loop(dc), loop(load_deepcache(tmp_path / "engine")), loop(load_deepcache(tmp_path / "engine", runtime="native"))]
+    save_file({"sample": noise, "encoder_hidden_states": text}, tmp_path / "in.safetensors")
+    program = Path(__file__).parents[1] / "build" / "deepcache-generate"
+    result = subprocess.run([str(program), str(tmp_path / "engine"), str(tmp_path / "in.safetensors"),
+                             str(tmp_path / "out.safetensors"), "--steps", "6"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    runs.append((load_file(tmp_path / "out.safetensors")["sample"], result.stdout.split()[1]))
+    assert [history for _, history in runs] == ["FSFSFS"] * 4
+    for latents, _ in runs[1:]:
+        torch.testing.assert_close(latents, runs[0][0], rtol=5e-4, atol=5e-4)
+    torch.testing.assert_close(runs[3][0], runs[1][0], rtol=1e-5, atol=1e-5)  # the same packages
