@@ -204,12 +204,16 @@ def make_transformer_call(family: str, batch: int = 2, seed: int = 1, timestep: 
     return dict(hidden_states=randn(batch, 4, 2, 8, 8), encoder_hidden_states=randn(batch, 5, 12), timestep=t)
 
 
-# The fast lane (`make test-fast`, `pytest -m "not slow"`): no compiler backend, no C++ build, no SD 1.5-size
-# model. A test is slow when its module is about compiled or deployed artifacts, or its id names a compiling
-# backend or a full-size architecture.
+# The fast lane (`make test-fast`, `pytest -m "not slow"`; under 3 minutes here): no compiler backend, no C++
+# build, no SD-size layout, one case of each feature. A test is slow when its module is about compiled or
+# deployed artifacts, or its id names a compiling backend, an SD/SDXL-size layout (they run the same code as the
+# tiny ones, at 7-26 s each here), an export, or a further case of a sweep the fast lane runs once.
 _SLOW_MODULES = {"test_attention", "test_backends", "test_benchmark", "test_cli", "test_dynamic", "test_export",
                  "test_native", "test_quality", "test_ray_serve", "test_soak", "test_weights", "test_pipelines"}
-_SLOW_WORDS = ("inductor", "aoti", "onnx", "tensorrt", "native", "sd15", "sdxl-real", "compiled")
+_SLOW_WORDS = ("inductor", "aoti", "onnx", "tensorrt", "native", "sd15", "sdxl-real", "compiled",
+               "[sd]", "[sd21]", "[sdxl", "sdxl_layout", "branch_counts[sd", "export", "half_precision",
+               "controlnet", "lcm_style", "eight_threads", "from_one_recorded", "[calibrated]", "[adaptive]",
+               "[forecast]", "in_the_wrapper_and_the_engine")
 
 
 def pytest_collection_modifyitems(config, items):
