@@ -61,3 +61,13 @@ def test_analyze_writes_the_heatmap_and_a_suggestion(tmp_path, capsys):
     assert max(c["reuse_similarity"] for c in record["candidates"]) < 0.997
     assert "suggestion: no branch keeps its cached feature above cosine similarity 0.997" in out
     assert (tmp_path / "sim.png").stat().st_size > 1000
+
+
+def test_busy_machine_warning_names_the_spread():
+    from deepcache_compile.eval.sampling import busy_warning
+
+    assert busy_warning({"full": [10.0, 10.5, 10.2], "deepcache": [4.0, 4.1, 4.05]}) is None  # 5 % and 2.5 %
+    assert busy_warning({"full": [10.0], "deepcache": [4.0]}) is None  # one run: nothing to compare
+    assert busy_warning({"full": [10.0, 10.2], "deepcache": [4.0, 6.0]}) == (
+        "the machine was busy: deepcache's runs differ by 50% (full 2%); rerun on an idle machine before reading "
+        "the speedup")

@@ -23,7 +23,7 @@ import torch
 
 from ..api import compile_deepcache, list_branches
 from .presets import build_unet, example_call
-from .sampling import ddim_loop, interleaved, median, median_ms, timed
+from .sampling import busy_warning, ddim_loop, interleaved, median, median_ms, timed
 
 __all__ = ["DemoOptions", "DigitsDemoOptions", "run_demo", "run_digits_demo"]
 
@@ -61,9 +61,12 @@ def run_digits_demo(opts: DigitsDemoOptions = DigitsDemoOptions()) -> dict:
         images[name] = ddim_loop(model, {"sample": noise}, opts.steps, scheduler).clamp(-1, 1)
 
     times = interleaved({name: (lambda n=name, m=model: sample(n, m)) for name, model in
-                         (("full", unet), ("deepcache", dc))}, opts.repeats)
+                         (("full", unet), ("deepcache", dc))}, opts.repeats, progress=True)
     figures = _digits_figures(images["full"], images["deepcache"], times, opts)
     _print_digits_figures(figures, opts)
+    warning = busy_warning(times)
+    if warning:
+        print(f"\nwarning: {warning}")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, batch in images.items():
@@ -135,6 +138,7 @@ def _time_loops(unet, call: dict, opts: DemoOptions) -> None:
     n_full = len(compile_deepcache(unet, branch=opts.loop_branch, interval=opts.interval).full_steps(opts.steps))
     for backend in opts.backends:
         dc = compile_deepcache(unet, branch=opts.loop_branch, interval=opts.interval, backend=backend)
+        print(f"{backend:>9} compiling ...", end="\r", flush=True)  # Inductor takes minutes at SD size
         _, compile_s = timed(lambda: dc.prepare(**call))
         if backend == "inductor":
             # The baseline a user would pick instead: torch.compile of the whole U-Net, with the same freezing.
@@ -144,6 +148,9 @@ def _time_loops(unet, call: dict, opts: DemoOptions) -> None:
                              "deepcache": lambda m=dc: ddim_loop(m, call, opts.steps)}, opts.repeats)
         base_s, fast_s = median(times["unet"]), median(times["deepcache"])
         print(f"{backend:>9} {compile_s:>10.1f} {base_s:>9.2f} {fast_s:>12.2f} {base_s / fast_s:>7.2f}x {n_full:>5}")
+        warning = busy_warning(times)
+        if warning:
+            print(f"{'':>9} warning: {warning}")
 
 
 def run_demo(opts: DemoOptions = DemoOptions()) -> None:

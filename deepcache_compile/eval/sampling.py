@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler
 from torch.utils import benchmark
 from tqdm import tqdm
 
-__all__ = ["ddim_loop", "sample_loop", "interleaved", "median", "median_ms", "timed"]
+__all__ = ["ddim_loop", "sample_loop", "busy_warning", "interleaved", "median", "median_ms", "timed"]
 
 
 def ddim_loop(model: Callable, call: dict, steps: int, scheduler: DDIMScheduler | None = None) -> torch.Tensor:
@@ -80,6 +80,26 @@ def interleaved(candidates: Mapping[str, Callable[[], Any]], repeats: int, progr
         for name, fn in candidates.items():
             times[name].append(timed(fn)[1])
     return times
+
+
+BUSY_SPREAD = 0.25  # runs of one candidate further apart than this: the machine was doing something else
+
+
+def busy_warning(times: Mapping[str, list[float]]) -> str | None:
+    """A warning where the repeated runs of a candidate spread by more than `BUSY_SPREAD` (slowest / fastest - 1):
+    something else was using the machine, and a ratio of medians means little. None otherwise (or with one run).
+
+    Example:
+        >>> busy_warning({"full": [10.0, 10.2], "deepcache": [4.0, 6.0]})
+        'the machine was busy: deepcache's runs differ by 50% (full 2%); rerun on an idle machine before reading the speedup'
+    """
+    spreads = {name: max(runs) / min(runs) - 1 for name, runs in times.items() if len(runs) > 1}
+    if not spreads or max(spreads.values()) <= BUSY_SPREAD:
+        return None
+    worst = max(spreads, key=spreads.get)
+    others = ", ".join(f"{name} {spread:.0%}" for name, spread in spreads.items() if name != worst)
+    return (f"the machine was busy: {worst}'s runs differ by {spreads[worst]:.0%}" + (f" ({others})" if others else "")
+            + "; rerun on an idle machine before reading the speedup")
 
 
 def median_ms(fn: Callable[[], Any], min_run_time: float) -> float:
