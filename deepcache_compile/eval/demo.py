@@ -16,6 +16,8 @@ interleaved so that machine noise hits both alike.
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,7 +140,7 @@ def _time_loops(unet, call: dict, opts: DemoOptions) -> None:
     n_full = len(compile_deepcache(unet, branch=opts.loop_branch, interval=opts.interval).full_steps(opts.steps))
     for backend in opts.backends:
         dc = compile_deepcache(unet, branch=opts.loop_branch, interval=opts.interval, backend=backend)
-        print(f"{backend:>9} compiling ...", end="\r", flush=True)  # Inductor takes minutes at SD size
+        print(f"{backend:>9} compiling ...", end="\r", file=sys.stderr, flush=True)  # progress (minutes at SD size)
         _, compile_s = timed(lambda: dc.prepare(**call))
         if backend == "inductor":
             # The baseline a user would pick instead: torch.compile of the whole U-Net, with the same freezing.
