@@ -88,9 +88,9 @@ class ShapeRanges:
             if _batched(t, sample):
                 spec[0] = b
             if t.dim() >= 4 and t.shape[-2] * self.multiple >= sample.shape[-2]:  # 1 x 1 (broadcast) stays 1
-                if self.height[0] < self.height[1]:  # a one-size range stays static
+                if h is not None:  # a one-size range stays static
                     spec[t.dim() - 2] = h * (t.shape[-2] * self.multiple // sample.shape[-2])
-                if self.width[0] < self.width[1]:
+                if w is not None:
                     spec[t.dim() - 1] = w * (t.shape[-1] * self.multiple // sample.shape[-1])
             dims.append(spec or None)
         return tuple(dims)

@@ -75,7 +75,7 @@ at::Tensor Engine::run(Generation& generation, std::vector<at::Tensor> inputs) {
   if (timestep_index_ >= 0 && inputs[timestep_index_].device().is_cpu())
     timestep = inputs[timestep_index_].reshape(-1)[0].item<double>();  // host memory: no device sync
   auto [step, slot] = generation.begin(signature, timestep);
-  if (manifest_.policy) return run_adaptive(generation, step, slot, std::move(inputs));
+  if (manifest_.policy) return run_adaptive(generation, slot, std::move(inputs));
   const auto& schedule = manifest_.schedule;
   if (schedule.calibration) {
     const auto& shape = inputs[0].sizes();
@@ -100,8 +100,7 @@ at::Tensor Engine::run(Generation& generation, std::vector<at::Tensor> inputs) {
 }
 
 // The C++ twin of refresh.AdaptiveController.decide and runtime/generation.run_step's three-graph branch.
-at::Tensor Engine::run_adaptive(Generation& generation, int step, int slot, std::vector<at::Tensor> inputs) {
-  (void)step;
+at::Tensor Engine::run_adaptive(Generation& generation, int slot, std::vector<at::Tensor> inputs) {
   const auto& policy = *manifest_.policy;
   auto links = head_->run(inputs);
   const auto& probe = links.at(policy.probe);

@@ -58,7 +58,7 @@ class Engine {
  private:
   std::string check_inputs(std::vector<at::Tensor>& inputs);
   // Adaptive refresh: head -> [deep] -> tail, full where the probe's drift says so.
-  at::Tensor run_adaptive(Generation& generation, int step, int slot, std::vector<at::Tensor> inputs);
+  at::Tensor run_adaptive(Generation& generation, int slot, std::vector<at::Tensor> inputs);
 
   Manifest manifest_;
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> full_, shallow_, head_, deep_, tail_;

@@ -94,11 +94,16 @@ at::Tensor alphas_cumprod(const json& config, const std::string& cls) {
   return at::cumprod(1 - betas, 0);
 }
 
-void check_steps(int steps, int64_t train) {
+// Every constructor's first checks: the config's keys, then the step count against the training timesteps
+// (returned).
+int64_t checked_train_steps(const json& config, const std::string& cls, const Keys& keys, int steps) {
+  check_keys(config, cls, keys);
+  const int64_t train = config.value("num_train_timesteps", 1000);
   if (steps < 1) throw std::invalid_argument("steps=" + std::to_string(steps) + ": a generation needs 1 step or more");
   if (steps > train)
     throw std::invalid_argument("steps=" + std::to_string(steps) + " is more than the scheduler's " +
                                 std::to_string(train) + " training timesteps");
+  return train;
 }
 
 // numpy's round: halves to even (std::nearbyint in the default rounding mode).
@@ -187,9 +192,7 @@ const Keys kDDIMKeys = {
 class DDIM : public Scheduler {
  public:
   DDIM(const json& config, int steps) {
-    check_keys(config, "DDIMScheduler", kDDIMKeys);
-    train_ = config.value("num_train_timesteps", 1000);
-    check_steps(steps, train_);
+    train_ = checked_train_steps(config, "DDIMScheduler", kDDIMKeys, steps);
     steps_ = steps;
     alphas_cumprod_ = alphas_cumprod(config, "DDIMScheduler");
     final_alpha_cumprod_ = config.value("set_alpha_to_one", true) ? at::scalar_tensor(1.0, at::kFloat)
@@ -258,9 +261,7 @@ class Euler : public Scheduler {
  public:
   Euler(const json& config, int steps) {
     const std::string cls = "EulerDiscreteScheduler";
-    check_keys(config, cls, kEulerKeys);
-    const int64_t train = config.value("num_train_timesteps", 1000);
-    check_steps(steps, train);
+    const int64_t train = checked_train_steps(config, cls, kEulerKeys, steps);
     choice(config, "interpolation_type", "linear", {"linear"}, cls);
     choice(config, "timestep_type", "discrete", {"discrete"}, cls);
     prediction_ = choice(config, "prediction_type", "epsilon", {"epsilon", "v_prediction", "sample"}, cls);
@@ -283,11 +284,7 @@ class Euler : public Scheduler {
     std::vector<double> sigmas;
     for (double v : t) sigmas.push_back(interp(v, table));
     if (config.value("use_karras_sigmas", false)) {
-      const double lo = config.contains("sigma_min") && !config["sigma_min"].is_null() ? number(config, "sigma_min", 0)
-                                                                                        : sigmas.back();
-      const double hi = config.contains("sigma_max") && !config["sigma_max"].is_null() ? number(config, "sigma_max", 0)
-                                                                                        : sigmas.front();
-      sigmas = karras(lo, hi, steps);
+      sigmas = karras(number(config, "sigma_min", sigmas.back()), number(config, "sigma_max", sigmas.front()), steps);
       const auto logs = log_of(table);
       t.clear();
       for (double s : sigmas) t.push_back(float(sigma_to_t(s, logs)));
@@ -335,9 +332,7 @@ class DPMSolver : public Scheduler {
  public:
   DPMSolver(const json& config, int steps) {
     const std::string cls = "DPMSolverMultistepScheduler";
-    check_keys(config, cls, kDPMKeys);
-    const int64_t train = config.value("num_train_timesteps", 1000);
-    check_steps(steps, train);
+    const int64_t train = checked_train_steps(config, cls, kDPMKeys, steps);
     choice(config, "algorithm_type", "dpmsolver++", {"dpmsolver++"}, cls);
     order_ = config.value("solver_order", 2);
     if (order_ != 1 && order_ != 2)

@@ -148,35 +148,34 @@ def make_svd_unet_and_call():
 
 # Tiny diffusion transformers of each family the block-range cut serves (text length 5 != image tokens 16, so
 # that the image and text streams differ in shape).
-def make_transformer(family: str) -> torch.nn.Module:
+def make_transformer(family: str, **overrides) -> torch.nn.Module:
+    """A tiny random transformer of `family`; `overrides` replace entries of its config."""
     import diffusers
 
-    torch.manual_seed(0)
-    if family == "dit":
-        model = diffusers.DiTTransformer2DModel(
+    configs = {
+        "dit": (diffusers.DiTTransformer2DModel, dict(
             num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=4,
-            sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1)
-    elif family == "pixart":
-        model = diffusers.PixArtTransformer2DModel(
+            sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1)),
+        "pixart": (diffusers.PixArtTransformer2DModel, dict(
             sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
             out_channels=8, cross_attention_dim=16, caption_channels=12, norm_num_groups=1,
-            use_additional_conditions=False)
-    elif family == "sd3":
-        model = diffusers.SD3Transformer2DModel(
+            use_additional_conditions=False)),
+        "sd3": (diffusers.SD3Transformer2DModel, dict(
             sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=2,
             joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
-            pos_embed_max_size=16)
-    elif family == "flux":
-        model = diffusers.FluxTransformer2DModel(
+            pos_embed_max_size=16)),
+        "flux": (diffusers.FluxTransformer2DModel, dict(
             patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10, axes_dims_rope=(2, 2, 4))
-    elif family == "wan":
-        model = diffusers.WanTransformer3DModel(
+            num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10, axes_dims_rope=(2, 2, 4))),
+        "wan": (diffusers.WanTransformer3DModel, dict(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-            text_dim=12, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=32)
-    else:
+            text_dim=12, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=32)),
+    }
+    if family not in configs:
         raise ValueError(family)
-    return model.eval()
+    cls, config = configs[family]
+    torch.manual_seed(0)
+    return cls(**{**config, **overrides}).eval()
 
 
 TRANSFORMER_FAMILIES = ("dit", "pixart", "sd3", "flux", "wan")

@@ -8,15 +8,13 @@ state itself. Loaded with `torch.ops.load_library`, it registers the TorchScript
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import json
 import os
-import threading
 from pathlib import Path
 
 import torch
 
+from ..runtime.generation import GenerationStates
 from .engine import DeepCacheEngine, EngineOutput
 from .manifest import FORMAT_VERSION, MANIFEST, ManifestError
 from .signing import SIGNATURE
@@ -57,8 +55,9 @@ class NativeEngine(DeepCacheEngine):
 
     Concurrent generations share it as they share a `DeepCacheEngine`: each thread has a C++ generation of its
     own, and each `with engine.generation():` block a fresh one; `runners` > 1 lets that many calls run at once
-    (AOTInductor model instances over one copy of the weights; with 1 they take turns). The C++ side's errors arrive by kind: an export it refuses as `ManifestError` (read from
-    `load_error()`, not from the message), bad input as ValueError (C++ `std::invalid_argument`).
+    (AOTInductor model instances over one copy of the weights; with 1 they take turns). The C++ side's errors
+    arrive by kind: an export it refuses as `ManifestError` (read from `load_error()`, not from the message), bad
+    input as ValueError (C++ `std::invalid_argument`).
 
     Example:
         >>> pipe.unet = load_deepcache("engines/digits-b0", runtime="native")
@@ -76,39 +75,19 @@ class NativeEngine(DeepCacheEngine):
             raise ManifestError(message)
         super().__init__(json.loads(native.manifest()), None, device)  # verified by the C++ side
         self._native = native
-        self._scoped: contextvars.ContextVar = contextvars.ContextVar(f"deepcache_native_{id(self)}", default=None)
-        self._per_thread = threading.local()
-
-    def _generation(self):
-        """The C++ generation this call belongs to: the enclosing generation() block's, else this thread's."""
-        generation = self._scoped.get()
-        if generation is None:
-            generation = getattr(self._per_thread, "generation", None)
-            if generation is None:
-                generation = self._per_thread.generation = self._native.generation()
-        return generation
+        # One C++ generation per thread and per generation() block, chosen as the Python engine chooses its states
+        # (reset() and generation() are DeepCacheEngine's).
+        self._states = GenerationStates(self.manifest["calls_per_step"], new=native.generation)
 
     def forward(self, *args, return_dict: bool = True, **kwargs):
         given = dict(zip(self._params, args), **kwargs)
-        sample = self._native.run_in(self._generation(), list(self._flatten(given)))
+        sample = self._native.run_in(self._states.current(), list(self._flatten(given)))
         return EngineOutput(sample) if return_dict else (sample,)
-
-    def reset(self) -> None:
-        self._generation().reset()
-
-    @contextlib.contextmanager
-    def generation(self):
-        """A block whose calls form one generation of their own (a C++ generation; see DeepCacheEngine)."""
-        token = self._scoped.set(self._native.generation())
-        try:
-            yield
-        finally:
-            self._scoped.reset(token)
 
     @property
     def step(self) -> int:
-        return self._generation().step()
+        return self._states.current().step()
 
     @property
     def history(self) -> str:
-        return self._generation().history()
+        return self._states.current().history()

@@ -137,11 +137,13 @@ class GenerationStates:
     other's counter or cache. Threads are isolated without doing anything; within one thread (asyncio tasks,
     interleaved generations) each `with states.generation():` block gets a fresh state of its own, carried by a
     context variable, so each task that enters one is isolated too. Cost per call: a context-variable read.
+    `new` makes a fresh state (default: a `GenerationState`; the native engine's are C++ generation handles).
     """
 
-    def __init__(self, calls_per_step: int):
+    def __init__(self, calls_per_step: int, new: Callable[[], Any] | None = None):
         self.calls_per_step = calls_per_step
-        self._scoped: contextvars.ContextVar[GenerationState | None] = contextvars.ContextVar(
+        self._new = new or (lambda: GenerationState(calls_per_step))
+        self._scoped: contextvars.ContextVar[Any] = contextvars.ContextVar(
             f"deepcache_generation_{id(self)}", default=None)
         self._per_thread = threading.local()
 
@@ -151,13 +153,13 @@ class GenerationStates:
             return state
         state = getattr(self._per_thread, "state", None)
         if state is None:
-            state = self._per_thread.state = GenerationState(self.calls_per_step)
+            state = self._per_thread.state = self._new()
         return state
 
     @contextlib.contextmanager
     def generation(self) -> Iterator[GenerationState]:
         """A fresh generation for the calls inside the block (then the previous state is current again)."""
-        state = GenerationState(self.calls_per_step)
+        state = self._new()
         token = self._scoped.set(state)
         try:
             yield state

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from types import ModuleType
 
 __all__ = ["PartIO", "RANGES_KEY", "available_formats", "get_format", "ranges_text"]
@@ -45,10 +45,8 @@ class PartIO:
 def ranges_text(ranges) -> str:
     """The shape ranges a file is compiled for, as canonical JSON (sorted keys, no spaces): the same bytes the C++
     runtime's nlohmann::json::dump() makes of them, so both runtimes compare them as text."""
-    fields = {"batch": list(ranges["batch"]), "height": list(ranges["height"]), "width": list(ranges["width"]),
-              "multiple": ranges["multiple"]} if isinstance(ranges, dict) else \
-        {"batch": list(ranges.batch), "height": list(ranges.height), "width": list(ranges.width),
-         "multiple": ranges.multiple}
+    given = ranges if isinstance(ranges, dict) else asdict(ranges)  # a manifest's, or a ShapeRanges
+    fields = {key: list(given[key]) for key in ("batch", "height", "width")} | {"multiple": given["multiple"]}
     return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
 
