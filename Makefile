@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	# native: cmake, ninja and the nlohmann-json headers from PyPI, for kernels/ (OpenSSL's libcrypto comes
 	# from the system: Debian's libssl-dev).
-	$(PY) -m pip install -q -e ".[test,onnx,bench,quality,native,serve]"
+	$(PY) -m pip install -q -e ".[test,onnx,bench,quality,native,serve,int8]"
 	touch $(STAMP)
 
 demo: $(STAMP)

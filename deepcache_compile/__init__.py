@@ -26,6 +26,8 @@ _EXPORTS = {
     "ManifestError": ".artifacts.manifest",
     "AdaptiveRefresh": ".refresh",
     "CalibratedPlan": ".refresh",
+    "Int8": ".precision",
+    "record_calls": ".precision",
     "Schedule": ".schedule",
     "Step": ".schedule",
     "ShapeRanges": ".shapes",

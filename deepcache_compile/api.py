@@ -15,6 +15,7 @@ from .graph.macs import graph_macs, node_macs
 from .graph.partition import split_at_branch
 from .graph.trace import TracedUNet, trace_unet
 from .policy import RefreshPolicy, resolve_policy
+from .precision import Int8
 from .refresh import AdaptiveRefresh, CalibratedPlan
 from .runtime.backends import choose_backend
 from .runtime.dispatch import DeepCacheUNet
@@ -48,6 +49,7 @@ def compile_deepcache(
     split: str = "auto",
     forecast: bool = False,
     last_blocks: int = 0,
+    quantize: Int8 | None = None,
 ) -> DeepCacheUNet:
     """Wraps `unet` so that it runs DeepCache; use it as `pipe.unet`.
 
@@ -91,6 +93,8 @@ def compile_deepcache(
             "three".
         forecast: on shallow steps, extrapolate the cached feature from its last two full-step values.
         last_blocks: transformers: how many of the last blocks every step computes besides blocks 0..branch.
+        quantize: `Int8(record_calls(unet, run))`: int8 graphs (weights per channel, activations calibrated on the
+            recorded calls; see `precision`), on the inductor or aoti backend (eager: the float reference).
 
     Example:
         >>> pipe.unet = compile_deepcache(pipe.unet, branch=1, interval=5)
@@ -121,6 +125,7 @@ def compile_deepcache(
         split=split,
         forecast=forecast,
         last_blocks=last_blocks,
+        quantize=quantize,
     )
     return DeepCacheUNet(unet, config)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .policy import RefreshPolicy
+from .precision import INT8_BACKENDS, Int8
 from .runtime.backends import available_backends
 from .schedule import Schedule
 
@@ -43,6 +44,8 @@ class DeepCacheConfig:
             (first order, fused into the shallow graph) instead of reusing it as it is.
         last_blocks: transformers only: how many of the last blocks every step computes (0: the cached range
             runs to the last block, the first-block-cache layout; 1 or more: DBCache's Fn-Bn layout).
+        quantize: None (the model's precision) or `Int8(calls)`: int8 graphs calibrated on the recorded calls
+            (`precision`); static pairs with the full/shallow split on the eager, inductor or aoti backend.
 
     Example:
         >>> DeepCacheConfig(branch=1, schedule=Schedule("uniform", interval=5)).branch
@@ -63,6 +66,7 @@ class DeepCacheConfig:
     split: str = "auto"
     forecast: bool = False
     last_blocks: int = 0
+    quantize: Int8 | None = None
 
     @property
     def cut_options(self) -> dict[str, Any]:
@@ -107,6 +111,8 @@ class DeepCacheConfig:
         if self.policy.uses_probe and self.split == "pair":
             raise ValueError("adaptive refresh decides after the head graph ran, so it needs the three-graph split: "
                              "pass split='three' or split='auto'")
+        if self.quantize is not None:
+            self._check_int8()
         if self.dynamic is not None:
             unknown = set(self.dynamic) - {"batch", "height", "width"}
             if unknown:
@@ -117,3 +123,15 @@ class DeepCacheConfig:
                         and all(isinstance(v, int) and v >= 1 for v in value) and value[0] <= value[1]):
                     raise ValueError(f"dynamic[{key!r}]={value!r} is not a range: use a (min, max) pair of "
                                      "integers with 1 <= min <= max")
+
+    def _check_int8(self) -> None:
+        if not isinstance(self.quantize, Int8):
+            raise TypeError(f"quantize={self.quantize!r}: pass Int8(record_calls(model, run)) or None")
+        if self.backend not in INT8_BACKENDS:
+            raise ValueError(f"quantize=Int8(...) runs on the backends {INT8_BACKENDS} (Inductor lowers it to "
+                             f"oneDNN int8 kernels; eager is the float reference), not {self.backend!r}")
+        if self.dynamic is not None:
+            raise ValueError("quantize=Int8(...) compiles static pairs (calibrated per input signature): drop dynamic=")
+        if self.graphs == "three":
+            raise ValueError("quantize=Int8(...) quantizes the full/shallow pair: refresh policies that decide from "
+                             "the head graph (adaptive refresh) and split='three' are not quantized")

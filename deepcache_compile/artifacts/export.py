@@ -26,7 +26,7 @@ from ..graph.trace import export_program, trace_unet
 from ..kernels import native_ops
 from ..options import check_options
 from ..runtime.generation import keep_cache
-from ..runtime.pair import dynamic_example, select_branch, shape_ranges
+from ..runtime.pair import dynamic_example, int8_split, select_branch, shape_ranges
 from ..schedule import nonuniform_full_steps
 from ..shapes import ShapeRanges
 from .formats import PartIO, get_format
@@ -123,6 +123,8 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
     traced = trace_unet(dc.unet, call, ranges)
     branch = select_branch(traced.gm, dc.deepcache_config)
     inputs = call.tensors
+    if dc.deepcache_config.quantize is not None:  # the int8 graphs, calibrated on the recorded calls in the ranges
+        split = int8_split(dc.unet, split_at_branch(traced.gm, branch), call, dc.deepcache_config, ranges)
 
     forecast = dc.deepcache_config.forecast
     passes = PassOptions(forecast=forecast, attention=attention, who=who)
@@ -138,7 +140,8 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
         programs = {"head": export(three.head, "head", inputs), "deep": export(three.deep, "deep", (*inputs, *links)),
                     "tail": export(three.tail, "tail", (*inputs, *links, cache))}
         return programs, branch, three.probe
-    split = split_at_branch(traced.gm, branch)
+    if dc.deepcache_config.quantize is None:
+        split = split_at_branch(traced.gm, branch)
     with torch.no_grad():
         cache = split.full(*inputs)[1]
     extra = keep_cache(cache) if forecast else ()  # (slope, steps): zeros, 0 steps
@@ -179,6 +182,9 @@ def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, lis
         # With forecast the shallow graph also takes (slope, steps): the cache's change per step between the last
         # two full steps, and the steps since the last one (runtime.generation.Extrapolation).
         "forecast": config.forecast,
+        # int8 graphs (precision.Int8): weights per channel, activations calibrated on this many recorded calls.
+        "int8": {"keep": list(config.quantize.keep), "calibration_calls": len(config.quantize.calls)}
+        if config.quantize is not None else None,
         "calls_per_step": config.calls_per_step,
         "inputs": [{"name": n, "dtype": str(t.dtype).removeprefix("torch."), "rank": t.dim()}
                    for n, t in zip(call.names, call.tensors)],

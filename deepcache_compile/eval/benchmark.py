@@ -7,8 +7,13 @@ For one preset, resolution, batch and step count, and for each dtype, it measure
   one dtype's rows run interleaved repeat by repeat, so that machine noise hits all alike;
 - per-call latency of the full and shallow graphs (torch.utils.benchmark medians) per backend;
 - MACs (FlopCounterMode) of full and shallow graphs, hence each row's MAC-bound speedup and FLOPs;
-- this machine's matmul peak per dtype (a large `torch.matmul`, best of several), hence each row's roofline
-  time (its loop's FLOPs at that peak) and the fraction of it reached (roofline / measured);
+- this machine's matmul peak per dtype (a large `torch.matmul`, best of several; int8: `torch._int_mm`, int8
+  inputs and int32 sums), hence each row's roofline time (its loop's FLOPs at that peak) and the fraction of it
+  reached (roofline / measured);
+- int8 (`precision.Int8`, where torchao is installed): the fp32 U-Net quantized, calibrated on the calls of one
+  generation of the timed loop; its rows are DeepCache on the backends that lower int8 (inductor, aoti) and the
+  whole U-Net quantized the same way under `torch.compile` (the int8 model without DeepCache). Their latents
+  are compared with the fp32 references (so the column shows the int8 error, not only a miscompilation);
 - memory: what compiling each configuration added to the resident set (its own copy of the weights, packed
   kernels, ...) and the peak above the pre-run resident set while it ran (activations, workspaces);
 - dispatch efficiency = (F * t_full + S * t_shallow) / measured loop time, from the per-graph medians;
@@ -26,6 +31,7 @@ import ast
 import copy
 import csv
 import gc
+import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +43,11 @@ from diffusers import DDIMScheduler
 from tqdm import tqdm
 
 from ..api import compile_deepcache
+from ..calls import CallFlattener
+from ..graph import quantize
 from ..graph.macs import graph_macs, node_macs
+from ..graph.trace import trace_unet
+from ..precision import INT8_BACKENDS, Int8, record_calls
 from ..runtime.backends import runnable_backends
 from ..schedule import DEFAULT_CENTER, mac_speedup, make_schedule
 from .memory import peak_during, resident
@@ -72,12 +82,23 @@ class BenchOptions:
     out: str = "out/bench"  # ignored by git; the recorded runs pass --out bench/results/...
 
 
+# The precisions the benchmark compares: the float dtypes, and int8 (the fp32 model quantized, `precision.Int8`).
+PRECISIONS = (*DTYPES, "int8")
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    """The dtype the model's weights are in for a precision (int8 quantizes the fp32 model)."""
+    return torch.float32 if name == "int8" else DTYPES[name]
+
+
 def default_dtypes(device: str) -> tuple[str, ...]:
     """fp32 and the reduced precisions the device has fast kernels for: on CPU bf16 / fp16 only where oneDNN
-    reports them (AVX-512 BF16 / AMX, AVX-512 FP16); fp16 and bf16 on CUDA."""
+    reports them (AVX-512 BF16 / AMX, AVX-512 FP16), and int8 where torchao is installed; fp16 and bf16 on
+    CUDA."""
     if torch.device(device).type == "cuda":
         return ("fp32", "fp16", "bf16")
-    fast = {"bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(), "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported()}
+    fast = {"bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(), "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported(),
+            "int8": importlib.util.find_spec("torchao") is not None}
     return ("fp32", *(name for name, supported in fast.items() if supported))
 
 
@@ -102,19 +123,25 @@ def parse_backend(spec: str) -> tuple[str, dict]:
     return name, options
 
 
-def matmul_peak(dtype: torch.dtype, device: str = "cpu", largest: int = 2048, repeats: int = 10) -> float:
-    """This machine's matmul throughput in FLOP/s for `dtype`: the best of `repeats` n x n `torch.matmul` runs,
-    n doubled from 256 up to `largest` while one run takes under 50 ms (so that a dtype without fast kernels,
-    e.g. bf16 on a CPU without AVX-512 BF16, is measured in seconds, not minutes). On a shared machine a
-    neighbour's load lowers it: `run_benchmark` measures it before and after the timed runs and keeps the best."""
+def matmul_peak(dtype: torch.dtype | str, device: str = "cpu", largest: int = 2048, repeats: int = 10) -> float:
+    """This machine's matmul throughput in FLOP/s for `dtype` (or a precision name, "int8" among them): the best
+    of `repeats` n x n `torch.matmul` runs (int8: `torch._int_mm`, int8 inputs, int32 sums), n doubled from 256
+    up to `largest` while one run takes under 50 ms (so that a dtype without fast kernels, e.g. bf16 on a CPU
+    without AVX-512 BF16, is measured in seconds, not minutes). On a shared machine a neighbour's load lowers
+    it: `run_benchmark` measures it before and after the timed runs and keeps the best."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    int8 = dtype in ("int8", torch.int8)
+    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     n = 128
     while True:
         n *= 2
-        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        if int8:
+            a, b = (torch.randint(-128, 128, (n, n), dtype=torch.int8, device=device) for _ in range(2))
+        else:
+            a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
 
         def run():
-            torch.matmul(a, b)
+            torch._int_mm(a, b) if int8 else torch.matmul(a, b)
             sync()
 
         run()
@@ -175,12 +202,12 @@ def run_benchmark(opts: BenchOptions) -> list[dict]:
     dtypes = opts.dtypes or default_dtypes(opts.device)
     backends = opts.backends or runnable_backends(opts.device)
     for name in dtypes:
-        if name not in DTYPES:
-            raise ValueError(f"dtype {name!r} is unknown: choose from {sorted(DTYPES)}")
+        if name not in PRECISIONS:
+            raise ValueError(f"dtype {name!r} is unknown: choose from {PRECISIONS}")
     for spec in backends:
         parse_backend(spec)
     with torch._inductor.config.patch(freezing=True):
-        peaks = {name: matmul_peak(DTYPES[name], opts.device) for name in {"fp32", *dtypes}}
+        peaks = {name: matmul_peak(name, opts.device) for name in {"fp32", *dtypes}}
         unet32 = build_unet(opts.preset).to(opts.device)
         latent = opts.resolution // 8
         call32 = example_call(unet32, batch=opts.batch, height=latent, width=latent)
@@ -190,7 +217,7 @@ def run_benchmark(opts: BenchOptions) -> list[dict]:
             runs.append(_run_dtype(opts, name, backends, unet32, call32))
             torch._dynamo.reset()  # releases the compiled U-Net's cache entries (and their frozen weights)
             gc.collect()
-        peaks = {name: max(peak, matmul_peak(DTYPES[name], opts.device)) for name, peak in peaks.items()}
+        peaks = {name: max(peak, matmul_peak(name, opts.device)) for name, peak in peaks.items()}
         parameters = _parameters(unet32)
         rows = [row for name, candidates in zip(dtypes, runs)
                 for row in _rows(candidates, macs, peaks, parameters, opts, name)]
@@ -207,17 +234,21 @@ def _macs(unet, call: dict, branch: int) -> tuple[int, int]:
 
 def _run_dtype(opts: BenchOptions, dtype_name: str, backends, unet32, call32) -> list[_Candidate]:
     """Builds and times one dtype's candidates (interleaved); returns them with their times."""
-    dtype = DTYPES[dtype_name]
+    dtype = _torch_dtype(dtype_name)
     unet = unet32 if dtype == torch.float32 else copy.deepcopy(unet32).to(dtype)
     call = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in call32.items()}
     fp32_base = _Candidate("unet-eager fp32", lambda: ddim_loop(unet32, call32, opts.steps),
                            {"backend": "eager", "dtype": "fp32"}, opts.steps)
     candidates = [fp32_base]
+    int8 = None
+    if dtype_name == "int8":  # calibrated on one generation of the timed loop
+        int8 = Int8(record_calls(unet32, lambda: ddim_loop(unet32, call32, opts.steps)))
+        backends = [spec for spec in backends if parse_backend(spec)[0] in INT8_BACKENDS[1:]]
     bar = tqdm(total=len(backends) + 1, desc=f"compiling {dtype_name}", leave=False)
-    candidates += _baselines(unet, call, opts, dtype_name)
+    candidates += _int8_baselines(unet, call, opts, int8) if int8 else _baselines(unet, call, opts, dtype_name)
     bar.update()
     for spec in backends:
-        candidates += _deepcache_candidates(unet, call, opts, spec, dtype_name)
+        candidates += _deepcache_candidates(unet, call, opts, spec, dtype_name, int8)
         bar.update()
     bar.close()
     runnable = [c for c in candidates if c.run is not None]
@@ -298,6 +329,37 @@ def _baselines(unet, call: dict, opts: BenchOptions, dtype: str) -> list[_Candid
     return out
 
 
+def _int8_baselines(unet, call: dict, opts: BenchOptions, int8: Int8) -> list[_Candidate]:
+    """The int8 model without DeepCache: the whole U-Net traced, quantized as the DeepCache graphs are (observed,
+    calibrated on the same recorded calls, converted) and compiled with `torch.compile` (Inductor, freezing)."""
+    def build():
+        flatten = CallFlattener(unet)
+        traced = trace_unet(unet, flatten((), call))
+        observed = quantize.observe(traced.gm, int8.keep)
+        with torch.no_grad():
+            for args, kwargs in int8.calls:
+                observed(*flatten(args, kwargs).tensors)
+        compiled = torch.compile(quantize.quantize(observed))
+        loop = _FlatModel(compiled, flatten)
+        ddim_loop(loop, call, opts.steps)
+        return lambda: ddim_loop(loop, call, opts.steps)
+
+    compiled = _guarded("unet-compile int8", {"backend": "inductor", "dtype": "int8"}, opts, build)
+    compiled.reference = ("unet",)
+    return [compiled]
+
+
+class _FlatModel:
+    """A traced model's graph (flat tensors in, `(sample,)` out) called as the model: `model(**call).sample`."""
+
+    def __init__(self, graph, flatten: CallFlattener):
+        self.graph, self.flatten = graph, flatten
+
+    def __call__(self, *args, **kwargs):
+        (sample,) = self.graph(*self.flatten(args, kwargs).tensors)
+        return SimpleNamespace(sample=sample)
+
+
 def _guarded(name: str, settings: dict, opts: BenchOptions, build, full_steps: int | None = None) -> _Candidate:
     """A candidate built by `build`, with the memory it added; a failed build becomes a row with its error."""
     try:
@@ -308,13 +370,16 @@ def _guarded(name: str, settings: dict, opts: BenchOptions, build, full_steps: i
     return _Candidate(name, run, settings, full_steps or opts.steps, held=held)
 
 
-def _deepcache_candidates(unet, call: dict, opts: BenchOptions, spec: str, dtype: str) -> list[_Candidate]:
-    """One candidate per schedule and interval, all sharing one compiled pair of backend `spec`."""
+def _deepcache_candidates(unet, call: dict, opts: BenchOptions, spec: str, dtype: str,
+                          int8: Int8 | None = None) -> list[_Candidate]:
+    """One candidate per schedule and interval, all sharing one compiled pair of backend `spec` (int8: calibrated
+    on the first schedule's steps)."""
     backend, options = parse_backend(spec)
     state = {}
 
     def build():
-        dc = compile_deepcache(unet, branch=opts.branch, backend=backend, backend_options=options)
+        dc = compile_deepcache(unet, branch=opts.branch, backend=backend, backend_options=options, quantize=int8,
+                               interval=opts.intervals[0] if int8 else None)
         pair = dc.prepare(**call)
         inputs = pair.traced.example_inputs
         with torch.no_grad():
@@ -369,7 +434,7 @@ def _rows(candidates: list[_Candidate], macs: tuple[int, int], peaks: dict[str, 
                    speedup_vs_reference_helper=helpers[c.settings["interval"]] / seconds if uniform else None,
                    gflop=flops / 1e9, matmul_peak_gflops=peak / 1e9, roofline_s=flops / peak,
                    roofline_fraction=flops / peak / seconds,
-                   weights_gb=parameters * DTYPES[c.settings["dtype"]].itemsize / _GB,
+                   weights_gb=parameters * (1 if c.settings["dtype"] == "int8" else DTYPES[c.settings["dtype"]].itemsize) / _GB,
                    held_gb=c.held / _GB, peak_extra_gb=max(c.peaks) / _GB,
                    full_gmacs=full_macs / 1e9, shallow_gmacs=shallow_macs / 1e9,
                    mac_bound_speedup=mac_speedup(opts.steps, c.full_steps, shallow_macs / full_macs))

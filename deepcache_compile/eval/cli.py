@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--backend", nargs="+", default=None,
                        help="backends, optionally with options: inductor:freezing=False (default: every backend "
                             "that runs on the device)")
-    bench.add_argument("--dtype", nargs="+", default=None, choices=["fp32", "bf16", "fp16"],
-                       help="default: fp32, plus bf16 and fp16 where oneDNN has kernels for them (CPU); fp32, "
-                            "fp16 and bf16 (CUDA)")
+    bench.add_argument("--dtype", nargs="+", default=None, choices=["fp32", "bf16", "fp16", "int8"],
+                       help="default: fp32, plus bf16 and fp16 where oneDNN has kernels for them, and int8 "
+                            "(the fp32 model quantized) where torchao is installed (CPU); fp32, fp16 and bf16 (CUDA)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
     bench.add_argument("--baseline", nargs="*", default=["unet-eager", "unet-compile", "reference-helper"],
                        choices=["unet-eager", "unet-compile", "reference-helper"])
@@ -177,9 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     quality.add_argument("--seed", type=int, default=Q.seed)
     quality.add_argument("--always-full-last", type=int, default=Q.always_full_last,
                          help="the last this-many steps are full steps")
-    quality.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                         help="run the full model and DeepCache in this precision, scored against the fp32 full "
-                              "model (default out: out/quality_<dtype>)")
+    quality.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "int8"],
+                         help="run the full model and DeepCache in this precision (int8: the fp32 model quantized), "
+                              "scored against the fp32 full model (default out: out/quality_<dtype>)")
     quality.add_argument("--backend", default=Q.backend,
                          help="the DeepCache rows' backend, with options as for bench (inductor:attention='sdpa'); "
                               "the full-model rows stay eager")

@@ -17,7 +17,8 @@ DeepCache row: the step count that costs the same MACs.
 With `dtype="bf16"` (or "fp16") the full model and DeepCache run in that precision (weights, latents and the
 scheduler's arithmetic, as a pipeline in that dtype runs them) and are scored against the fp32 full model from
 the same noise: the rows "DDIM T bf16" (kind "full-lowp") give the cost of the precision alone, the DeepCache
-rows the cost of both. `backend` compiles the DeepCache rows with another backend than the eager reference
+rows the cost of both. `dtype="int8"` quantizes the fp32 model (`precision.Int8`, calibrated on one generation
+from other noise); its "full-lowp" row is the int8 model with every step full. `backend` compiles the DeepCache rows with another backend than the eager reference
 (e.g. "inductor", whose bf16 attention runs on the project's kernel, or "inductor:attention='sdpa'"): what a
 compiler changes in the images is measured the same way.
 """
@@ -35,7 +36,8 @@ import torch
 from tqdm import tqdm
 
 from ..api import compile_deepcache, list_branches
-from ..schedule import make_schedule
+from ..precision import Int8, record_calls
+from ..schedule import Schedule, make_schedule
 from .benchmark import parse_backend
 from .digits import ASSETS, digit_images, load_classifier, load_digits_model
 from .presets import DTYPES
@@ -134,18 +136,23 @@ class _Evaluation:
     """The model, the judge, the shared noise, one DeepCacheUNet per branch and the plain-DDIM runs so far."""
 
     def __init__(self, opts: QualityOptions):
-        if opts.dtype not in DTYPES:
-            raise ValueError(f"dtype={opts.dtype!r} is unknown: choose one of {sorted(DTYPES)}")
+        if opts.dtype not in (*DTYPES, "int8"):
+            raise ValueError(f"dtype={opts.dtype!r} is unknown: choose one of {sorted(DTYPES)} or 'int8'")
         self.unet, self.scheduler = load_digits_model(Path(opts.assets))
-        self.dtype, self.dtype_name = DTYPES[opts.dtype], opts.dtype
-        self.model = self.unet if opts.dtype == "fp32" else copy.deepcopy(self.unet).to(self.dtype)
+        self.dtype = torch.float32 if opts.dtype == "int8" else DTYPES[opts.dtype]
+        self.dtype_name = opts.dtype
+        self.model = self.unet if self.dtype == torch.float32 else copy.deepcopy(self.unet).to(self.dtype)
         self.judge = Judge(Path(opts.assets))
         self.noise = torch.randn(opts.samples, 1, 16, 16, generator=torch.Generator().manual_seed(opts.seed))
         self.shares = {b.index: b.mac_share for b in list_branches(self.unet, self.noise[:1], 0)}
         backend, options = parse_backend(opts.backend)
         self.backend = opts.backend
-        self.compiled = {b: compile_deepcache(self.model, branch=b, backend=backend, backend_options=options)
-                         for b in opts.branches}
+        # int8: calibrated on one generation from other noise (same batch: int8 pairs are per input signature).
+        self.int8 = None if opts.dtype != "int8" else Int8(record_calls(self.unet, lambda: ddim_loop(
+            self.unet, {"sample": torch.randn(self.noise.shape, generator=torch.Generator().manual_seed(opts.seed + 1))},
+            min(opts.steps), self.scheduler)))
+        self.compiled = {b: compile_deepcache(self.model, branch=b, backend=backend, backend_options=options,
+                                              quantize=self.int8) for b in opts.branches}
         for dc in self.compiled.values():
             dc.prepare(self.noise.to(self.dtype), torch.tensor(999))  # trace now, not inside a timed run
         self._plain: dict[tuple[int, bool], tuple[torch.Tensor, float]] = {}
@@ -156,6 +163,8 @@ class _Evaluation:
         (each run once)."""
         if (steps, low_precision) not in self._plain:
             model, dtype = (self.model, self.dtype) if low_precision else (self.unet, torch.float32)
+            if low_precision and self.int8 is not None:  # the int8 model: every step full
+                model = next(iter(self.compiled.values())).with_schedule(Schedule("uniform", interval=1))
             self._plain[steps, low_precision] = _sample(model, self.scheduler, self.noise, steps, dtype)
         return self._plain[steps, low_precision]
 

@@ -13,8 +13,9 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..calls import FlatCall
+from ..calls import CallFlattener, FlatCall
 from ..config import DeepCacheConfig
+from ..graph import quantize
 from ..graph.branches import BranchNotFoundError, downsampling_factor, find_branches
 from ..graph.cuts import Cut, find_cuts, select_cut
 from ..graph.partition import SplitGraphs, ThreeGraphs, split_at_branch, split_three
@@ -22,11 +23,11 @@ from ..graph.passes import PassOptions, apply_passes
 from ..graph.trace import TracedUNet, forget_last_trace, trace_unet
 from ..shapes import ShapeRanges, sample_size, with_batch
 from .backends import get_backend, graph_options
-from .generation import keep_cache
+from .generation import GenerationState, StepGraphs, keep_cache, run_step
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CompiledPair", "CompiledThree", "compile_pair", "shape_ranges", "release", "select_branch"]
+__all__ = ["CompiledPair", "CompiledThree", "compile_pair", "int8_split", "shape_ranges", "release", "select_branch"]
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,8 @@ def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, rang
     traced = trace_unet(unet, call, ranges)
     branch = select_branch(traced.gm, config)
     split = split_at_branch(traced.gm, branch)
+    if config.quantize is not None:
+        split = int8_split(unet, split, call, config)
     backend = get_backend(config.backend)
     shapes = {"ranges": ranges} if ranges is not None else {}  # static-only backends need not know the word
     passes = PassOptions(forecast=config.forecast, who=f"the {config.backend} backend",
@@ -187,8 +190,51 @@ def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, rang
                         forecast=config.forecast,
                         owns_weights=all(getattr(c, "owns_weights", False) for c in compiled))
     if config.backend != "eager" and config.verify:
-        verify_pair(pair, config.backend)
+        verify_pair(pair, config.backend, INT8_TOLERANCE if config.quantize is not None else None)
     return pair
+
+
+def int8_split(unet: nn.Module, split: SplitGraphs, call: FlatCall, config: DeepCacheConfig,
+                ranges: ShapeRanges | None = None) -> SplitGraphs:
+    """The pair's graphs quantized to int8 (`precision`): observed, calibrated by replaying the recorded calls of
+    this signature (given `ranges`: of every shape in them) on the config's policy, and quantized. The shallow
+    graph sees every step: on cached steps the cache as it is kept (without forecast), on full steps the fresh
+    one (so a plan without cached steps still calibrates it)."""
+    flatten = CallFlattener(unet)
+    calls = [c for c in (flatten(args, kwargs) for args, kwargs in config.quantize.calls) if _fits(c, call, ranges)]
+    if not calls:
+        shapes = [tuple(t.shape) for t in call.tensors]
+        where = f"tensor shapes {shapes}" if ranges is None else f"ranges {ranges}"
+        raise ValueError(f"int8: none of the {len(config.quantize.calls)} recorded calls has this call's input "
+                         f"signature ({where}): record generations at this size and batch (record_calls) and pass "
+                         "them in Int8(calls)")
+    keep = config.quantize.keep
+    full, shallow = quantize.observe(split.full, keep), quantize.observe(split.shallow, keep)
+
+    def observed_full(*inputs):
+        sample, cache = full(*inputs)
+        shallow(*inputs, cache)
+        return sample, cache
+
+    state = GenerationState(config.calls_per_step)
+    for recorded in calls:
+        run_step(state, config.policy, recorded, StepGraphs(full=observed_full, shallow=shallow))
+    logger.info("int8: calibrated on %d calls (%s)", len(calls), state.history)
+    return dataclasses.replace(split, full=quantize.quantize(full), shallow=quantize.quantize(shallow))
+
+
+def _fits(recorded: FlatCall, call: FlatCall, ranges: ShapeRanges | None) -> bool:
+    """Whether a recorded call runs on the graphs traced for `call`: the same signature, or, for graphs with
+    symbolic sizes, the same inputs (names, dtypes, ranks) at a shape inside `ranges`."""
+    if ranges is None:
+        return recorded.signature == call.signature
+    same = recorded.signature[0] == call.signature[0] and recorded.signature[2] == call.signature[2] and all(
+        a.dtype == b.dtype and a.dim() == b.dim() for a, b in zip(recorded.tensors, call.tensors))
+    try:
+        ranges.check(tuple(recorded.tensors[0].shape))
+    except ValueError:
+        return False
+    return same
 
 
 def owned_outputs(compiled: Callable) -> Callable:
@@ -295,9 +341,12 @@ def dynamic_example(call: FlatCall, ranges: ShapeRanges) -> FlatCall:
 # Per-call agreement a compiled graph must reach with the eager graph on the example inputs: rounding-level
 # differences pass, a miscompilation does not (relative max error, per dtype; bench/gpu_check.py's bound too).
 VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+# int8 graphs against their eager form (quantize/dequantize in float): oneDNN requantizes some outputs in int8
+# (int8 in, int8 out), where a rounding step can fall the other way.
+INT8_TOLERANCE = 5e-2
 
 
-def verify_pair(pair: CompiledPair, backend: str) -> None:
+def verify_pair(pair: CompiledPair, backend: str, tolerance: float | None = None) -> None:
     """Runs both compiled graphs once against the eager graphs; raises RuntimeError on a mismatch.
 
     Costs one eager and one compiled call of each graph, once per signature, outside the hot path.
@@ -313,7 +362,7 @@ def verify_pair(pair: CompiledPair, backend: str) -> None:
         checks = (("full", pair.full(*inputs)[0], expected), ("shallow", shallow[0], reference[0]))
     for part, actual, reference in checks:
         error = ((actual.float() - reference.float()).abs().max() / reference.float().abs().max().clamp_min(1e-6)).item()
-        if not error <= VERIFY_TOLERANCE.get(reference.dtype, 1e-3):
+        if not error <= (tolerance or VERIFY_TOLERANCE.get(reference.dtype, 1e-3)):
             raise RuntimeError(
                 f"the {backend} backend's {part} graph differs from the eager graph by {error:.3g} (relative max) "
                 f"for branch {pair.branch.index}: a miscompilation. Use another backend (see available_backends()), "

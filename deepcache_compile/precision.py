@@ -1,0 +1,77 @@
+"""int8 compiled graphs: the `Int8` option of `compile_deepcache` and `record_calls`, which records what it
+calibrates on.
+
+Static int8 needs the range of every activation it quantizes, so it is calibrated on real model calls: those of
+a few generations, recorded once from the floating-point model (`record_calls`). When a pair is compiled, its
+graphs are observed (`graph.quantize.observe`), the recorded calls of its input signature are replayed through
+them on the pair's own schedule (full steps through the full graph, the steps between through the shallow graph
+on the cache the full one kept: so the shallow graph's cache input is calibrated as it will be used), and each
+graph is quantized before the backend compiles it.
+
+Example:
+    >>> calls = record_calls(pipe.unet, lambda: pipe(prompts, num_inference_steps=10))
+    >>> pipe.unet = compile_deepcache(pipe.unet, branch=1, interval=5, backend="inductor", quantize=Int8(calls))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["Int8", "record_calls"]
+
+# Backends that lower the quantize/dequantize pairs to int8 kernels (eager runs them as the float reference).
+INT8_BACKENDS = ("eager", "inductor", "aoti")
+
+
+@dataclass(frozen=True)
+class Int8:
+    """int8 weights (per output channel) and activations (per tensor, static ranges) for the compiled graphs.
+
+    Attributes:
+        calls: recorded model calls, `(args, kwargs)` in call order (`record_calls`); the calls of each compiled
+            signature calibrate its pair. Several generations calibrate better than one (a few are enough).
+        keep: module names left in floating point (the quantizer skips their layers), e.g. ("conv_in",
+            "conv_out", "time_embedding"): the layers that lose most quality when quantized.
+    """
+
+    calls: tuple[tuple[tuple, dict], ...]
+    keep: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.calls:
+            raise ValueError("Int8(calls) needs recorded model calls to calibrate on: "
+                             "calls = record_calls(pipe.unet, lambda: pipe(prompt, num_inference_steps=10))")
+        if isinstance(self.keep, str):
+            raise TypeError(f"Int8(keep={self.keep!r}): pass a tuple of module names, e.g. ('conv_in', 'conv_out')")
+
+    def __repr__(self) -> str:
+        return f"Int8(<{len(self.calls)} calls>, keep={self.keep})"
+
+
+def record_calls(model: nn.Module, run: Callable[[], Any]) -> tuple[tuple[tuple, dict], ...]:
+    """Runs `run()` (generations through `model`, e.g. `lambda: pipe(prompt, num_inference_steps=10)`) and returns
+    every call `model` received, as detached copies of its `(args, kwargs)`, in order.
+
+    Example:
+        >>> calls = record_calls(unet, lambda: ddim_loop(unet, call, 10, scheduler))
+    """
+    calls: list[tuple[tuple, dict]] = []
+
+    def hook(module, args, kwargs):
+        calls.append(pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (args, kwargs)))
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        handle.remove()
+    if not calls:
+        raise ValueError(f"record_calls: run() never called the {type(model).__name__}: pass a function that runs "
+                         "generations through it (e.g. lambda: pipe(prompt, num_inference_steps=10))")
+    return tuple(calls)

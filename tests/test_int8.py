@@ -1,0 +1,128 @@
+"""int8 graphs (`precision.Int8`): calibration on recorded calls, what is quantized, the quality cost on the trained
+digits model, the compiled int8 kernels against the eager int8 graphs, and the refusals."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from deepcache_compile import Int8, compile_deepcache, record_calls
+from deepcache_compile.eval.digits import load_digits_model
+from deepcache_compile.eval.sampling import ddim_loop
+
+pytest.importorskip("torchao", reason="int8 needs torchao (pip install 'deepcache-compile[int8]')")
+
+from deepcache_compile.graph.quantize import quantized_ops  # noqa: E402
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def digits():
+    unet, scheduler = load_digits_model()
+    noise = torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    other = torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(1))  # calibration: other noise
+    calls = record_calls(unet, lambda: ddim_loop(unet, {"sample": other}, STEPS, scheduler))
+    full = ddim_loop(unet, {"sample": noise}, STEPS, scheduler)
+    return unet, scheduler, noise, calls, full
+
+
+def _psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
+    mse = ((images.clamp(-1, 1) - reference.clamp(-1, 1)) / 2).pow(2).mean().item()
+    return 10 * math.log10(1 / mse)
+
+
+def test_record_calls_keeps_every_call_in_order(digits):
+    unet, scheduler, noise, _, _ = digits
+    seen = []
+    handle = unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    try:
+        calls = record_calls(unet, lambda: ddim_loop(unet, {"sample": noise[:2]}, 4, scheduler))
+    finally:
+        handle.remove()
+    assert len(calls) == 4
+    assert torch.equal(calls[0][0][0], noise[:2])  # the first call gets the initial noise
+    for (args, _), sample in zip(calls, seen):
+        assert torch.equal(args[0], sample)
+    with pytest.raises(ValueError, match="never called"):
+        record_calls(unet, lambda: None)
+
+
+@pytest.mark.parametrize("keep", [(), ("conv_in", "conv_out", "time_embedding")])
+def test_every_convolution_and_linear_is_quantized_but_the_kept_ones(digits, keep):
+    unet, _, noise, calls, _ = digits
+    pair = compile_deepcache(unet, branch=1, interval=3, quantize=Int8(calls, keep=keep)).prepare(
+        noise, torch.tensor(999))
+    layers = [name for name, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+              and not any(name == k or name.startswith(k + ".") for k in keep)]
+    assert quantized_ops(pair.split.full) == len(layers)
+    assert 0 < quantized_ops(pair.split.shallow) < len(layers)
+
+
+def test_int8_deepcache_costs_little_more_than_fp32_deepcache(digits):
+    """The quality target on the trained model: int8 DeepCache within 1 dB PSNR of fp32 DeepCache (both against
+    the fp32 full model, paired by noise); the int8 full model is not the fp32 one (something was quantized)."""
+    unet, scheduler, noise, calls, full = digits
+    fp32 = ddim_loop(compile_deepcache(unet, branch=1, interval=3), {"sample": noise}, STEPS, scheduler)
+    int8 = ddim_loop(compile_deepcache(unet, branch=1, interval=3, quantize=Int8(calls)), {"sample": noise}, STEPS,
+                     scheduler)
+    int8_full = ddim_loop(compile_deepcache(unet, branch=1, interval=1, quantize=Int8(calls)), {"sample": noise},
+                          STEPS, scheduler)
+    assert _psnr(int8, full) >= _psnr(fp32, full) - 1.0
+    assert 25 < _psnr(int8_full, full) < 80
+
+
+def test_int8_refusals(digits):
+    unet, _, noise, calls, _ = digits
+    with pytest.raises(ValueError, match="record generations at this size"):
+        compile_deepcache(unet, branch=1, quantize=Int8(calls)).prepare(noise[:3], torch.tensor(999))
+    with pytest.raises(ValueError, match="runs on the backends"):
+        compile_deepcache(unet, branch=1, backend="onnxruntime", quantize=Int8(calls))
+    with pytest.raises(ValueError, match="static pairs"):
+        compile_deepcache(unet, branch=1, dynamic=True, quantize=Int8(calls))
+    with pytest.raises(ValueError, match="adaptive refresh"):
+        compile_deepcache(unet, branch=1, refresh="adaptive", quantize=Int8(calls))
+    with pytest.raises(ValueError, match="needs recorded model calls"):
+        Int8(())
+    with pytest.raises(ValueError, match="no layer of the traced graph is called 'conv_inn'"):
+        compile_deepcache(unet, branch=1, quantize=Int8(calls, keep=("conv_inn",))).prepare(noise, torch.tensor(9))
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aoti"])
+def test_int8_kernels_match_the_eager_int8_graphs(digits, backend):
+    """Inductor / AOTInductor lower the quantize/dequantize pairs to oneDNN int8 kernels: the generation equals
+    the eager int8 one (the float reference of the same quantized graphs) up to requantization rounding."""
+    unet, scheduler, noise, calls, full = digits
+    eager = ddim_loop(compile_deepcache(unet, branch=1, interval=3, quantize=Int8(calls)), {"sample": noise}, STEPS,
+                      scheduler)
+    dc = compile_deepcache(unet, branch=1, interval=3, backend=backend, quantize=Int8(calls))
+    compiled = ddim_loop(dc, {"sample": noise}, STEPS, scheduler)
+    assert _psnr(compiled, eager) > 35
+    assert _psnr(compiled, full) >= _psnr(eager, full) - 0.5
+
+
+def test_int8_aoti_export_runs_in_both_runtimes(digits, tmp_path):
+    """The int8 graphs export as AOTInductor packages with a dynamic batch (traced with symbolic sizes, calibrated
+    on the recorded calls inside the ranges); the Python and the C++ runtime run them alike."""
+    import json
+
+    from deepcache_compile import load_deepcache
+    from deepcache_compile.artifacts.native import library_path
+
+    unet, scheduler, noise, calls, full = digits
+    dc = compile_deepcache(unet, branch=1, interval=3, quantize=Int8(calls))
+    eager = ddim_loop(dc, {"sample": noise}, STEPS, scheduler)
+    path = dc.export(tmp_path, format="aoti", example={"sample": noise, "timestep": torch.tensor(999)},
+                     batch=(1, 32), height=(16, 16), width=(16, 16))
+    assert json.loads((path / "deepcache.json").read_text())["int8"] == {"keep": [], "calibration_calls": STEPS}
+    engine = load_deepcache(path)
+    exported = ddim_loop(engine, {"sample": noise}, STEPS, scheduler)
+    assert _psnr(exported, eager) > 35
+    assert _psnr(ddim_loop(engine, {"sample": noise[:4]}, STEPS, scheduler), eager[:4]) > 35  # another batch
+    if not library_path().is_file():
+        pytest.skip("the C++ runtime is not built (make native)")
+    native = ddim_loop(load_deepcache(path, runtime="native"), {"sample": noise}, STEPS, scheduler)
+    assert torch.equal(native, exported)
