@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -17,7 +18,8 @@ from .graph.trace import TracedUNet, trace_unet
 from .policy import RefreshPolicy, resolve_policy
 from .precision import Int8
 from .refresh import AdaptiveRefresh, CalibratedPlan
-from .runtime.backends import choose_backend
+from .artifacts.cache import CACHE_DIR_ENV
+from .runtime.backends import choose_backend, takes_compile_cache
 from .runtime.dispatch import DeepCacheUNet
 from .schedule import DEFAULT_CENTER, DEFAULT_POWER, make_schedule
 
@@ -50,6 +52,7 @@ def compile_deepcache(
     forecast: bool = False,
     last_blocks: int = 0,
     quantize: Int8 | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> DeepCacheUNet:
     """Wraps `unet` so that it runs DeepCache; use it as `pipe.unet`.
 
@@ -95,6 +98,10 @@ def compile_deepcache(
         last_blocks: transformers: how many of the last blocks every step computes besides blocks 0..branch.
         quantize: `Int8(record_calls(unet, run))`: int8 graphs (weights per channel, activations calibrated on the
             recorded calls; see `precision`), on the inductor or aoti backend (eager: the float reference).
+        cache_dir: a compile cache shared by processes (`artifacts.cache`; default: the `DEEPCACHE_CACHE_DIR`
+            environment variable, for the backends that take one): compiled graphs are stored under a key of
+            the weights' content, the options, shapes and versions, and a later process loads them instead of
+            compiling (aoti).
 
     Example:
         >>> pipe.unet = compile_deepcache(pipe.unet, branch=1, interval=5)
@@ -119,15 +126,24 @@ def compile_deepcache(
         max_signatures=max_signatures,
         verify=verify,
         on_weight_change=on_weight_change,
-        dynamic=_dynamic(dynamic),
+        dynamic=dynamic,
         outside_ranges=outside_ranges,
         refresh=resolve_policy(refresh),
         split=split,
         forecast=forecast,
         last_blocks=last_blocks,
         quantize=quantize,
+        cache_dir=_cache_dir(cache_dir, backend),
     )
     return DeepCacheUNet(unet, config)
+
+
+def _cache_dir(cache_dir, backend: str) -> str | None:
+    """The explicit `cache_dir`, else `DEEPCACHE_CACHE_DIR` where the backend takes a compile cache."""
+    if cache_dir is not None:
+        return os.fspath(cache_dir)
+    from_env = os.environ.get(CACHE_DIR_ENV) or None
+    return from_env if from_env and takes_compile_cache(backend) else None
 
 
 def _auto_backend(unet: nn.Module, backend_options: dict | None) -> str:
@@ -138,17 +154,6 @@ def _auto_backend(unet: nn.Module, backend_options: dict | None) -> str:
     logger.info("backend='auto' chose %s for %s %s (the fastest measured; see choose_backend)", chosen,
                 weight.device.type, str(weight.dtype).removeprefix("torch."))
     return chosen
-
-
-def _dynamic(dynamic: bool | dict) -> dict | None:
-    if dynamic is True:
-        return {}
-    if dynamic is False or dynamic is None:
-        return None
-    if not isinstance(dynamic, dict):
-        raise TypeError(f"dynamic={dynamic!r}: pass True, False, or a dict like dict(batch=(1, 8), "
-                        "height=(256, 1024), width=(256, 1024))")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in dynamic.items()}
 
 
 @dataclass(frozen=True)

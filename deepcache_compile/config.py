@@ -7,7 +7,7 @@ from typing import Any
 
 from .policy import RefreshPolicy
 from .precision import INT8_BACKENDS, Int8
-from .runtime.backends import available_backends
+from .runtime.backends import available_backends, takes_compile_cache
 from .schedule import Schedule
 
 __all__ = ["DeepCacheConfig"]
@@ -27,9 +27,9 @@ class DeepCacheConfig:
             conditional and unconditional halves: each call slot then keeps its own cache.
         max_signatures: how many input signatures (shape/dtype/optional-input sets) keep a compiled pair.
         verify: check each compiled pair once against the eager graphs (non-eager backends).
-        dynamic: None for one compiled pair per exact input shape; else the (min, max) ranges one dynamic pair
-            serves: a dict with any of "batch", "height", "width" (height/width in U-Net input pixels; defaults
-            in `ShapeRanges.resolve`), `{}` for the defaults.
+        dynamic: None (or False) for one compiled pair per exact input shape; else the (min, max) ranges one
+            dynamic pair serves: a dict with any of "batch", "height", "width" (height/width in U-Net input pixels;
+            defaults in `ShapeRanges.resolve`), `{}` (or True) for the defaults. Stored as None or a dict.
         outside_ranges: what a call the dynamic pair cannot serve gets (a size outside the ranges or not a
             multiple of the U-Net's downsampling factor): "error", or "static" (a static pair for its shape).
         on_weight_change: what a generation does when it finds the U-Net's weights changed since its pairs were
@@ -46,6 +46,8 @@ class DeepCacheConfig:
             runs to the last block, the first-block-cache layout; 1 or more: DBCache's Fn-Bn layout).
         quantize: None (the model's precision) or `Int8(calls)`: int8 graphs calibrated on the recorded calls
             (`precision`); static pairs with the full/shallow split on the eager, inductor or aoti backend.
+        cache_dir: a folder of compiled graphs shared by processes (`artifacts.cache`): a later process loads what
+            an earlier one compiled with the same weights, options, shapes and versions (the aoti backend).
 
     Example:
         >>> DeepCacheConfig(branch=1, schedule=Schedule("uniform", interval=5)).branch
@@ -60,13 +62,14 @@ class DeepCacheConfig:
     max_signatures: int = 4
     verify: bool = True
     on_weight_change: str = "recompile"
-    dynamic: dict[str, tuple[int, int]] | None = None
+    dynamic: dict[str, tuple[int, int]] | bool | None = None
     outside_ranges: str = "error"
     refresh: RefreshPolicy | None = None
     split: str = "auto"
     forecast: bool = False
     last_blocks: int = 0
     quantize: Int8 | None = None
+    cache_dir: str | None = None
 
     @property
     def cut_options(self) -> dict[str, Any]:
@@ -84,6 +87,7 @@ class DeepCacheConfig:
         return "three" if self.split == "three" or (self.split == "auto" and self.policy.uses_probe) else "pair"
 
     def __post_init__(self):
+        object.__setattr__(self, "dynamic", _ranges(self.dynamic))
         if not isinstance(self.branch, int) or isinstance(self.branch, bool) or self.branch < 0:
             raise ValueError(
                 f"branch={self.branch!r} is invalid: it must be an integer >= 0 (0 = the outermost skip, "
@@ -113,6 +117,9 @@ class DeepCacheConfig:
                              "pass split='three' or split='auto'")
         if self.quantize is not None:
             self._check_int8()
+        if self.cache_dir is not None and not takes_compile_cache(self.backend):
+            raise ValueError(f"cache_dir: the {self.backend} backend keeps no compiled files to cache; the aoti "
+                             "backend does (backend='aoti'), and engine files load without compiling (dc.export)")
         if self.dynamic is not None:
             unknown = set(self.dynamic) - {"batch", "height", "width"}
             if unknown:
@@ -135,3 +142,15 @@ class DeepCacheConfig:
         if self.graphs == "three":
             raise ValueError("quantize=Int8(...) quantizes the full/shallow pair: refresh policies that decide from "
                              "the head graph (adaptive refresh) and split='three' are not quantized")
+
+
+def _ranges(dynamic) -> dict | None:
+    """`dynamic` as stored: None (static pairs) or a dict of (min, max) tuples (True: the defaults, `{}`)."""
+    if dynamic is True:
+        return {}
+    if dynamic is False or dynamic is None:
+        return None
+    if not isinstance(dynamic, dict):
+        raise TypeError(f"dynamic={dynamic!r}: pass True, False, or a dict like dict(batch=(1, 8), "
+                        "height=(256, 1024), width=(256, 1024))")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in dynamic.items()}

@@ -89,3 +89,13 @@ def test_network_without_skip_connections_is_refused():
     dc = compile_deepcache(_NoSkips(), branch=0)
     with pytest.raises(CutNotFoundError, match=r"unet-skips \(U-Net skip connections: channel concatenations.*transformer-blocks"):
         dc(torch.randn(1, 4, 8, 8), 10)
+
+
+def test_dynamic_is_normalized_once_in_the_config():
+    from deepcache_compile import DeepCacheConfig
+
+    assert DeepCacheConfig(branch=1, dynamic=True).dynamic == {}
+    assert DeepCacheConfig(branch=1, dynamic=False).dynamic is None
+    assert DeepCacheConfig(branch=1, dynamic={"batch": [1, 4]}).dynamic == {"batch": (1, 4)}
+    with pytest.raises(TypeError, match="pass True, False, or a dict"):
+        DeepCacheConfig(branch=1, dynamic="yes")

@@ -22,6 +22,7 @@ from ..graph.partition import SplitGraphs, ThreeGraphs, split_at_branch, split_t
 from ..graph.passes import PassOptions, apply_passes
 from ..graph.trace import TracedUNet, forget_last_trace, trace_unet
 from ..shapes import ShapeRanges, sample_size, with_batch
+from ..artifacts.cache import CompileCache
 from .backends import get_backend, graph_options
 from .generation import GenerationState, StepGraphs, keep_cache, run_step
 
@@ -167,6 +168,8 @@ def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, rang
         split = int8_split(unet, split, call, config)
     backend = get_backend(config.backend)
     shapes = {"ranges": ranges} if ranges is not None else {}  # static-only backends need not know the word
+    if config.cache_dir is not None:
+        shapes["cache"] = CompileCache.at(config.cache_dir)
     passes = PassOptions(forecast=config.forecast, who=f"the {config.backend} backend",
                          attention=config.backend_options.get("attention", "auto")
                          if "attention" in graph_options(config.backend) else None)

@@ -61,6 +61,8 @@ class ServeOptions:
         batch_wait_s: how long `batching="generation"` waits to fill a batch.
         onednn_cache: entries of oneDNN's primitive caches (process and per thread; `bound_onednn_caches`),
             set when the replica starts; -1 leaves the library defaults (1,024 each, which many shapes fill).
+        cache_dir: a compile cache shared by replicas (`compile_deepcache(cache_dir=...)`, backend "aoti"; default:
+            `DEEPCACHE_CACHE_DIR`): a replica that finds its pair there loads it instead of compiling.
     """
 
     model: str = "digits"
@@ -75,6 +77,7 @@ class ServeOptions:
     threads: int = 1
     batch_wait_s: float = 0.01
     onednn_cache: int = DEFAULT_ENTRIES
+    cache_dir: str | None = None
 
     def __post_init__(self):
         if self.batching not in BATCHING:
@@ -132,7 +135,7 @@ class DeepCacheService:
         lo, hi = options.min_size or max(size // 2, 1), options.max_size or size * 2
         ranges = dict(batch=(1, options.max_batch), height=(lo, hi), width=(lo, hi))
         self.dc = compile_deepcache(self.unet, branch=options.branch, interval=options.interval,
-                                    backend=options.backend, dynamic=ranges)
+                                    backend=options.backend, dynamic=ranges, cache_dir=options.cache_dir)
         # compile the pair now (not in the first request) at the model's own size
         self.dc.prepare(sample=torch.zeros(1, self.channels, size, size), timestep=torch.zeros(1, dtype=torch.long))
         self.ranges = self.dc.shape_ranges

@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 __all__ = ["Backend", "available_backends", "choose_backend", "get_backend", "graph_options", "register_backend",
-           "registered_backend", "runnable_backends"]
+           "registered_backend", "runnable_backends", "takes_compile_cache"]
 
 
 class Backend(Protocol):
@@ -66,6 +66,13 @@ def graph_options(name: str) -> tuple[str, ...]:
     module's `GRAPH_OPTIONS` (the inductor and aoti backends take "attention"); none for registered functions."""
     entry = _REGISTRY.get(name)
     return tuple(getattr(importlib.import_module(entry), "GRAPH_OPTIONS", ())) if isinstance(entry, str) else ()
+
+
+def takes_compile_cache(name: str) -> bool:
+    """Whether backend `name` stores its compiled graphs in a compile cache (`artifacts.cache`; its module sets
+    `COMPILE_CACHE = True` and its `compile_graph` takes `cache=`): aoti."""
+    entry = _REGISTRY.get(name)
+    return isinstance(entry, str) and getattr(importlib.import_module(entry), "COMPILE_CACHE", False)
 
 
 def available_backends() -> tuple[str, ...]:

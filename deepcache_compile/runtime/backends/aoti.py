@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from ...artifacts.cache import CompileCache, graph_key
 from ...artifacts.formats import aoti
 from ...graph.trace import export_program
 from ...options import check_options
@@ -34,10 +35,11 @@ from ...shapes import ShapeRanges
 logger = logging.getLogger(__name__)
 
 GRAPH_OPTIONS = aoti.GRAPH_OPTIONS  # "attention": applied by graph.passes before the graph reaches this backend
+COMPILE_CACHE = True  # takes `cache=` (artifacts.cache): packages stored and loaded by key
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], options: dict[str, Any],
-                  ranges: ShapeRanges | None = None):
+                  ranges: ShapeRanges | None = None, cache: CompileCache | None = None):
     check_options("the aoti backend", options, (*aoti.WRITE_OPTIONS, *GRAPH_OPTIONS, "share_weights"))
     configs = dict(options.get("inductor_configs") or {})
     # Freezing pays on CPU with static shapes; set either way, so that the process-wide setting does not decide.
@@ -50,6 +52,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], 
                          "them by packed copies): pass share_weights=False for frozen graphs with their own "
                          "weights, or inductor_configs={'freezing': False} to share")
     configs["freezing"] = freezing and not share
+    if cache is not None:
+        return _cached(gm, example_inputs, options, ranges, cache, configs, share)
     program = export_program(gm, example_inputs, ranges)
     # The program's parameters and buffers are the U-Net's own tensors (export lifts them without copying).
     constants = {**program.state_dict, **program.constants} if share else None
@@ -59,4 +63,23 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], 
         runner = aoti.load(path, example_inputs[0].device, constants)
     logger.info("AOTInductor compiled %s (share_weights=%s, freezing=%s)", type(gm).__name__, share,
                 configs["freezing"])
+    return runner
+
+
+def _cached(gm: fx.GraphModule, example_inputs: tuple, options: dict, ranges, cache: CompileCache, configs: dict,
+            share: bool):
+    """The package from the compile cache, compiled into it on a miss. A package that shares the U-Net's weights
+    holds none: its constants are bound by name to the graph's own tensors, as for a fresh compile."""
+    key = graph_key("aoti", gm, example_inputs, {**options, "inductor_configs": configs, "share": share}, ranges)
+    name = "graph" + aoti.SUFFIX
+    path = cache.get(key, name) or cache.put(
+        key, name, lambda p: aoti.package(export_program(gm, example_inputs, ranges), p, configs, weights=not share))
+    constants = None
+    if share:
+        constants = {n: t for n, t in (*gm.named_parameters(), *gm.named_buffers())}
+        constants.update({n.target: getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"
+                          and isinstance(getattr(gm, n.target, None), torch.Tensor)})
+    runner = aoti.load(path, example_inputs[0].device, constants)
+    logger.info("AOTInductor %s through the compile cache in %s (share_weights=%s, freezing=%s)", type(gm).__name__,
+                cache.directory, share, configs["freezing"])
     return runner

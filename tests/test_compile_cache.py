@@ -1,0 +1,145 @@
+"""The compile cache (`artifacts.cache`): a second compile with the same key loads instead of compiling, with the
+same outputs; a changed weight or option misses; a corrupt entry is compiled again; eviction; two processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from deepcache_compile import compile_deepcache
+from deepcache_compile.artifacts import cache as compile_cache
+from deepcache_compile.artifacts.formats import aoti
+from deepcache_compile.eval.digits import load_digits_model
+
+
+@pytest.fixture(scope="module")
+def digits():
+    unet, _ = load_digits_model()
+    return unet, torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
+
+
+@pytest.fixture
+def packages(monkeypatch):
+    """Counts the AOTInductor packages compiled (a cache hit compiles none)."""
+    calls = []
+    package = aoti.package
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return package(*args, **kwargs)
+
+    monkeypatch.setattr(aoti, "package", counted)
+    return calls
+
+
+def _run(dc, sample, t):
+    with torch.no_grad():
+        full = dc(sample, t).sample
+        shallow = dc(sample, t - 10).sample
+    return full, shallow
+
+
+def test_aoti_cache_hit_miss_and_corruption(digits, packages, tmp_path):
+    unet, sample, t = digits
+    first = _run(compile_deepcache(unet, branch=1, interval=2, backend="aoti", cache_dir=tmp_path), sample, t)
+    assert len(packages) == 2  # full and shallow compiled into the cache
+    entries = compile_cache.CompileCache(tmp_path).entries()
+    assert len(entries) == 2
+
+    again = _run(compile_deepcache(unet, branch=1, interval=2, backend="aoti", cache_dir=tmp_path), sample, t)
+    assert len(packages) == 2  # both loaded
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+    # Another option (another branch: other graphs) misses.
+    compile_deepcache(unet, branch=0, interval=2, backend="aoti", cache_dir=tmp_path).prepare(sample, t)
+    assert len(packages) == 4
+
+    # A corrupt entry is detected by its recorded SHA-256, removed and compiled again, never loaded.
+    target = next(p for p in tmp_path.glob("??/*/graph.aoti.pt2"))
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    compile_deepcache(unet, branch=1, interval=2, backend="aoti", cache_dir=tmp_path).prepare(sample, t)
+    compile_deepcache(unet, branch=0, interval=2, backend="aoti", cache_dir=tmp_path).prepare(sample, t)
+    assert len(packages) == 5  # the corrupt one compiled again, the three others loaded
+    for f in tmp_path.glob("??/*/graph.aoti.pt2"):
+        assert compile_cache.sha256(f) == json.loads((f.parent / "entry.json").read_text())["sha256"][f.name]
+
+
+def test_a_changed_weight_misses(digits, packages, tmp_path):
+    import copy
+
+    unet, sample, t = digits
+    compile_deepcache(unet, branch=1, backend="aoti", cache_dir=tmp_path).prepare(sample, t)
+    edited = copy.deepcopy(unet)
+    with torch.no_grad():
+        edited.conv_out.bias.add_(1e-3)  # read by both graphs
+    compile_deepcache(edited, branch=1, backend="aoti", cache_dir=tmp_path).prepare(sample, t)
+    assert len(packages) == 4
+
+
+def test_eviction_keeps_the_most_recently_used(tmp_path):
+    cache = compile_cache.CompileCache(tmp_path, max_bytes=2500)
+    for key in ("aa01", "bb02", "cc03"):
+        cache.put(key, "f.bin", lambda p: p.write_bytes(b"x" * 1000))
+        assert cache.get(key, "f.bin") is not None
+    assert cache.get("aa01", "f.bin") is None  # the oldest went when the third arrived
+    assert cache.get("bb02", "f.bin") is not None and cache.get("cc03", "f.bin") is not None
+
+
+def test_the_environment_variable_sets_the_cache_for_backends_that_take_one(digits, monkeypatch, tmp_path):
+    unet, _, _ = digits
+    monkeypatch.setenv(compile_cache.CACHE_DIR_ENV, str(tmp_path))
+    assert compile_deepcache(unet, branch=1, backend="aoti").deepcache_config.cache_dir == str(tmp_path)
+    assert compile_deepcache(unet, branch=1, backend="inductor").deepcache_config.cache_dir is None
+    with pytest.raises(ValueError, match="keeps no compiled files to cache"):
+        compile_deepcache(unet, branch=1, backend="inductor", cache_dir=tmp_path)
+
+
+_PROCESS = textwrap.dedent("""
+    import sys, torch
+    from deepcache_compile import compile_deepcache
+    from deepcache_compile.artifacts.formats import aoti
+    from deepcache_compile.eval.digits import load_digits_model
+    compiled, package = [], aoti.package
+    aoti.package = lambda *a, **k: compiled.append(1) or package(*a, **k)
+    unet, _ = load_digits_model()
+    sample = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    dc = compile_deepcache(unet, branch=1, interval=2, backend="aoti", cache_dir=sys.argv[1])
+    with torch.no_grad():
+        out = torch.cat([dc(sample, torch.tensor(500)).sample, dc(sample, torch.tensor(490)).sample])
+    torch.save({"out": out, "compiled": len(compiled)}, sys.argv[2])
+""")
+
+
+def test_two_processes_writing_one_key_then_a_third_loading(tmp_path):
+    """Two processes compile the same pair into one cache at once (the second rename loses and keeps the first's
+    entry); a third process loads it, with outputs bitwise equal to the first two."""
+    script = tmp_path / "run.py"
+    script.write_text(_PROCESS)
+    cache = tmp_path / "cache"
+    writers = [subprocess.Popen([sys.executable, str(script), str(cache), str(tmp_path / f"{i}.pt")])
+               for i in range(2)]
+    assert all(p.wait(timeout=600) == 0 for p in writers)
+    entries = compile_cache.CompileCache(cache).entries()
+    assert len(entries) == 2 and not list(cache.glob(".writing-*"))
+    subprocess.run([sys.executable, str(script), str(cache), str(tmp_path / "2.pt")], check=True, timeout=600)
+    runs = [torch.load(tmp_path / f"{i}.pt") for i in range(3)]
+    assert runs[2]["compiled"] == 0 and runs[0]["compiled"] + runs[1]["compiled"] >= 2
+    assert torch.equal(runs[0]["out"], runs[1]["out"]) and torch.equal(runs[0]["out"], runs[2]["out"])
+
+
+def test_dynamic_pairs_share_the_weights_through_the_cache(digits, packages, tmp_path):
+    """Dynamic aoti pairs hold no weights (share_weights): a cached package binds the U-Net's own tensors by name."""
+    unet, _, _ = digits
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    ranges = dict(batch=(1, 4), height=(8, 32), width=(8, 32))
+    outs = [_run(compile_deepcache(unet, branch=1, interval=2, backend="aoti", dynamic=ranges, cache_dir=tmp_path),
+                 x, torch.tensor(500)) for _ in range(2)]
+    assert len(packages) == 2
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
