@@ -51,15 +51,25 @@ def test_record_calls_keeps_every_call_in_order(digits):
         record_calls(unet, lambda: None)
 
 
-@pytest.mark.parametrize("keep", [(), ("conv_in", "conv_out", "time_embedding")])
-def test_every_convolution_and_linear_is_quantized_but_the_kept_ones(digits, keep):
+@pytest.mark.parametrize("keep,keep_input", [((), False), ((), True), (("conv_out", "time_embedding"), True)])
+def test_every_convolution_and_linear_is_quantized_but_the_kept_ones(digits, keep, keep_input):
     unet, _, noise, calls, _ = digits
-    pair = compile_deepcache(unet, branch=1, interval=3, quantize=Int8(calls, keep=keep)).prepare(
-        noise, torch.tensor(999))
+    pair = compile_deepcache(unet, branch=1, interval=3, quantize=Int8(calls, keep=keep, keep_input=keep_input)
+                             ).prepare(noise, torch.tensor(999))
+    kept = (*keep, "conv_in") if keep_input else keep  # the layer the sample enters: the U-Net's conv_in
     layers = [name for name, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-              and not any(name == k or name.startswith(k + ".") for k in keep)]
+              and not any(name == k or name.startswith(k + ".") for k in kept)]
     assert quantized_ops(pair.split.full) == len(layers)
     assert 0 < quantized_ops(pair.split.shallow) < len(layers)
+
+
+def test_the_input_layer_is_found_from_the_graph():
+    from conftest import make_transformer, make_transformer_call, trace
+
+    from deepcache_compile.graph.quantize import input_layer
+
+    dit = make_transformer("dit")
+    assert input_layer(trace(dit, make_transformer_call("dit")).gm).endswith("pos_embed.proj")
 
 
 def test_int8_deepcache_costs_little_more_than_fp32_deepcache(digits):
@@ -117,7 +127,8 @@ def test_int8_aoti_export_runs_in_both_runtimes(digits, tmp_path):
     eager = ddim_loop(dc, {"sample": noise}, STEPS, scheduler)
     path = dc.export(tmp_path, format="aoti", example={"sample": noise, "timestep": torch.tensor(999)},
                      batch=(1, 32), height=(16, 16), width=(16, 16))
-    assert json.loads((path / "deepcache.json").read_text())["int8"] == {"keep": [], "calibration_calls": STEPS}
+    assert json.loads((path / "deepcache.json").read_text())["int8"] == {"keep": [], "keep_input": True,
+                                                                         "calibration_calls": STEPS}
     engine = load_deepcache(path)
     exported = ddim_loop(engine, {"sample": noise}, STEPS, scheduler)
     assert _psnr(exported, eager) > 35

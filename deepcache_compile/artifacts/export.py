@@ -183,7 +183,8 @@ def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, lis
         # two full steps, and the steps since the last one (runtime.generation.Extrapolation).
         "forecast": config.forecast,
         # int8 graphs (precision.Int8): weights per channel, activations calibrated on this many recorded calls.
-        "int8": {"keep": list(config.quantize.keep), "calibration_calls": len(config.quantize.calls)}
+        "int8": {"keep": list(config.quantize.keep), "keep_input": config.quantize.keep_input,
+                 "calibration_calls": len(config.quantize.calls)}
         if config.quantize is not None else None,
         "calls_per_step": config.calls_per_step,
         "inputs": [{"name": n, "dtype": str(t.dtype).removeprefix("torch."), "rank": t.dim()}
