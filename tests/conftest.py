@@ -207,12 +207,12 @@ def make_transformer_call(family: str, batch: int = 2, seed: int = 1, timestep: 
 # build, no SD-size layout, one case of each feature. A test is slow when its module is about compiled or
 # deployed artifacts, or its id names a compiling backend, an SD/SDXL-size layout (they run the same code as the
 # tiny ones, at 7-26 s each here), an export, or a further case of a sweep the fast lane runs once.
-_SLOW_MODULES = {"test_attention", "test_backends", "test_benchmark", "test_cli", "test_dynamic", "test_export",
-                 "test_native", "test_quality", "test_ray_serve", "test_soak", "test_weights", "test_pipelines"}
+_SLOW_MODULES = {"test_attention", "test_backends", "test_benchmark", "test_cli", "test_compile_cache", "test_dynamic",
+                 "test_export", "test_native", "test_quality", "test_ray_serve", "test_soak", "test_weights", "test_pipelines"}
 _SLOW_WORDS = ("inductor", "aoti", "onnx", "tensorrt", "native", "sd15", "sdxl-real", "compiled",
                "[sd]", "[sd21]", "[sdxl", "sdxl_layout", "branch_counts[sd", "export", "half_precision",
                "controlnet", "lcm_style", "eight_threads", "from_one_recorded", "[calibrated]", "[adaptive]",
-               "[forecast]", "in_the_wrapper_and_the_engine")
+               "[forecast]", "in_the_wrapper_and_the_engine", "int8_kernels", "int8_deepcache_costs")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -45,42 +45,58 @@ def _run(dc, sample, t):
 
 
 def test_aoti_cache_hit_miss_and_corruption(digits, packages, tmp_path):
+    import copy
+
     unet, sample, t = digits
     first = _run(compile_deepcache(unet, branch=1, interval=2, backend="aoti", cache_dir=tmp_path), sample, t)
     assert len(packages) == 2  # full and shallow compiled into the cache
-    entries = compile_cache.CompileCache(tmp_path).entries()
-    assert len(entries) == 2
+    assert len(compile_cache.CompileCache(tmp_path).entries()) == 2
 
     again = _run(compile_deepcache(unet, branch=1, interval=2, backend="aoti", cache_dir=tmp_path), sample, t)
     assert len(packages) == 2  # both loaded
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
-    # Another option (another branch: other graphs) misses.
-    compile_deepcache(unet, branch=0, interval=2, backend="aoti", cache_dir=tmp_path).prepare(sample, t)
+    # A changed weight (read by both graphs) is another key: both compiled again.
+    edited = copy.deepcopy(unet)
+    with torch.no_grad():
+        edited.conv_out.bias.add_(1e-3)
+    compile_deepcache(edited, branch=1, backend="aoti", cache_dir=tmp_path).prepare(sample, t)
     assert len(packages) == 4
 
     # A corrupt entry is detected by its recorded SHA-256, removed and compiled again, never loaded.
-    target = next(p for p in tmp_path.glob("??/*/graph.aoti.pt2"))
+    target = sorted(tmp_path.glob("??/*/graph.aoti.pt2"))[0]
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
     compile_deepcache(unet, branch=1, interval=2, backend="aoti", cache_dir=tmp_path).prepare(sample, t)
-    compile_deepcache(unet, branch=0, interval=2, backend="aoti", cache_dir=tmp_path).prepare(sample, t)
+    compile_deepcache(edited, branch=1, backend="aoti", cache_dir=tmp_path).prepare(sample, t)
     assert len(packages) == 5  # the corrupt one compiled again, the three others loaded
     for f in tmp_path.glob("??/*/graph.aoti.pt2"):
         assert compile_cache.sha256(f) == json.loads((f.parent / "entry.json").read_text())["sha256"][f.name]
 
 
-def test_a_changed_weight_misses(digits, packages, tmp_path):
-    import copy
+def test_the_key_covers_options_shapes_weights_and_versions(digits, monkeypatch):
+    from deepcache_compile.calls import CallFlattener
+    from deepcache_compile.graph.trace import trace_unet
 
     unet, sample, t = digits
-    compile_deepcache(unet, branch=1, backend="aoti", cache_dir=tmp_path).prepare(sample, t)
-    edited = copy.deepcopy(unet)
+    gm = trace_unet(unet, CallFlattener(unet)((sample, t), {})).gm
+    inputs = (sample, t)
+    base = compile_cache.graph_key("aoti", gm, inputs, {"a": 1})
+    assert compile_cache.graph_key("aoti", gm, inputs, {"a": 1}) == base
+    assert compile_cache.graph_key("aoti", gm, inputs, {"a": 2}) != base
+    assert compile_cache.graph_key("onnxruntime", gm, inputs, {"a": 1}) != base
+    assert compile_cache.graph_key("aoti", gm, (sample[:1], t), {"a": 1}) != base
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert compile_cache.graph_key("aoti", gm, inputs, {"a": 1}) != base
+    monkeypatch.undo()
     with torch.no_grad():
-        edited.conv_out.bias.add_(1e-3)  # read by both graphs
-    compile_deepcache(edited, branch=1, backend="aoti", cache_dir=tmp_path).prepare(sample, t)
-    assert len(packages) == 4
+        unet.conv_in.weight[0, 0, 0, 0] += 1  # in place: the version counter moves, the digest is taken again
+    try:
+        assert compile_cache.graph_key("aoti", gm, inputs, {"a": 1}) != base
+    finally:
+        with torch.no_grad():
+            unet.conv_in.weight[0, 0, 0, 0] -= 1
 
 
 def test_eviction_keeps_the_most_recently_used(tmp_path):

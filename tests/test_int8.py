@@ -101,10 +101,10 @@ def test_int8_refusals(digits):
         compile_deepcache(unet, branch=1, quantize=Int8(calls, keep=("conv_inn",))).prepare(noise, torch.tensor(9))
 
 
-@pytest.mark.parametrize("backend", ["inductor", "aoti"])
-def test_int8_kernels_match_the_eager_int8_graphs(digits, backend):
-    """Inductor / AOTInductor lower the quantize/dequantize pairs to oneDNN int8 kernels: the generation equals
-    the eager int8 one (the float reference of the same quantized graphs) up to requantization rounding."""
+def test_int8_kernels_match_the_eager_int8_graphs(digits, backend="inductor"):
+    """Inductor lowers the quantize/dequantize pairs to oneDNN int8 kernels: the generation equals the eager int8
+    one (the float reference of the same quantized graphs) up to requantization rounding. (AOTInductor: the
+    export test below runs its packages.)"""
     unet, scheduler, noise, calls, full = digits
     eager = ddim_loop(compile_deepcache(unet, branch=1, interval=3, quantize=Int8(calls)), {"sample": noise}, STEPS,
                       scheduler)
