@@ -33,10 +33,11 @@ from typing import Callable
 
 import torch
 from torch import fx
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .manifest import cpu_isa, sha256
 
-__all__ = ["CACHE_DIR_ENV", "CompileCache", "graph_key"]
+__all__ = ["CACHE_DIR_ENV", "CompileCache", "graph_key", "graph_tensors", "tensor_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,25 +45,34 @@ CACHE_DIR_ENV = "DEEPCACHE_CACHE_DIR"
 DEFAULT_MAX_BYTES = 50 * 10**9
 _ENTRY = "entry.json"
 
-# (data_ptr, version, shape, stride, dtype) -> SHA-256 of the bytes: a tensor is hashed once while unchanged.
-_DIGESTS: dict[tuple, str] = {}
+# tensor -> ((data_ptr, version, shape, stride), SHA-256 of its bytes): a tensor is hashed once while unchanged.
+# Keyed by the tensor object's identity (weakly), so a new tensor that lands on a freed one's memory is never
+# mistaken for it.
+_DIGESTS = WeakIdKeyDictionary()
 _DIGESTS_LOCK = threading.Lock()
 
 
 def tensor_digest(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's values (its dtype and shape included)."""
-    t = t.detach()
-    memo = (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
+    state = (t.data_ptr(), t._version, tuple(t.shape), t.stride())
     with _DIGESTS_LOCK:
-        known = _DIGESTS.get(memo)
-    if known is not None:
-        return known
-    digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    if t.numel():
-        digest.update(memoryview(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+        known = _DIGESTS.get(t)
+    if known is not None and known[0] == state:
+        return known[1]
+    values = t.detach()
+    digest = hashlib.sha256(f"{values.dtype}{tuple(values.shape)}".encode())
+    if values.numel():
+        digest.update(memoryview(values.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
     with _DIGESTS_LOCK:
-        _DIGESTS[memo] = digest.hexdigest()
-    return _DIGESTS[memo]
+        _DIGESTS[t] = (state, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def graph_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every tensor a graph module reads by name: its parameters, buffers and `get_attr` constants."""
+    return {**dict(gm.named_parameters()), **dict(gm.named_buffers()),
+            **{n.target: getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"
+               and isinstance(getattr(gm, n.target, None), torch.Tensor)}}
 
 
 def graph_key(backend: str, gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], options: dict,
@@ -70,9 +80,7 @@ def graph_key(backend: str, gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]
     """The cache key of one graph compiled by `backend` (see the module docstring for what it covers)."""
     from .. import __version__
 
-    tensors = sorted({**dict(gm.named_parameters()), **dict(gm.named_buffers()),
-                      **{n.target: getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"
-                         and isinstance(getattr(gm, n.target, None), torch.Tensor)}}.items())
+    tensors = sorted(graph_tensors(gm).items())
     device = inputs[0].device
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else sorted(cpu_isa()))
     material = {

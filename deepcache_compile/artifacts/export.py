@@ -123,8 +123,6 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
     traced = trace_unet(dc.unet, call, ranges)
     branch = select_branch(traced.gm, dc.deepcache_config)
     inputs = call.tensors
-    if dc.deepcache_config.quantize is not None:  # the int8 graphs, calibrated on the recorded calls in the ranges
-        split = int8_split(dc.unet, split_at_branch(traced.gm, branch), call, dc.deepcache_config, ranges)
 
     forecast = dc.deepcache_config.forecast
     passes = PassOptions(forecast=forecast, attention=attention, who=who)
@@ -140,8 +138,9 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
         programs = {"head": export(three.head, "head", inputs), "deep": export(three.deep, "deep", (*inputs, *links)),
                     "tail": export(three.tail, "tail", (*inputs, *links, cache))}
         return programs, branch, three.probe
-    if dc.deepcache_config.quantize is None:
-        split = split_at_branch(traced.gm, branch)
+    split = split_at_branch(traced.gm, branch)
+    if dc.deepcache_config.quantize is not None:  # the int8 graphs, calibrated on the recorded calls in the ranges
+        split = int8_split(dc.unet, split, call, dc.deepcache_config, ranges)
     with torch.no_grad():
         cache = split.full(*inputs)[1]
     extra = keep_cache(cache) if forecast else ()  # (slope, steps): zeros, 0 steps

@@ -55,7 +55,8 @@ from .presets import DTYPES, build_unet, example_call
 from .report import machine
 from .sampling import ddim_loop, median, median_ms, timed
 
-__all__ = ["BenchOptions", "DTYPES", "run_benchmark", "markdown_table", "matmul_peak", "parse_backend"]
+__all__ = ["BenchOptions", "DTYPES", "PRECISIONS", "run_benchmark", "markdown_table", "matmul_peak", "parse_backend",
+           "precision_dtype"]
 
 _GB = 1e9
 
@@ -86,7 +87,7 @@ class BenchOptions:
 PRECISIONS = (*DTYPES, "int8")
 
 
-def _torch_dtype(name: str) -> torch.dtype:
+def precision_dtype(name: str) -> torch.dtype:
     """The dtype the model's weights are in for a precision (int8 quantizes the fp32 model)."""
     return torch.float32 if name == "int8" else DTYPES[name]
 
@@ -234,7 +235,7 @@ def _macs(unet, call: dict, branch: int) -> tuple[int, int]:
 
 def _run_dtype(opts: BenchOptions, dtype_name: str, backends, unet32, call32) -> list[_Candidate]:
     """Builds and times one dtype's candidates (interleaved); returns them with their times."""
-    dtype = _torch_dtype(dtype_name)
+    dtype = precision_dtype(dtype_name)
     unet = unet32 if dtype == torch.float32 else copy.deepcopy(unet32).to(dtype)
     call = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in call32.items()}
     fp32_base = _Candidate("unet-eager fp32", lambda: ddim_loop(unet32, call32, opts.steps),

@@ -38,9 +38,8 @@ from tqdm import tqdm
 from ..api import compile_deepcache, list_branches
 from ..precision import Int8, record_calls
 from ..schedule import Schedule, make_schedule
-from .benchmark import parse_backend
+from .benchmark import PRECISIONS, parse_backend, precision_dtype
 from .digits import ASSETS, digit_images, load_classifier, load_digits_model
-from .presets import DTYPES
 from .sampling import ddim_loop, timed
 
 __all__ = ["Judge", "QualityOptions", "frechet_distance", "evaluate_quality", "quality_table", "summary_table",
@@ -136,10 +135,10 @@ class _Evaluation:
     """The model, the judge, the shared noise, one DeepCacheUNet per branch and the plain-DDIM runs so far."""
 
     def __init__(self, opts: QualityOptions):
-        if opts.dtype not in (*DTYPES, "int8"):
-            raise ValueError(f"dtype={opts.dtype!r} is unknown: choose one of {sorted(DTYPES)} or 'int8'")
+        if opts.dtype not in PRECISIONS:
+            raise ValueError(f"dtype={opts.dtype!r} is unknown: choose one of {PRECISIONS}")
         self.unet, self.scheduler = load_digits_model(Path(opts.assets))
-        self.dtype = torch.float32 if opts.dtype == "int8" else DTYPES[opts.dtype]
+        self.dtype = precision_dtype(opts.dtype)
         self.dtype_name = opts.dtype
         self.model = self.unet if self.dtype == torch.float32 else copy.deepcopy(self.unet).to(self.dtype)
         self.judge = Judge(Path(opts.assets))

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ...artifacts.cache import CompileCache, graph_key
+from ...artifacts.cache import CompileCache, graph_key, graph_tensors
 from ...artifacts.formats import aoti
 from ...graph.trace import export_program
 from ...options import check_options
@@ -74,12 +74,7 @@ def _cached(gm: fx.GraphModule, example_inputs: tuple, options: dict, ranges, ca
     name = "graph" + aoti.SUFFIX
     path = cache.get(key, name) or cache.put(
         key, name, lambda p: aoti.package(export_program(gm, example_inputs, ranges), p, configs, weights=not share))
-    constants = None
-    if share:
-        constants = {n: t for n, t in (*gm.named_parameters(), *gm.named_buffers())}
-        constants.update({n.target: getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"
-                          and isinstance(getattr(gm, n.target, None), torch.Tensor)})
-    runner = aoti.load(path, example_inputs[0].device, constants)
+    runner = aoti.load(path, example_inputs[0].device, graph_tensors(gm) if share else None)
     logger.info("AOTInductor %s through the compile cache in %s (share_weights=%s, freezing=%s)", type(gm).__name__,
                 cache.directory, share, configs["freezing"])
     return runner
