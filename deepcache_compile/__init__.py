@@ -25,6 +25,7 @@ _EXPORTS = {
     "load_deepcache": ".artifacts.load",
     "ManifestError": ".artifacts.manifest",
     "AdaptiveRefresh": ".refresh",
+    "FirstBlockRefresh": ".refresh",
     "CalibratedPlan": ".refresh",
     "Int8": ".precision",
     "record_calls": ".precision",

@@ -6,6 +6,9 @@ plan of full steps chosen from one recorded generation).
   the cached feature's with Pearson r = 0.97-0.98 on the digits model at branches 1-2, README) is accumulated
   over shallow steps, as TeaCache and FBCache do; a step is full when the sum reaches `threshold`, after
   `max_skip` shallow steps in a row, and at step 0.
+- `FirstBlockRefresh` is first-block caching's rule (FBCache, as diffusers' `FirstBlockCacheConfig` runs it):
+  a step is full when its probe differs from the probe of the latest full step by more than `threshold`
+  (relative L1, no accumulation); on transformers the probe is the computed leading blocks' residual.
 - `plan_full_steps` turns a recorded step-by-step similarity of the cached feature (the matrix
   `deepcache-compile analyze` plots) and a budget of full steps into the plan with the least accumulated drift
   (dynamic programming); `CalibratedPlan` carries it with what it was calibrated for.
@@ -22,7 +25,7 @@ import torch
 from .policy import register_policy
 from .schedule import Calibration, Schedule, mac_speedup
 
-__all__ = ["AdaptiveRefresh", "AdaptiveController", "CalibratedPlan", "plan_full_steps", "reuse_drift",
+__all__ = ["AdaptiveRefresh", "AdaptiveController", "FirstBlockRefresh", "FirstBlockController", "CalibratedPlan", "plan_full_steps", "reuse_drift",
            "similarity_matrix", "relative_l1", "DEFAULT_THRESHOLD"]
 
 DEFAULT_THRESHOLD = 0.1  # see README "Adaptive refresh": about N=5's full steps on the digits model at T=50
@@ -107,6 +110,63 @@ class AdaptiveController:
 
 
 register_policy("adaptive", AdaptiveRefresh)
+
+
+@dataclass(frozen=True)
+class FirstBlockRefresh:
+    """Refresh when the head's probe differs from its value at the latest full step by more than `threshold`.
+
+    The rule of first-block caches (FBCache; diffusers' `FirstBlockCacheConfig(threshold)`): on a transformer
+    the probe is the residual of the computed leading blocks, and with the eager backend the decisions and
+    outputs are those of `diffusers.hooks.apply_first_block_cache` on the same model (tested). Unlike
+    `AdaptiveRefresh` nothing accumulates: each step is compared with the latest full step.
+
+    Attributes:
+        threshold: the relative L1 difference (mean |probe - reference| / mean |reference|) above which a step
+            is full (> 0; diffusers' default 0.05).
+        max_skip: None (no limit, as FBCache), or at most this many cached steps in a row.
+
+    Example:
+        >>> dc = compile_deepcache(transformer, branch=0, refresh=FirstBlockRefresh(threshold=0.08))
+    """
+
+    threshold: float = 0.05
+    max_skip: int | None = None
+
+    uses_probe = True
+    exportable = False
+
+    def controller(self, total: int | None = None) -> "FirstBlockController":
+        return FirstBlockController(self)
+
+    def __post_init__(self):
+        AdaptiveRefresh(threshold=self.threshold)  # the same checks of the threshold
+        if self.max_skip is not None:
+            AdaptiveRefresh(max_skip=self.max_skip)
+
+
+class FirstBlockController:
+    """One call slot's first-block-cache decisions: the probe of each step against the latest full step's."""
+
+    def __init__(self, policy: FirstBlockRefresh):
+        self.policy = policy
+        self.reference: torch.Tensor | None = None
+        self.shallow_run = 0
+        self.decisions: list[bool] = []
+
+    def decide(self, step: int, probe: torch.Tensor, size=(), timestep=None) -> bool:
+        limit = self.policy.max_skip
+        full = (self.reference is None or float(relative_l1(probe, self.reference)) > self.policy.threshold
+                or (limit is not None and self.shallow_run >= limit))
+        if full:
+            self.reference, self.shallow_run = probe, 0
+        else:
+            self.shallow_run += 1
+        self.decisions.append(full)
+        return full
+
+
+register_policy("first-block", FirstBlockRefresh)
 
 
 def _to_host_async(value: torch.Tensor) -> tuple[torch.Tensor, object]:

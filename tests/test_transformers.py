@@ -124,3 +124,48 @@ def test_inductor_backend_runs_a_transformer():
         with torch.no_grad():
             torch.testing.assert_close(compiled(**call).sample, eager(**call).sample, rtol=1e-4, atol=1e-5)
     assert compiled.history == eager.history == "FSF"
+
+
+def _step_calls(family: str, steps: int) -> list[dict]:
+    """A denoising-like run: one call's inputs, the sample shrinking and the timestep falling a little per step."""
+    base = make_transformer_call(family, seed=1, timestep=900)
+    calls = []
+    for step in range(steps):
+        call = dict(base, hidden_states=base["hidden_states"] * (1 - 0.03 * step))
+        call["timestep"] = base["timestep"] - (20 * step if family == "dit" else 0.02 * step)
+        calls.append(call)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_first_block_refresh_decides_as_diffusers_first_block_cache(family):
+    """The same threshold on the same model: diffusers' FirstBlockCache hooks and FirstBlockRefresh make the
+    same full/cached decisions (their probe is block 0's residual, compared with the latest full step's) and
+    the same outputs. Outputs agree to rounding, not bitwise: on full steps the three-graph split hands the tail
+    the range's input plus its residual (out - in + in) where the hooked model uses the range's output."""
+    import copy
+
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    from deepcache_compile import FirstBlockRefresh
+
+    model = make_transformer(family)
+    calls, histories = _step_calls(family, 12), set()
+    for threshold in (0.1, 0.2, 0.3):
+        hooked = copy.deepcopy(model)
+        apply_first_block_cache(hooked, FirstBlockCacheConfig(threshold=threshold))
+        leader = hooked.transformer_blocks[0]._diffusers_hook.get_hook("fbc_leader_block_hook")
+        dc = compile_deepcache(model, branch=0, refresh=FirstBlockRefresh(threshold=threshold))
+        theirs = ""
+        for call in calls:
+            _set_cache_context(hooked, CacheContext("cond"))
+            with torch.no_grad():
+                expected = hooked(**call, return_dict=False)[0]
+                out = dc(**call).sample
+            theirs += "F" if leader.state_manager.get_state().should_compute else "S"
+            _set_cache_context(hooked, None)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert dc.history == theirs, f"threshold {threshold}"
+        histories.add(theirs)
+    assert any("S" in h and h.count("F") > 1 for h in histories), f"{histories}: no run mixes the kinds of step"

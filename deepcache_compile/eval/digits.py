@@ -11,6 +11,11 @@ for the Frechet distance and the accuracy/confidence of generated digits (see `q
 
 `bench/train_digits.py` runs `train_ddpm` and `train_classifier` with the shipped settings and writes
 `deepcache_compile/eval/assets/digits/`; `load_digits_model()` loads it back with `from_pretrained`.
+
+The transformer yardstick is a class-conditional DiT on the same digits and noise schedule (diffusers'
+`DiTTransformer2DModel`: patch 2, so 64 tokens; 8 blocks of width 96; adaLN-zero conditioning on the timestep and
+the digit class, which is dropped 10 % of the time in training as DiT does, class 10 being "no class").
+`bench/train_digits.py --model dit` trains it into `assets/digits_dit/`; `load_digits_dit()` loads it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -34,11 +39,13 @@ from ..serve.service import load_pixel_model
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ASSETS", "DigitClassifier", "TrainOptions", "digit_images", "load_classifier", "load_digits_model",
-    "new_digits_unet", "train_classifier", "train_ddpm",
+    "ASSETS", "DIT_ASSETS", "DigitClassifier", "TrainOptions", "digit_images", "digit_labels", "load_classifier",
+    "load_digits_dit", "load_digits_model", "new_digits_dit", "new_digits_unet", "train_classifier", "train_ddpm",
 ]
 
 ASSETS = Path(__file__).parent / "assets" / "digits"
+DIT_ASSETS = Path(__file__).parent / "assets" / "digits_dit"
+NO_CLASS = 10  # the DiT's "no class" label (its label table has one row more than there are digits)
 SIZE = 16
 
 
@@ -64,6 +71,18 @@ def new_digits_unet(seed: int = 0) -> UNet2DModel:
     )
 
 
+def new_digits_dit(seed: int = 0) -> DiTTransformer2DModel:
+    """The untrained transformer: patch 2 (64 tokens), 8 blocks, width 96 (4 heads of 24), class-conditional."""
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=24, in_channels=1, out_channels=1,
+                                 num_layers=8, sample_size=SIZE, patch_size=2, num_embeds_ada_norm=10)
+
+
+def digit_labels(n: int) -> torch.Tensor:
+    """The class labels the DiT is sampled with in evaluations: 0..9 in turn."""
+    return torch.arange(n) % 10
+
+
 def ddim_scheduler() -> DDIMScheduler:
     """DDIM over the training schedule (DDPM, 1,000 linear betas); clip_sample keeps x0 in [-1, 1]."""
     return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
@@ -78,12 +97,19 @@ class TrainOptions:
     warmup: int = 100
     ema_decay: float = 0.995
     seed: int = 0
+    model: str = "unet"  # "unet" (the DDPM's U-Net) or "dit" (the class-conditional transformer)
 
 
-def train_ddpm(opts: TrainOptions = TrainOptions()) -> tuple[UNet2DModel, list[float]]:
-    """Trains the digits DDPM (epsilon MSE, AdamW, warm-up + cosine LR); returns the EMA model and the losses."""
-    images, _ = digit_images()
-    model = new_digits_unet(opts.seed)
+DIT_TRAINING = TrainOptions(iterations=4000, batch=64, lr=6e-4, warmup=200, ema_decay=0.999, model="dit")
+
+
+def train_ddpm(opts: TrainOptions = TrainOptions()) -> tuple[nn.Module, list[float]]:
+    """Trains the digits DDPM (epsilon MSE, AdamW, warm-up + cosine LR); returns the EMA model and the losses.
+    `opts.model` picks the U-Net or the DiT (which also learns the class, dropped 10 % of the time)."""
+    images, labels = digit_images()
+    if opts.model not in ("unet", "dit"):
+        raise ValueError(f"model={opts.model!r} is unknown: 'unet' or 'dit'")
+    model = new_digits_unet(opts.seed) if opts.model == "unet" else new_digits_dit(opts.seed)
     ema = copy.deepcopy(model).requires_grad_(False)
     noise_schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
@@ -91,11 +117,14 @@ def train_ddpm(opts: TrainOptions = TrainOptions()) -> tuple[UNet2DModel, list[f
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
     gen = torch.Generator().manual_seed(opts.seed)
     losses = []
-    for i in tqdm(range(opts.iterations), desc="train ddpm", mininterval=5):
-        x0 = images[torch.randint(len(images), (opts.batch,), generator=gen)]
+    for i in tqdm(range(opts.iterations), desc=f"train {opts.model}", mininterval=5):
+        pick = torch.randint(len(images), (opts.batch,), generator=gen)
+        x0 = images[pick]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(1000, (opts.batch,), generator=gen)
-        loss = F.mse_loss(model(noise_schedule.add_noise(x0, noise, t), t).sample, noise)
+        noisy = noise_schedule.add_noise(x0, noise, t)
+        out = model(noisy, t) if opts.model == "unet" else model(noisy, timestep=t, class_labels=labels[pick])
+        loss = F.mse_loss(out.sample, noise)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
@@ -170,6 +199,27 @@ def load_digits_model(folder: Path = ASSETS) -> tuple[UNet2DModel, DDIMScheduler
     if not (folder / "unet" / "config.json").exists():
         raise FileNotFoundError(f"no trained digits model in {folder}: run `python bench/train_digits.py`")
     return load_pixel_model(folder)
+
+
+def save_dit(folder: Path, model: DiTTransformer2DModel) -> None:
+    """Writes `transformer/` and `scheduler/` (save_pretrained) under `folder`."""
+    model.save_pretrained(folder / "transformer")
+    ddim_scheduler().save_pretrained(folder / "scheduler")
+
+
+def load_digits_dit(folder: Path = DIT_ASSETS) -> tuple[DiTTransformer2DModel, DDIMScheduler]:
+    """The shipped trained digits DiT and its DDIM scheduler; call it with
+    `model(sample, t, class_labels=digit_labels(batch))`.
+
+    Example:
+        >>> dit, scheduler = load_digits_dit()
+        >>> dit.config.num_layers
+        8
+    """
+    if not (folder / "transformer" / "config.json").exists():
+        raise FileNotFoundError(f"no trained digits DiT in {folder}: run `python bench/train_digits.py --model dit`")
+    model = DiTTransformer2DModel.from_pretrained(folder / "transformer").eval()
+    return model, DDIMScheduler.from_pretrained(folder / "scheduler")
 
 
 def load_classifier(folder: Path = ASSETS) -> DigitClassifier:

@@ -7,7 +7,8 @@ of block k carries the block's path, and each block's nodes are contiguous in gr
 step keeps the range's residual (its output minus its input, per stream leaving the range), a cached step adds
 it to the range's fresh input. A stream's input is the range input of the same shape and dtype that only the
 range's first block reads (the other inputs, read by every block, are conditionings: time embedding, text,
-rotary tables).
+rotary tables). The probe of refresh policies is the residual of the computed leading blocks (the range's
+input minus block 0's input of that stream), the signal of first-block caches.
 """
 
 from __future__ import annotations
@@ -93,10 +94,8 @@ def _range_cut(gm: fx.GraphModule, blocks: list, first: int, stop: int, needed: 
     position = {node: i for i, node in enumerate(nodes)}
     lo, hi = position[blocks[first][1][0]], position[blocks[stop - 1][1][-1]]
     span = set(nodes[lo:hi + 1])
-    inputs = [n for n in nodes[:lo] if n.op != "get_attr" and any(u in span and u in needed for u in n.users)]
     outputs = [n for n in nodes[lo:hi + 1] if n in needed and any(u not in span and u in needed for u in n.users)]
-    first_block = set(blocks[first][1])
-    streams_in = [n for n in inputs if all(u in first_block for u in n.users if u in span and u in needed)]
+    streams_in = _stream_inputs(nodes, blocks, first, stop, position, needed)
     streams = []
     for out in outputs:
         base = _stream_input(out, streams_in)
@@ -107,9 +106,20 @@ def _range_cut(gm: fx.GraphModule, blocks: list, first: int, stop: int, needed: 
         streams.append(Stream(out.name, base.name, tuple(val.shape), val.dtype))
     consumer = next(u for u in nodes[hi + 1:] if u in needed and any(a.name == streams[0].node for a in u.all_input_nodes))
     last = blocks[stop - 1][0]
-    return Cut(index=first - 1, streams=tuple(streams), probe=streams[0].base, consumer=consumer.name,
-               producer_module=blocks[first - 1][0],
+    probe = next(n for n in nodes if n.name == streams[0].base)
+    probe_base = _stream_input(probe, _stream_inputs(nodes, blocks, 0, first, position, needed))
+    return Cut(index=first - 1, streams=tuple(streams), probe=probe.name, consumer=consumer.name,
+               probe_base=None if probe_base is None else probe_base.name, producer_module=blocks[first - 1][0],
                consumer_module=f"{blocks[first][0]}..{last} cached" if stop - first > 1 else f"{last} cached")
+
+
+def _stream_inputs(nodes: list, blocks: list, first: int, stop: int, position: dict, needed: set) -> list[fx.Node]:
+    """The inputs of blocks [first, stop) that only the range's first block reads (candidate streams)."""
+    lo, hi = position[blocks[first][1][0]], position[blocks[stop - 1][1][-1]]
+    span = set(nodes[lo:hi + 1])
+    inputs = [n for n in nodes[:lo] if n.op != "get_attr" and any(u in span and u in needed for u in n.users)]
+    first_block = set(blocks[first][1])
+    return [n for n in inputs if all(u in first_block for u in n.users if u in span and u in needed)]
 
 
 def _stream_input(out: fx.Node, candidates: list[fx.Node]) -> fx.Node | None:

@@ -56,6 +56,9 @@ class Cut:
         streams: what a full step keeps, one entry per tensor (several streams are packed into one cache tensor
             of shape `(batch, sum of the per-row sizes)`).
         probe: a node every step computes whose step-to-step drift tracks the kept value's (adaptive refresh).
+        probe_base: None, or a node the probe is measured against: the refresh policies then see
+            `probe - probe_base` (a transformer's computed leading blocks' residual, as first-block caches
+            compare it between steps).
         consumer: a node every step computes that reads the kept value (checked to survive the cut).
         producer_module: label: the module whose output is the probe, e.g. `down_blocks.0.attentions.1`.
         consumer_module: label: where the kept value is read, e.g. `up_blocks.3.resnets.1` or `blocks [1, 28)`.
@@ -67,6 +70,7 @@ class Cut:
     consumer: str
     producer_module: str
     consumer_module: str
+    probe_base: str | None = None
 
     @property
     def kind(self) -> str:

@@ -19,7 +19,7 @@ Graph invariants (checked by `check_split` and `check_three`):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx
@@ -97,7 +97,10 @@ def split_three(root: fx.GraphModule, cut: Cut) -> ThreeGraphs:
         >>> torch.equal(three.tail(*inputs, *links, cache)[0], unet(**call).sample)
         True
     """
+    if cut.probe_base is not None:
+        root, cut = _with_residual_probe(root, cut)
     part = assign_parts(root, cut)
+    part[_node(root, cut.probe)] = "head"  # a residual probe: no other node needs it
     bases = {s.base for s in cut.streams if s.base is not None}
     links = tuple(n.name for n in root.graph.nodes if part.get(n) == "head" and not _input_size(n) and (
         n.name in bases or n.name == cut.probe or any(part.get(u) in ("deep", "tail") for u in n.users)))
@@ -109,6 +112,19 @@ def split_three(root: fx.GraphModule, cut: Cut) -> ThreeGraphs:
     logger.info("cut %d: head %d, deep %d, tail %d nodes; %d links",
                 cut.index, *(len(g.graph.nodes) for g in (head, deep, tail)), len(links))
     return three
+
+
+def _with_residual_probe(root: fx.GraphModule, cut: Cut) -> tuple[fx.GraphModule, Cut]:
+    """A copy of `root` with a node `probe - probe_base` after the probe, and the cut with it as its probe."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(root.graph, env))
+    by_name = {n.name: n for n in graph.nodes}
+    probe, base = by_name[cut.probe], by_name[cut.probe_base]
+    with graph.inserting_after(probe):
+        residual = _call(graph, torch.ops.aten.sub.Tensor, probe, base)
+    residual.meta.pop("deepcache_added")  # a node of the model's graph now, counted with the others
+    return fx.GraphModule(root, graph), replace(cut, probe=residual.name, probe_base=None)
 
 
 def assign_parts(root: fx.GraphModule, cut: Cut) -> dict[fx.Node, str]:
