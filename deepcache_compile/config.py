@@ -39,7 +39,8 @@ class DeepCacheConfig:
             `AdaptiveRefresh`, where the drift of the features decides, or one registered with `register_policy`);
             `schedule` is then unused.
         split: "pair" (full and shallow graphs), "three" (head, deep and tail graphs: a full step runs all three,
-            a shallow step head and tail) or "auto" (three for adaptive refresh, else the pair).
+            a shallow step head and tail), "step" (probe policies: one graph per step that decides on the device
+            with `torch.cond`, no host read: `graph.step`) or "auto" (three for probe policies, else the pair).
         forecast: on shallow steps, extrapolate the cached feature from its last two full-step values
             (first order, fused into the shallow graph) instead of reusing it as it is.
         last_blocks: transformers only: how many of the last blocks every step computes (0: the cached range
@@ -83,8 +84,10 @@ class DeepCacheConfig:
 
     @property
     def graphs(self) -> str:
-        """"pair" or "three": the split the compiled pairs use."""
-        return "three" if self.split == "three" or (self.split == "auto" and self.policy.uses_probe) else "pair"
+        """"pair", "three" or "step": the split the compiled pairs use."""
+        if self.split in ("three", "step"):
+            return self.split
+        return "three" if self.split == "auto" and self.policy.uses_probe else "pair"
 
     def __post_init__(self):
         object.__setattr__(self, "dynamic", _ranges(self.dynamic))
@@ -106,8 +109,8 @@ class DeepCacheConfig:
             raise ValueError(f"on_weight_change={self.on_weight_change!r} is unknown: use 'recompile' or 'error'")
         if self.outside_ranges not in ("error", "static"):
             raise ValueError(f"outside_ranges={self.outside_ranges!r} is unknown: use 'error' or 'static'")
-        if self.split not in ("auto", "pair", "three"):
-            raise ValueError(f"split={self.split!r} is unknown: use 'auto', 'pair' or 'three'")
+        if self.split not in ("auto", "pair", "three", "step"):
+            raise ValueError(f"split={self.split!r} is unknown: use 'auto', 'pair', 'three' or 'step'")
         if self.refresh is not None and not isinstance(self.refresh, RefreshPolicy):
             raise ValueError(f"refresh={self.refresh!r} is not a refresh policy: pass AdaptiveRefresh(...), "
                              "'adaptive', or an object with uses_probe, exportable and controller() (see "
@@ -115,6 +118,8 @@ class DeepCacheConfig:
         if self.policy.uses_probe and self.split == "pair":
             raise ValueError("adaptive refresh decides after the head graph ran, so it needs the three-graph split: "
                              "pass split='three' or split='auto'")
+        if self.split == "step":
+            self._check_step()
         if self.quantize is not None:
             self._check_int8()
         if self.cache_dir is not None and not takes_compile_cache(self.backend):
@@ -130,6 +135,17 @@ class DeepCacheConfig:
                         and all(isinstance(v, int) and v >= 1 for v in value) and value[0] <= value[1]):
                     raise ValueError(f"dynamic[{key!r}]={value!r} is not a range: use a (min, max) pair of "
                                      "integers with 1 <= min <= max")
+
+    def _check_step(self) -> None:
+        if not hasattr(self.policy, "device_rule"):
+            raise ValueError(f"split='step' decides on the device with the rule of a probe policy (AdaptiveRefresh, "
+                             f"FirstBlockRefresh), not {type(self.policy).__name__}: fixed schedules need no decision "
+                             "(use split='pair')")
+        self.policy.device_rule()  # a policy without a device form refuses here, naming why
+        for given, what in ((self.dynamic is not None, "dynamic="), (self.forecast, "forecast=True")):
+            if given:
+                raise ValueError(f"split='step' compiles static step graphs that reuse the cache as it is: drop {what} "
+                                 "(or use split='three', decided on the host)")
 
     def _check_int8(self) -> None:
         if not isinstance(self.quantize, Int8):

@@ -19,11 +19,12 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["RefreshPolicy", "Controller", "StepController", "register_policy", "resolve_policy",
+__all__ = ["RefreshPolicy", "Controller", "StepController", "DeviceRule", "register_policy", "resolve_policy",
            "available_policies"]
 
 
@@ -45,6 +46,24 @@ class RefreshPolicy(Protocol):
     exportable: bool
 
     def controller(self, total: int | None = None) -> Controller: ...
+
+
+@dataclass(frozen=True)
+class DeviceRule:
+    """A probe policy's decision as tensor arithmetic, for the step graph that decides on the device
+    (`split="step"`, `graph.step`). Policies that can be decided so offer it as `policy.device_rule()`.
+
+    Attributes:
+        threshold: the drift that makes a step full.
+        max_skip: at most this many cached steps in a row (None: no limit).
+        accumulate: True: the probe's relative L1 change since the step before, summed since the latest full
+            step, full when the sum reaches `threshold` (`AdaptiveRefresh`); False: the change since the latest
+            full step's probe, full when it exceeds `threshold` (`FirstBlockRefresh`).
+    """
+
+    threshold: float
+    max_skip: int | None
+    accumulate: bool
 
 
 class StepController:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .policy import register_policy
+from .policy import DeviceRule, register_policy
 from .schedule import Calibration, Schedule, mac_speedup
 
 __all__ = ["AdaptiveRefresh", "AdaptiveController", "FirstBlockRefresh", "FirstBlockController", "CalibratedPlan", "plan_full_steps", "reuse_drift",
@@ -59,6 +59,13 @@ class AdaptiveRefresh:
 
     def controller(self, total: int | None = None) -> "AdaptiveController":
         return AdaptiveController(self)
+
+    def device_rule(self) -> DeviceRule:
+        """The rule as tensor arithmetic (`split="step"`); lagged decisions have no such form."""
+        if self.lagged:
+            raise ValueError("split='step' decides each step on the device from that step's drift: lagged=True "
+                             "(deciding from the step before, on the host) does not apply; drop one of the two")
+        return DeviceRule(self.threshold, self.max_skip, accumulate=True)
 
     def __post_init__(self):
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold > 0):
@@ -138,6 +145,9 @@ class FirstBlockRefresh:
 
     def controller(self, total: int | None = None) -> "FirstBlockController":
         return FirstBlockController(self)
+
+    def device_rule(self) -> DeviceRule:
+        return DeviceRule(self.threshold, self.max_skip, accumulate=False)
 
     def __post_init__(self):
         AdaptiveRefresh(threshold=self.threshold)  # the same checks of the threshold

@@ -169,3 +169,83 @@ def test_first_block_refresh_decides_as_diffusers_first_block_cache(family):
         assert dc.history == theirs, f"threshold {threshold}"
         histories.add(theirs)
     assert any("S" in h and h.count("F") > 1 for h in histories), f"{histories}: no run mixes the kinds of step"
+
+
+def _run(dc, calls: list[dict]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [dc(**call).sample for call in calls]
+
+
+@pytest.mark.parametrize("policy", ["first-block", "adaptive"])
+def test_step_split_decides_on_the_device_as_the_host_does(policy):
+    """split="step": one graph per step, the decision a tensor inside it (torch.cond); the same decisions and,
+    on the eager backend, the same outputs bitwise as the host-decided three-graph split."""
+    from deepcache_compile import AdaptiveRefresh, FirstBlockRefresh
+
+    rule = FirstBlockRefresh(0.2) if policy == "first-block" else AdaptiveRefresh(0.2, max_skip=3)
+    model, calls = make_transformer("dit"), _step_calls("dit", 12)
+    host = compile_deepcache(model, branch=0, refresh=rule)
+    device = compile_deepcache(model, branch=0, refresh=rule, split="step")
+    for expected, out in zip(_run(host, calls), _run(device, calls)):
+        assert torch.equal(out, expected)
+    assert device.history == host.history and "S" in host.history and host.history.count("F") > 1
+    again = _run(device, calls)  # a new generation (the timestep went up) starts from a fresh state
+    assert device.history == host.history and torch.equal(again[-1], _run(host, calls)[-1])
+
+
+def _host_reads(gm) -> list[str]:
+    """The nodes of a graph module and its subgraphs (torch.cond branches) that read a tensor on the host."""
+    reads = []
+    for module in gm.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            reads += [n.name for n in module.graph.nodes if n.op == "call_function"
+                      and any(op in str(n.target) for op in ("_local_scalar_dense", "aten.item"))]
+    return reads
+
+
+def test_step_graph_exports_whole_with_no_host_read():
+    from deepcache_compile import FirstBlockRefresh
+
+    model, calls = make_transformer("dit"), _step_calls("dit", 2)
+    dc = compile_deepcache(model, branch=0, refresh=FirstBlockRefresh(0.2), split="step")
+    pair = dc.prepare(**calls[0])
+    inputs = dc.flatten((), calls[0]).tensors
+    example = (*inputs, *pair.device_step.initial_state(*inputs), torch.zeros((), dtype=torch.int64))
+    program = torch.export.export(pair.device_step, example, strict=False)
+    gm = program.module()
+    assert any("cond" in str(n.target) for n in gm.graph.nodes), "the decision is not a torch.cond"
+    assert _host_reads(gm) == []
+
+    class HostRead(torch.nn.Module):  # the scan finds a host read where there is one
+        def forward(self, x):
+            return x * x.max().item()
+
+    assert _host_reads(torch.export.export(HostRead(), (torch.ones(2),), strict=False).module()) != []
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aoti"])
+def test_step_split_compiles_as_one_program(backend):
+    from deepcache_compile import FirstBlockRefresh
+
+    model, calls = make_transformer("dit"), _step_calls("dit", 12)
+    host = compile_deepcache(model, branch=0, refresh=FirstBlockRefresh(0.2))
+    compiled = compile_deepcache(model, branch=0, refresh=FirstBlockRefresh(0.2), split="step", backend=backend)
+    for expected, out in zip(_run(host, calls), _run(compiled, calls)):
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert compiled.history == host.history
+
+
+def test_step_split_refuses_what_it_cannot_decide_on_the_device():
+    from deepcache_compile import AdaptiveRefresh, DeepCacheConfig, FirstBlockRefresh
+
+    with pytest.raises(ValueError, match="probe policy"):
+        DeepCacheConfig(branch=0, split="step")
+    with pytest.raises(ValueError, match="lagged"):
+        DeepCacheConfig(branch=0, split="step", refresh=AdaptiveRefresh(lagged=True))
+    with pytest.raises(ValueError, match="drop dynamic"):
+        DeepCacheConfig(branch=0, split="step", refresh=FirstBlockRefresh(), dynamic=True)
+    with pytest.raises(ValueError, match="drop forecast"):
+        DeepCacheConfig(branch=0, split="step", refresh=FirstBlockRefresh(), forecast=True)
+    dc = compile_deepcache(make_transformer("dit"), branch=0, refresh=FirstBlockRefresh(), split="step")
+    with pytest.raises(ValueError, match="compiles its policy's rule"):
+        dc.with_schedule(FirstBlockRefresh(0.3))

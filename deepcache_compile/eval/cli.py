@@ -54,6 +54,9 @@ def _quality(args: argparse.Namespace) -> None:
     if args.policies:
         _policies(args)
         return
+    if args.transformer:
+        _transformer(args)
+        return
     from .quality import QualityOptions, evaluate_quality, quality_table, write_results
 
     opts = QualityOptions(steps=tuple(args.steps), intervals=tuple(args.interval), branches=tuple(args.branch),
@@ -78,6 +81,21 @@ def _policies(args: argparse.Namespace) -> None:
     rows = evaluate_refresh(opts)
     print(refresh_table(rows))
     print(f"written to {write_refresh_results(rows, opts)}")
+
+
+def _transformer(args: argparse.Namespace) -> None:
+    from .quality import QualityOptions
+    from .transformer_study import (TransformerStudyOptions, evaluate_transformer_caches, transformer_table,
+                                    write_transformer_results)
+
+    if len(args.steps) != 1:
+        raise SystemExit("--transformer runs one step count: pass one --steps (e.g. --steps 50)")
+    intervals = tuple(args.interval) if args.interval != list(QualityOptions.intervals) else TransformerStudyOptions.intervals
+    opts = TransformerStudyOptions(steps=args.steps[0], intervals=intervals, samples=args.samples, seed=args.seed,
+                                   out=args.out if args.out != QualityOptions.out else TransformerStudyOptions.out)
+    rows = evaluate_transformer_caches(opts)
+    print(transformer_table(rows))
+    print(f"written to {write_transformer_results(rows, opts)}")
 
 
 def _analyze(args: argparse.Namespace) -> None:
@@ -188,6 +206,10 @@ def main(argv: list[str] | None = None) -> None:
                          help="compare refresh policies (uniform, non-uniform, calibrated, adaptive, each with and "
                               "without forecast) at the budgets of the given intervals, at one --branch; writes "
                               "out/refresh/")
+    quality.add_argument("--transformer", action="store_true",
+                         help="the digits DiT: our block caches against diffusers' FirstBlockCache and TaylorSeer "
+                              "hooks at the budgets of the given intervals (default 2 3 5 8 12), transformer FLOPs "
+                              "counted; one --steps; writes out/transformer/")
     quality.set_defaults(func=_quality)
 
     analyze = sub.add_parser("analyze", help="feature similarity across steps (paper Fig. 2), branch/interval hint")

@@ -237,6 +237,7 @@ class DeepCacheUNet(nn.Module):
             modules = [self.unet, *(m for p in pairs for m in (p.traced.gm, p.split.full, p.split.shallow))]
             modules += [g for p in pairs if p.three
                         for g in (p.three.graphs.head, p.three.graphs.deep, p.three.graphs.tail)]
+            modules += [p.device_step for p in pairs if p.device_step is not None]
             tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
             storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()}
             for t in tensors.values():
@@ -297,6 +298,9 @@ class DeepCacheUNet(nn.Module):
         if not isinstance(policy, RefreshPolicy):
             raise TypeError(f"with_schedule takes a Schedule, a CalibratedPlan or a refresh policy, not "
                             f"{type(policy).__name__}")
+        if config.graphs == "step":
+            raise ValueError("split='step' compiles its policy's rule into the step graph: compile_deepcache again "
+                             "with the other policy (or use split='three', whose graphs any probe policy runs)")
         if policy.uses_probe and config.graphs != "three":
             raise ValueError("this policy decides from the head's probe, so it needs pairs compiled with the "
                              "three-graph split: compile with compile_deepcache(..., split='three') and call "

@@ -31,12 +31,16 @@ __all__ = ["Extrapolation", "GenerationState", "GenerationStates", "StepGraphs",
 class StepGraphs:
     """What `run_step` runs: the full and shallow graphs (`(*inputs) -> (sample, cache)`,
     `(*inputs, cache[, slope, steps]) -> (sample,)`), and, for policies that decide from the head's probe, the
-    head/deep/tail graphs (`three`, with its `probe` index). `CompiledPair` has the same attributes."""
+    head/deep/tail graphs (`three`, with its `probe` index) or the compiled step that decides on the device
+    (`step`, `device_step` the module it was compiled from: `graph.step`). `CompiledPair` has the same
+    attributes."""
 
     full: Callable
     shallow: Callable
     three: Any = None
     forecast: bool = False
+    step: Callable | None = None
+    device_step: Any = None
 
 
 class Extrapolation:
@@ -83,8 +87,18 @@ class GenerationState:
         self.caches: list[torch.Tensor | None] = [None] * self.calls_per_step
         self.controllers: list[Controller | None] = [None] * self.calls_per_step
         self.extrapolations: list[Extrapolation | None] = [None] * self.calls_per_step
-        self.history = ""
+        self.device_states: list[tuple | None] = [None] * self.calls_per_step  # split="step": the policy's tensors
+        self._history = ""
+        self._decided: list[torch.Tensor] = []  # split="step": what each step did, read when asked
         self.mark: tuple | None = None
+
+    @property
+    def history(self) -> str:
+        """One letter per call, "F" or "S". Steps decided on the device are read here, when asked (a sync)."""
+        if self._decided:
+            self._history += "".join("F" if bool(full) else "S" for full in self._decided)
+            self._decided.clear()
+        return self._history
 
     def controller(self, slot: int, policy: RefreshPolicy) -> Controller:
         controller = self.controllers[slot]
@@ -126,7 +140,14 @@ class GenerationState:
             self.caches[slot] = cache
             if forecast:
                 self.extrapolation(slot).full(cache, self.calls // self.calls_per_step)
-        self.history += "S" if cache is None else "F"
+        self._history += "S" if cache is None else "F"
+        self.calls += 1
+
+    def end_on_device(self, slot: int, device_state: tuple, full: torch.Tensor) -> None:
+        """Records a step decided on the device: its new policy tensors and its (unread) decision."""
+        self.device_states[slot] = device_state
+        self.history  # noqa: B018 (resolves earlier steps so that the letters stay in call order)
+        self._decided.append(full)
         self.calls += 1
 
 
@@ -179,6 +200,11 @@ def run_step(state: GenerationState, policy: RefreshPolicy, call: FlatCall, grap
     controller, cache, recording = state.controller(slot, policy), state.caches[slot], state.recording is not None
     inputs, size = call.tensors, tuple(call.tensors[0].shape[-2:])
     with torch.no_grad(), GATE.step():
+        if graphs.step is not None and not recording:
+            device_state = state.device_states[slot] or graphs.device_step.initial_state(*inputs)
+            sample, *device_state, full = graphs.step(*inputs, *device_state, _decide(inputs[0].device))
+            state.end_on_device(slot, tuple(device_state), full)
+            return sample
         if policy.uses_probe and not recording:
             three = graphs.three
             links = three.head(*inputs)
@@ -196,6 +222,17 @@ def run_step(state: GenerationState, policy: RefreshPolicy, call: FlatCall, grap
         state.recording.append((step, slot, call.timestep, size, cache.detach().clone()))
     state.end(slot, cache if full else None, graphs.forecast)
     return sample
+
+
+_DECIDE: dict[torch.device, torch.Tensor] = {}
+
+
+def _decide(device: torch.device) -> torch.Tensor:
+    """The step graph's `mode` input "decide" (0), one tensor per device."""
+    mode = _DECIDE.get(device)
+    if mode is None:
+        mode = _DECIDE[device] = torch.zeros((), dtype=torch.int64, device=device)
+    return mode
 
 
 def _forecast_inputs(state: GenerationState, slot: int, step: int, cache: torch.Tensor, graphs, full: bool) -> tuple:

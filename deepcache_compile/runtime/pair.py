@@ -20,6 +20,7 @@ from ..graph.branches import BranchNotFoundError, downsampling_factor, find_bran
 from ..graph.cuts import Cut, find_cuts, select_cut
 from ..graph.partition import SplitGraphs, ThreeGraphs, split_at_branch, split_three
 from ..graph.passes import PassOptions, apply_passes
+from ..graph.step import DeviceStep
 from ..graph.trace import TracedUNet, forget_last_trace, trace_unet
 from ..shapes import ShapeRanges, sample_size, with_batch
 from ..artifacts.cache import CompileCache
@@ -63,6 +64,8 @@ class CompiledPair:
         shallow: compiled `(*inputs, cache) -> (sample,)`.
         ranges: None for a static pair (the traced shapes only); else the batch sizes and resolutions it serves.
         three: with the three-graph split, its compiled graphs (`full` and `shallow` then run them in turn).
+        step: with split="step", the compiled step that decides on the device (`graph.step.DeviceStep`), and
+            `device_step` the module (`full` and `shallow` then run it with the decision forced).
         forecast: the shallow graph takes `(*inputs, cache, slope, steps)` and extrapolates the cache.
         fx_sources: the keys of the generated sources torch.fx cached while compiling it (see `release`).
         owns_weights: every compiled graph holds its own copy of the weights (declared by the backend's callables
@@ -78,6 +81,8 @@ class CompiledPair:
     forecast: bool = False
     fx_sources: frozenset[str] = field(default=frozenset(), repr=False)
     owns_weights: bool = False
+    step: Callable | None = None
+    device_step: DeviceStep | None = None
 
     @property
     def branch(self) -> Cut:
@@ -183,17 +188,28 @@ def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, rang
         compiled.append(backend(apply_passes(gm, part, passes), inputs, config.backend_options, **shapes))
         return owned_outputs(compiled[-1])
 
+    step = device_step = None
     with torch.no_grad():
         if config.graphs == "three":
             three = _compile_three(split_three(traced.gm, branch), traced.example_inputs, compile_graph, config.forecast)
             full, shallow = _run_three(three, config.forecast)
+        elif config.graphs == "step":
+            three, inputs = split_three(traced.gm, branch), traced.example_inputs
+            three = dataclasses.replace(three, **{part: apply_passes(getattr(three, part), part, passes)
+                                                  for part in ("head", "deep", "tail")})
+            device_step = DeviceStep(three, config.policy.device_rule(), len(inputs))
+            example = (*inputs, *device_step.initial_state(*inputs), torch.zeros((), dtype=torch.int64))
+            compiled.append(backend(device_step, example, config.backend_options, **shapes))
+            step = owned_outputs(compiled[-1])
+            full, shallow = _forced(step, device_step)
         else:
             three, (full, shallow) = None, _compile_two(split, traced.example_inputs, compile_graph, config.forecast)
     if config.backend != "eager":
         forget_last_trace()  # a backend's trace would otherwise keep what it traced (and folded) alive
         gc.collect()
-    pair = CompiledPair(traced=traced, split=split, full=full, shallow=shallow, ranges=ranges, three=three,
-                        forecast=config.forecast,
+    pair = CompiledPair(traced=traced, split=split, full=full, shallow=shallow, ranges=ranges,
+                        three=None if step is not None else three, forecast=config.forecast, step=step,
+                        device_step=device_step,
                         owns_weights=all(getattr(c, "owns_weights", False) for c in compiled))
     if config.backend != "eager" and config.verify:
         verify_pair(pair, config.backend, tolerance)
@@ -289,6 +305,28 @@ def _run_three(three: CompiledThree, forecast: bool) -> tuple[Callable, Callable
         n = len(inputs_and_cache) - (3 if forecast else 1)
         inputs = inputs_and_cache[:n]
         return tail(*inputs, *head(*inputs), *inputs_and_cache[n:])
+
+    return full, shallow
+
+
+def _forced(step: Callable, module: DeviceStep) -> tuple[Callable, Callable]:
+    """`full` and `shallow` with the two-graph pair's signatures, running the step graph with its decision forced
+    (mode 1 and 2): calibration, verification and the benchmark's per-graph timings use them."""
+    modes = {}
+
+    def mode(value, device):
+        if (value, device) not in modes:
+            modes[value, device] = torch.full((), value, dtype=torch.int64, device=device)
+        return modes[value, device]
+
+    def full(*inputs):
+        sample, cache, *_ = step(*inputs, *module.initial_state(*inputs), mode(1, inputs[0].device))
+        return sample, cache
+
+    def shallow(*inputs_and_cache):
+        inputs, cache = inputs_and_cache[:-1], inputs_and_cache[-1]
+        _, reference, drift, run = module.initial_state(*inputs)
+        return step(*inputs, cache, reference, drift, run, mode(2, inputs[0].device))[:1]
 
     return full, shallow
 
