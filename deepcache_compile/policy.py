@@ -24,8 +24,8 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["RefreshPolicy", "Controller", "StepController", "DeviceRule", "register_policy", "resolve_policy",
-           "available_policies"]
+__all__ = ["RefreshPolicy", "Controller", "StepController", "DeviceRule", "StepState", "register_policy",
+           "resolve_policy", "available_policies"]
 
 
 @runtime_checkable
@@ -64,6 +64,34 @@ class DeviceRule:
     threshold: float
     max_skip: int | None
     accumulate: bool
+
+
+NO_LIMIT = 2 ** 62  # max_skip=None on the device: the run counter never reaches it
+
+
+@dataclass(frozen=True)
+class StepState:
+    """The tensors a device-decided step carries from call to call, as per-row shapes (batch first):
+    `(cache, reference, drift, run)`; `initial` makes a generation's first, whose step is full (`run` at the
+    limit). Engine manifests hold it (`policy.state`), so that runtimes make the same tensors.
+
+    Attributes:
+        cache: the kept tensor's shape without the batch, and `cache_dtype` its dtype.
+        probe: the probe's shape without the batch, and `probe_dtype` its dtype.
+        limit: `max_skip`, or `NO_LIMIT`.
+    """
+
+    cache: tuple[int, ...]
+    cache_dtype: torch.dtype
+    probe: tuple[int, ...]
+    probe_dtype: torch.dtype
+    limit: int
+
+    def initial(self, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros((batch, *self.cache), dtype=self.cache_dtype, device=device),
+                torch.zeros((batch, *self.probe), dtype=self.probe_dtype, device=device),
+                torch.zeros((), dtype=torch.float32, device=device),
+                torch.full((), self.limit, dtype=torch.int64, device=device))
 
 
 class StepController:

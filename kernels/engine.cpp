@@ -30,7 +30,9 @@ Engine::Engine(const std::filesystem::path& directory, int device_index, const s
     check_compiled_ranges(manifest_, manifest_.file(part), found == metadata.end() ? "" : found->second);
     return loader;
   };
-  if (manifest_.policy) {
+  if (manifest_.step) {
+    step_ = load("step");
+  } else if (manifest_.policy) {
     head_ = load("head");
     deep_ = load("deep");
     tail_ = load("tail");
@@ -75,6 +77,7 @@ at::Tensor Engine::run(Generation& generation, std::vector<at::Tensor> inputs) {
   if (timestep_index_ >= 0 && inputs[timestep_index_].device().is_cpu())
     timestep = inputs[timestep_index_].reshape(-1)[0].item<double>();  // host memory: no device sync
   auto [step, slot] = generation.begin(signature, timestep);
+  if (manifest_.step) return run_on_device(generation, slot, std::move(inputs));
   if (manifest_.policy) return run_adaptive(generation, slot, std::move(inputs));
   const auto& schedule = manifest_.schedule;
   if (schedule.calibration) {
@@ -127,6 +130,26 @@ at::Tensor Engine::run_adaptive(Generation& generation, int slot, std::vector<at
   call.push_back(kept);
   auto out = tail_->run(call);
   generation.end(slot, full ? std::optional<at::Tensor>(kept) : std::nullopt);
+  return out.at(0);
+}
+
+// The C++ twin of runtime/generation.run_step's step-graph branch.
+at::Tensor Engine::run_on_device(Generation& generation, int slot, std::vector<at::Tensor> inputs) {
+  const auto& spec = *manifest_.step;
+  auto& state = generation.device_states[slot];
+  const auto options = inputs.at(0).options();
+  if (state.empty()) {  // a generation's first step: zeros, and run = limit (full)
+    std::vector<int64_t> cache{inputs[0].size(0)}, probe{inputs[0].size(0)};
+    cache.insert(cache.end(), spec.cache.begin(), spec.cache.end());
+    probe.insert(probe.end(), spec.probe.begin(), spec.probe.end());
+    state = {at::zeros(cache, options.dtype(spec.cache_dtype)), at::zeros(probe, options.dtype(spec.probe_dtype)),
+             at::zeros({}, options.dtype(at::kFloat)), at::full({}, spec.limit, options.dtype(at::kLong))};
+  }
+  inputs.insert(inputs.end(), state.begin(), state.end());
+  inputs.push_back(at::zeros({}, options.dtype(at::kLong)));  // mode 0: decide
+  auto out = step_->run(inputs);
+  state.assign(out.begin() + 1, out.begin() + 5);
+  generation.end_on_device(out.at(5));
   return out.at(0);
 }
 

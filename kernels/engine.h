@@ -52,16 +52,18 @@ class Engine {
 
   void reset() { state_.reset(); }                          // the next call starts a new generation
   int step() const { return state_.calls / state_.calls_per_step; }
-  const std::string& history() const { return state_.history; }
+  const std::string& history() { return state_.resolve(); }
   const Manifest& manifest() const { return manifest_; }
 
  private:
   std::string check_inputs(std::vector<at::Tensor>& inputs);
   // Adaptive refresh: head -> [deep] -> tail, full where the probe's drift says so.
   at::Tensor run_adaptive(Generation& generation, int slot, std::vector<at::Tensor> inputs);
+  // A step package: the decision and the policy's state stay on the device.
+  at::Tensor run_on_device(Generation& generation, int slot, std::vector<at::Tensor> inputs);
 
   Manifest manifest_;
-  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> full_, shallow_, head_, deep_, tail_;
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> full_, shallow_, head_, deep_, tail_, step_;
   GenerationState state_;
   std::mutex checked_mutex_;
   std::set<std::string> checked_;  // signatures whose shapes passed the range check

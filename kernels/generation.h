@@ -41,6 +41,8 @@ struct GenerationState {
     extrapolations.assign(calls_per_step, Extrapolation{});
     drift.assign(calls_per_step, 0.0);
     shallow_run.assign(calls_per_step, 0);
+    device_states.assign(calls_per_step, {});
+    decided.clear();
     history.clear();
     last_timestep.reset();
   }
@@ -59,9 +61,23 @@ struct GenerationState {
 
   // Records a finished call: a full step passes its new cache, a shallow step nothing.
   void end(int slot, std::optional<at::Tensor> cache) {
+    resolve();
     history.push_back(cache ? 'F' : 'S');
     if (cache) caches[slot] = std::move(cache);
     ++calls;
+  }
+
+  // Records a call decided on the device: its decision stays a tensor until the history is read.
+  void end_on_device(at::Tensor full) {
+    decided.push_back(std::move(full));
+    ++calls;
+  }
+
+  // The history with the device decisions read (a sync on a GPU: only when asked).
+  const std::string& resolve() {
+    for (const auto& full : decided) history.push_back(full.item<bool>() ? 'F' : 'S');
+    decided.clear();
+    return history;
   }
 
   int calls_per_step;
@@ -73,6 +89,9 @@ struct GenerationState {
   std::vector<double> drift;
   std::vector<int> shallow_run;
   std::vector<Extrapolation> extrapolations;  // forecast, per slot
+  // A step package's policy tensors per slot: (cache, reference, drift, run); empty before the first step.
+  std::vector<std::vector<at::Tensor>> device_states;
+  std::vector<at::Tensor> decided;  // device decisions not read yet (resolve())
   std::string history;  // one letter per call of this generation: F full, S shallow
   std::string signature;
   std::optional<double> last_timestep;

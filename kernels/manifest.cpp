@@ -212,7 +212,12 @@ Manifest read_manifest(const fs::path& directory, const std::vector<std::string>
   m.schedule = schedule_from_json(j);
   m.calls_per_step = j.at("calls_per_step").get<int>();
   m.forecast = j.value("forecast", false);
-  if (j.contains("policy") && !j["policy"].is_null()) {
+  if (j.contains("policy") && !j["policy"].is_null() && j["policy"].value("decided", "") == "device") {
+    const auto& s = j["policy"].at("state");
+    m.step = DeviceStepPolicy{s.at("cache").get<std::vector<int64_t>>(), s.at("probe").get<std::vector<int64_t>>(),
+                              dtype_from_name(s.at("cache_dtype")), dtype_from_name(s.at("probe_dtype")),
+                              s.at("limit").get<int64_t>()};
+  } else if (j.contains("policy") && !j["policy"].is_null()) {
     const auto& p = j["policy"];
     if (p.at("name") != "adaptive")
       throw ManifestError(path.string() + ": policy " + p.at("name").dump() + " is not one this runtime runs");

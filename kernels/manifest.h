@@ -49,6 +49,15 @@ struct AdaptivePolicy {
   int probe = 0;  // the probe's index among the head graph's outputs
 };
 
+// A probe policy decided inside one step package (`split="step"`, graph/step.py): the package takes the
+// inputs, then (cache, reference, drift, run, mode) and returns (sample, cache, reference, drift, run, full).
+// A generation starts from zeros, drift 0 and run = limit (a full first step); per-row shapes, batch first.
+struct DeviceStepPolicy {
+  std::vector<int64_t> cache, probe;
+  c10::ScalarType cache_dtype = c10::kFloat, probe_dtype = c10::kFloat;
+  int64_t limit = 0;
+};
+
 struct Manifest {
   std::filesystem::path directory;
   std::string format;
@@ -56,6 +65,7 @@ struct Manifest {
   Schedule schedule;
   int calls_per_step = 1;
   std::optional<AdaptivePolicy> policy;  // set: the export holds head/deep/tail packages, not full/shallow
+  std::optional<DeviceStepPolicy> step;  // set: the export holds one step package deciding on the device
   bool forecast = false;                 // the shallow package also takes (slope, steps): see generation.h
   std::vector<InputSpec> inputs;
   ShapeRanges ranges{};

@@ -74,7 +74,7 @@ TORCH_LIBRARY(deepcache, m) {
       .def("step", [](const c10::intrusive_ptr<GenerationHolder>& self) {
         return int64_t{self->state->calls / self->state->calls_per_step};
       })
-      .def("history", [](const c10::intrusive_ptr<GenerationHolder>& self) { return self->state->history; });
+      .def("history", [](const c10::intrusive_ptr<GenerationHolder>& self) { return self->state->resolve(); });
   m.class_<EngineHolder>("Engine")
       .def(torch::init<std::string, int64_t, std::vector<std::string>, int64_t>())
       .def("load_error", [](const c10::intrusive_ptr<EngineHolder>& self) {

@@ -576,3 +576,29 @@ def test_policies_the_engines_cannot_carry_are_refused_at_export(tmp_path):
         dc = compile_deepcache(unet, branch=1, **options)
         with pytest.raises(ValueError, match="runs in Python only"):
             dc.export(tmp_path, format="pt2", example=example)
+
+
+def test_a_step_graph_export_decides_on_the_device_in_both_runtimes(tmp_path):
+    """split="step" exports one AOTInductor package whose decision is a torch.cond; the Python and the native
+    engine run it with the decisions of the eager host-decided split, and the same outputs."""
+    from conftest import make_transformer
+    from test_transformers import _step_calls
+
+    from deepcache_compile import FirstBlockRefresh
+
+    model, calls = make_transformer("dit"), _step_calls("dit", 12)
+    host = compile_deepcache(model, branch=0, refresh=FirstBlockRefresh(0.2))
+    dc = compile_deepcache(model, branch=0, refresh=FirstBlockRefresh(0.2), split="step")
+    dc.export(tmp_path, format="aoti", example=calls[0], batch=(1, 4))
+    manifest = json.loads((tmp_path / "deepcache.json").read_text())
+    assert manifest["files"].keys() == {"step"} and manifest["policy"]["decided"] == "device"
+    with torch.no_grad():
+        expected = [host(**call).sample for call in calls]
+        runs = {}
+        for runtime in ("python", "native"):
+            engine = load_deepcache(tmp_path, runtime=runtime)
+            runs[runtime] = ([engine(**call).sample for call in calls], engine.history)
+    assert runs["python"][1] == runs["native"][1] == host.history and "S" in host.history
+    for a, b, c in zip(expected, runs["python"][0], runs["native"][0]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6)

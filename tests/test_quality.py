@@ -124,3 +124,32 @@ def test_deepcache_rows_run_on_the_chosen_backend(tmp_path):
     assert seen and all(options == {"tag": "x"} for options in seen)
     assert ours["backend"] == "quality-probe:tag='x'" and "quality-probe" in ours["name"]
     assert ours["psnr"] == reference["psnr"] and ours["fd"] == reference["fd"]
+
+
+def test_transformer_study_charges_each_method_what_it_ran(tmp_path):
+    """The digits DiT study on a reduced setting: FLOPs counted over whole generations equal the cut's MAC share
+    (derived from FlopCounterMode per block by `list_branches`), our first-block rule and diffusers' hook spend the
+    same full steps and give the same images, and the records are written."""
+    from deepcache_compile import list_branches
+    from deepcache_compile.eval.digits import digit_labels, load_digits_dit
+    from deepcache_compile.eval.transformer_study import (TransformerStudyOptions, evaluate_transformer_caches,
+                                                          write_transformer_results)
+
+    opts = TransformerStudyOptions(steps=6, intervals=(3,), samples=8, calibration_samples=8, fd_seeds=(0,),
+                                   methods=("uniform", "first-block", "diffusers FirstBlockCache",
+                                            "diffusers TaylorSeer blocks o1"), out=str(tmp_path))
+    rows = evaluate_transformer_caches(opts)
+    by = {r["method"]: r for r in rows}
+    model, _ = load_digits_dit()
+    share = list_branches(model, torch.zeros(8, 1, 16, 16), torch.full((8,), 999),
+                          class_labels=digit_labels(8))[0].mac_share
+    uniform = by["uniform"]
+    assert uniform["full_steps"] == 2
+    assert uniform["flop_fraction"] == pytest.approx((2 + 4 * share) / 6, rel=1e-3)
+    ours, theirs = by["first-block"], by["diffusers FirstBlockCache"]
+    assert ours["full_steps"] == theirs["full_steps"] and ours["threshold"] == theirs["threshold"]
+    assert ours["flop_fraction"] == pytest.approx(theirs["flop_fraction"], rel=1e-6)
+    assert abs(ours["psnr"] - theirs["psnr"]) < 0.1 or min(ours["psnr"], theirs["psnr"]) > 60
+    assert 0 < by["diffusers TaylorSeer blocks o1"]["flop_fraction"] < 1
+    out = write_transformer_results(rows, opts)
+    assert (out / "transformer.md").read_text().count("\n") == len(rows) + 2

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..calls import FlatCall
 from ..runtime.generation import GenerationStates, StepGraphs, check_finite, run_step, timestep_mark
-from ..refresh import AdaptiveRefresh
+from ..policy import StepState
+from ..refresh import AdaptiveRefresh, FirstBlockRefresh
 from ..schedule import Schedule
 from ..shapes import ShapeRanges
 from .manifest import ManifestError
@@ -66,7 +67,14 @@ class DeepCacheEngine(nn.Module):
         self.manifest = manifest
         self._parts, self._device = parts or {}, device
         policy = manifest.get("policy")
-        if policy is not None:  # adaptive refresh: head -> [deep] -> tail, deciding from the head's probe
+        if policy is not None and policy.get("decided") == "device":  # one step program deciding on the device
+            state = policy["state"]
+            self._graphs = StepGraphs(None, None, step=self._parts.get("step"), step_state=StepState(
+                cache=tuple(state["cache"]), cache_dtype=getattr(torch, state["cache_dtype"]),
+                probe=tuple(state["probe"]), probe_dtype=getattr(torch, state["probe_dtype"]), limit=state["limit"]))
+            rule = AdaptiveRefresh if policy["name"] == "adaptive" else FirstBlockRefresh
+            self.schedule = rule(threshold=policy["threshold"], max_skip=policy["max_skip"])
+        elif policy is not None:  # adaptive refresh: head -> [deep] -> tail, deciding from the head's probe
             three = SimpleNamespace(head=self._parts.get("head"), deep=self._parts.get("deep"),
                                     tail=self._parts.get("tail"), probe=policy["probe"])
             self._graphs = StepGraphs(None, None, three=three)

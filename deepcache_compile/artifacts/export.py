@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -22,9 +22,11 @@ import torch
 from ..calls import CallFlattener, FlatCall
 from ..graph.passes import PassOptions, apply_passes
 from ..graph.partition import split_at_branch, split_three
+from ..graph.step import DeviceStep
 from ..graph.trace import export_program, trace_unet
 from ..kernels import native_ops
 from ..options import check_options
+from ..policy import StepState
 from ..runtime.generation import keep_cache
 from ..runtime.pair import dynamic_example, int8_split, select_branch, shape_ranges
 from ..schedule import nonuniform_full_steps
@@ -40,6 +42,10 @@ __all__ = ["export_deepcache"]
 _IO = {"full": PartIO(outputs=("out_sample", "cache_out"), inputs=()),
        "shallow": PartIO(outputs=("out_sample",), inputs=("cache",))}
 _FORECAST_INPUTS = ("slope", "steps")  # the shallow graph's extra inputs with forecast (graph.passes)
+
+
+_STEP_IO = {"step": PartIO(outputs=("out_sample", "cache_out", "reference_out", "drift_out", "run_out", "full"),
+                           inputs=("cache", "reference", "drift", "run", "mode"))}
 
 
 def _three_io(links: int) -> dict[str, PartIO]:
@@ -86,7 +92,8 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
     ranges = shape_ranges(dc.unet, call, "export", batch=batch, height=height, width=width)
     programs, branch, probe = _dynamic_programs(dc, call, ranges, attention, f"the {format} export")
     forecast = dc.deepcache_config.forecast
-    parts = _IO if probe is None else _three_io(len(programs["head"].graph_signature.user_outputs))
+    parts = _STEP_IO if "step" in programs else _IO if probe is None else \
+        _three_io(len(programs["head"].graph_signature.user_outputs))
     if forecast:
         parts = {**parts, "shallow": PartIO(outputs=parts["shallow"].outputs,
                                             inputs=parts["shallow"].inputs + _FORECAST_INPUTS)}
@@ -118,7 +125,8 @@ def _example(dc, example: dict | None) -> FlatCall:
 
 def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, who: str):
     """The programs to write: full and shallow, or, for a policy that decides from the head's probe, head, deep
-    and tail (and the probe's index among the head's outputs; None for a pair)."""
+    and tail (and the probe's index among the head's outputs; None for a pair), or with split="step" the one
+    step program (and its `StepState`)."""
     call = dynamic_example(call, ranges)  # a batch-1 example would specialize the programs to batch 1
     traced = trace_unet(dc.unet, call, ranges)
     branch = select_branch(traced.gm, dc.deepcache_config)
@@ -130,6 +138,12 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
     def export(gm, part, tensors):
         return export_program(apply_passes(gm, part, passes), tensors, ranges)
 
+    if dc.deepcache_config.graphs == "step":
+        three = split_three(traced.gm, branch)
+        three = replace(three, **{part: apply_passes(getattr(three, part), part, passes) for part in ("head", "deep", "tail")})
+        step = DeviceStep(three, dc.deepcache_config.policy.device_rule(), len(inputs))
+        example = (*inputs, *step.initial_state(*inputs), torch.zeros((), dtype=torch.int64))
+        return {"step": export_program(step, example, ranges, variadic=True)}, branch, step.state
     if dc.deepcache_config.policy.uses_probe:
         three = split_three(traced.gm, branch)
         with torch.no_grad():
@@ -176,8 +190,7 @@ def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, lis
         if schedule.kind == "nonuniform" else None,
         # A policy that decides from the head's probe (adaptive refresh) runs head -> [deep] -> tail: its
         # parameters, and the probe's index among the head's outputs.
-        "policy": {"name": "adaptive", "threshold": config.policy.threshold, "max_skip": config.policy.max_skip,
-                   "probe": probe} if probe is not None else None,
+        "policy": _policy(config, probe),
         # With forecast the shallow graph also takes (slope, steps): the cache's change per step between the last
         # two full steps, and the steps since the last one (runtime.generation.Extrapolation).
         "forecast": config.forecast,
@@ -204,6 +217,22 @@ def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, lis
         "sha256": {p.name: sha256(p) for paths in files.values() for p in paths},
         "sizes": {p.name: p.stat().st_size for paths in files.values() for p in paths},
     }
+
+
+def _policy(config, probe) -> dict | None:
+    """A probe policy's manifest entry: its rule, and the probe's index among the head's outputs (three graphs)
+    or the state the step program carries (split="step": `decided` "device")."""
+    if probe is None:
+        return None
+    if not isinstance(probe, StepState):
+        return {"name": "adaptive", "threshold": config.policy.threshold, "max_skip": config.policy.max_skip,
+                "probe": probe}
+    rule = config.policy.device_rule()
+    return {"name": "adaptive" if rule.accumulate else "first-block", "threshold": rule.threshold,
+            "max_skip": rule.max_skip, "decided": "device",
+            "state": {"cache": list(probe.cache), "cache_dtype": str(probe.cache_dtype).removeprefix("torch."),
+                      "probe": list(probe.probe), "probe_dtype": str(probe.probe_dtype).removeprefix("torch."),
+                      "limit": probe.limit}}
 
 
 def _cache_rule(cut, sample: torch.Tensor) -> dict:

@@ -48,8 +48,17 @@ def load_deepcache(directory: str | Path, device: str | torch.device = "cpu", pr
     options = {"provider": provider} if provider else {}
     check_options(f"loading a {manifest['format']} export", options, reader.LOAD_OPTIONS)
     parts = {}
-    for part in ("head", "deep", "tail") if manifest.get("policy") else ("full", "shallow"):
+    for part in _parts(manifest):
         file = directory / manifest["files"][part][0]
         parts[part] = reader.load(file, device, **options)
         check_compiled_ranges(manifest, file, parts[part].compiled_ranges)
     return DeepCacheEngine(manifest, parts, device)
+
+
+def _parts(manifest: dict) -> tuple[str, ...]:
+    """The engine files an export holds: the step program (a policy decided on the device), head/deep/tail
+    (adaptive refresh decided on the host) or the full/shallow pair."""
+    policy = manifest.get("policy")
+    if policy is None:
+        return ("full", "shallow")
+    return ("step",) if policy.get("decided") == "device" else ("head", "deep", "tail")

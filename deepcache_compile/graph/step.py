@@ -21,13 +21,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..policy import DeviceRule
+from ..policy import NO_LIMIT, DeviceRule, StepState
 from ..refresh import relative_l1
 from .partition import ThreeGraphs
 
-__all__ = ["DeviceStep", "NO_LIMIT"]
-
-NO_LIMIT = 2 ** 62  # max_skip=None: the run counter never reaches it
+__all__ = ["DeviceStep"]
 
 
 class DeviceStep(nn.Module):
@@ -35,7 +33,7 @@ class DeviceStep(nn.Module):
 
     Example:
         >>> step = DeviceStep(split_three(traced.gm, cut), DeviceRule(0.1, None, accumulate=False))
-        >>> state = step.initial_state(*inputs)
+        >>> state = step.state.initial(batch, device)
         >>> sample, *state, full = step(*inputs, *state, torch.tensor(0))
     """
 
@@ -45,19 +43,14 @@ class DeviceStep(nn.Module):
         self.probe, self.n_inputs = three.probe, n_inputs
         self.threshold, self.accumulate = float(rule.threshold), rule.accumulate
         self.limit = NO_LIMIT if rule.max_skip is None else int(rule.max_skip)
-        links = [n for n in three.head.graph.output_node().args[0]]
-        self.probe_shape = tuple(links[self.probe].meta["val"].shape)
-        cache = next(n for n in three.tail.graph.find_nodes(op="placeholder") if n.target == "cache")
-        self.cache_shape, self.cache_dtype = tuple(cache.meta["val"].shape), cache.meta["val"].dtype
-        self.probe_dtype = links[self.probe].meta["val"].dtype
+        probe = three.head.graph.output_node().args[0][self.probe].meta["val"]
+        cache = next(n for n in three.tail.graph.find_nodes(op="placeholder") if n.target == "cache").meta["val"]
+        self.state = StepState(cache=tuple(cache.shape[1:]), cache_dtype=cache.dtype, probe=tuple(probe.shape[1:]),
+                               probe_dtype=probe.dtype, limit=self.limit)
 
     def initial_state(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """`(cache, reference, drift, run)` that start a generation (its first step is full)."""
-        device = inputs[0].device
-        return (torch.zeros(self.cache_shape, dtype=self.cache_dtype, device=device),
-                torch.zeros(self.probe_shape, dtype=self.probe_dtype, device=device),
-                torch.zeros((), dtype=torch.float32, device=device),
-                torch.full((), self.limit, dtype=torch.int64, device=device))
+        """`(cache, reference, drift, run)` that start a generation for these inputs (its first step is full)."""
+        return self.state.initial(inputs[0].shape[0], inputs[0].device)
 
     def forward(self, *args: torch.Tensor):
         inputs, (cache, reference, drift, run, mode) = args[:self.n_inputs], args[self.n_inputs:]
@@ -73,18 +66,20 @@ class DeviceStep(nn.Module):
         full = torch.where(mode == 0, decided, mode == 1)
         n, k = len(inputs), len(links)
 
+        def unpack(ops):  # torch.cond passes the operands flat: (inputs, links, cache, reference, drift, probe, run)
+            return (ops[:n], ops[n:n + k], *ops[n + k:])
+
         def full_step(*ops):
-            step_inputs, step_links = ops[:n], ops[n:n + k]
+            step_inputs, step_links, _, _, step_drift, step_probe, step_run = unpack(ops)
             (kept,) = self.deep(*step_inputs, *step_links)
             (sample,) = self.tail(*step_inputs, *step_links, kept)
-            new_probe, new_run = ops[-2], ops[-1]
-            return sample, kept, new_probe.clone(), torch.zeros_like(ops[-3]), torch.zeros_like(new_run)
+            return sample, kept, step_probe.clone(), torch.zeros_like(step_drift), torch.zeros_like(step_run)
 
         def cached_step(*ops):
-            step_inputs, step_links, kept = ops[:n], ops[n:n + k], ops[n + k]
+            step_inputs, step_links, kept, step_reference, step_drift, step_probe, step_run = unpack(ops)
             (sample,) = self.tail(*step_inputs, *step_links, kept)
-            reference_next = ops[-2] if self.accumulate else ops[n + k + 1]
-            return sample, kept.clone(), reference_next.clone(), ops[-3].clone(), ops[-1] + 1
+            reference_next = step_probe if self.accumulate else step_reference
+            return sample, kept.clone(), reference_next.clone(), step_drift.clone(), step_run + 1
 
         operands = (*inputs, *links, cache, reference, drift, probe, run)
         sample, cache, reference, drift, run = torch.cond(full, full_step, cached_step, operands)

@@ -279,10 +279,11 @@ class DeepCacheUNet(nn.Module):
 
         self._refuse_if_released("export")
         config = self.deepcache_config
-        if not config.policy.exportable or (config.forecast and config.policy.uses_probe):
+        if config.graphs != "step" and (not config.policy.exportable or (config.forecast and config.policy.uses_probe)):
             raise ValueError(f"{type(config.policy).__name__}{' with forecast' if config.forecast else ''} runs in "
                              "Python only (engine files carry fixed schedules and calibrated plans, with or without "
-                             "forecast, and adaptive refresh without lagged=True or forecast)")
+                             "forecast, adaptive refresh without lagged=True or forecast, and any probe policy "
+                             "compiled with split='step', which decides inside the step graph)")
         return export_deepcache(self, directory, format, **options)
 
     def with_schedule(self, policy: RefreshPolicy) -> "DeepCacheUNet":

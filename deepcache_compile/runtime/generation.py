@@ -32,7 +32,7 @@ class StepGraphs:
     """What `run_step` runs: the full and shallow graphs (`(*inputs) -> (sample, cache)`,
     `(*inputs, cache[, slope, steps]) -> (sample,)`), and, for policies that decide from the head's probe, the
     head/deep/tail graphs (`three`, with its `probe` index) or the compiled step that decides on the device
-    (`step`, `device_step` the module it was compiled from: `graph.step`). `CompiledPair` has the same
+    (`step`, with `step_state`, the `policy.StepState` it carries: `graph.step`). `CompiledPair` has the same
     attributes."""
 
     full: Callable
@@ -40,7 +40,7 @@ class StepGraphs:
     three: Any = None
     forecast: bool = False
     step: Callable | None = None
-    device_step: Any = None
+    step_state: Any = None
 
 
 class Extrapolation:
@@ -201,7 +201,7 @@ def run_step(state: GenerationState, policy: RefreshPolicy, call: FlatCall, grap
     inputs, size = call.tensors, tuple(call.tensors[0].shape[-2:])
     with torch.no_grad(), GATE.step():
         if graphs.step is not None and not recording:
-            device_state = state.device_states[slot] or graphs.device_step.initial_state(*inputs)
+            device_state = state.device_states[slot] or graphs.step_state.initial(inputs[0].shape[0], inputs[0].device)
             sample, *device_state, full = graphs.step(*inputs, *device_state, _decide(inputs[0].device))
             state.end_on_device(slot, tuple(device_state), full)
             return sample

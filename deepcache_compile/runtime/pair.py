@@ -85,6 +85,11 @@ class CompiledPair:
     device_step: DeviceStep | None = None
 
     @property
+    def step_state(self):
+        """What the step graph carries between calls (`policy.StepState`), with split="step"."""
+        return None if self.device_step is None else self.device_step.state
+
+    @property
     def branch(self) -> Cut:
         return self.split.branch
 
