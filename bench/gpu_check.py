@@ -10,12 +10,18 @@
    goes to bench/results/gpu/.
 2. The tiny-sd preset in fp32: every backend per call, every export format (TensorRT engine files built and
    loaded) and the native runtime, against eager.
+3. A Flux-architecture transformer at full width (3072, 24 heads; 2 dual-stream + 4 single-stream blocks to fit
+   the time), 512 px (1,024 image tokens, 512 text tokens), bf16 and fp16, 20 steps of a flow-matching Euler
+   loop: first-block caching decided on the host (three graphs) and on the device (`split="step"`) with Inductor
+   and AOTInductor against the eager host-decided run (same decisions, latents within the dtype's loop
+   tolerance), timed against the eager model and diffusers' FirstBlockCache with the same threshold.
 The run exits 1 if a path fails, a pair fails its verification, or a loop's latents differ from eager by more
 than the tolerance of its dtype; a runtime that is not installed is reported as skipped and does not fail.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 import tempfile
 import time
@@ -111,6 +117,68 @@ def sd15_loops(results: list) -> None:
             print(f"FAIL {r['name']}: {r.get('error') or f'latents differ from eager by {error:.3g}'}", flush=True)
 
 
+FLUX_WIDE = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
+                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False,
+                 axes_dims_rope=(16, 56, 56))
+
+
+def _flux_loop(model, call: dict, steps: int = 20) -> torch.Tensor:
+    """A flow-matching Euler loop (sigma from 1 to 0) over `model`; returns the latents."""
+    x = call["hidden_states"]
+    sigmas = torch.linspace(1.0, 0.0, steps + 1, device=x.device)
+    with torch.no_grad():
+        for i in range(steps):
+            t = sigmas[i].expand(x.shape[0]).to(x.dtype)
+            v = model(**{**call, "hidden_states": x, "timestep": t}).sample
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return x
+
+
+def flux_rows(results: list, dtype: torch.dtype) -> None:
+    """Part 3: the transformer paths, checked and timed."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    from deepcache_compile import FirstBlockRefresh
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**FLUX_WIDE).to("cuda", dtype).eval()
+    g = torch.Generator("cuda").manual_seed(0)
+    call = dict(hidden_states=torch.randn(1, 1024, 64, device="cuda", generator=g, dtype=dtype),
+                encoder_hidden_states=torch.randn(1, 512, 4096, device="cuda", generator=g, dtype=dtype),
+                pooled_projections=torch.randn(1, 768, device="cuda", generator=g, dtype=dtype),
+                img_ids=torch.zeros(1024, 3, device="cuda"), txt_ids=torch.zeros(512, 3, device="cuda"))
+    policy = FirstBlockRefresh(0.12)
+    host = compile_deepcache(model, branch=0, refresh=policy)
+    reference = _flux_loop(host, call)
+    name = str(dtype).removeprefix("torch.")
+    candidates = {"eager full": model, "ours eager (host)": host}
+    for backend, split in (("inductor", "three"), ("inductor", "step"), ("aoti", "step")):
+        def check(backend=backend, split=split):
+            dc = compile_deepcache(model, branch=0, refresh=policy, backend=backend, split=split)
+            out = _flux_loop(dc, call)
+            candidates[f"ours {backend} ({split})"] = dc
+            same = dc.history == host.history
+            return relative_error(out, reference) if same else float("inf"), LOOP_TOLERANCE[name], \
+                f"history {dc.history} (host {host.history})"
+        _run_path(f"flux {name} {backend} {split}", check, results)
+    hooked = copy.deepcopy(model)
+    apply_first_block_cache(hooked, FirstBlockCacheConfig(threshold=policy.threshold))
+
+    def theirs(**kw):
+        _set_cache_context(hooked, CacheContext("cond"))
+        try:
+            return hooked(**kw)
+        finally:
+            _set_cache_context(hooked, None)
+
+    candidates["diffusers FirstBlockCache"] = theirs
+    for label, fn in candidates.items():
+        seconds = _ms(lambda fn=fn: _flux_loop(fn, call)) / 1e3
+        print(f"flux {name} 20 steps  {label:<28} {seconds:7.3f} s", flush=True)
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this script checks the GPU paths")
@@ -131,6 +199,12 @@ def main() -> None:
         _run_path(f"export {fmt}", _export_check(unet, call, reference, fmt), results)
     # The C++ runtime of kernels/ on the device (needs `make native` on the GPU machine).
     _run_path("export aoti, native runtime", _export_check(unet, call, reference, "aoti", "native"), results)
+    for dtype in (torch.bfloat16, torch.float16):
+        try:
+            flux_rows(results, dtype)
+        except Exception as err:  # the part fails, the rest of the report stands
+            print(f"flux {dtype} FAIL  {type(err).__name__}: {str(err).splitlines()[0][:200]}", flush=True)
+            results.append(False)
     print(f"\n{sum(results)} passed, {len(results) - sum(results)} failed", flush=True)
     sys.exit(0 if all(results) else 1)
 
