@@ -277,7 +277,8 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax_psnr.axhline(30, color="k", ls=":", lw=0.8)
     ax_psnr.set(xlabel="transformer FLOPs spent (% of the full model)", ylabel="PSNR vs full model (dB)",
                 title="digits DiT, DDIM 50 steps")
-    ax_fd.set(xlabel="transformer FLOPs spent (% of the full model)", ylabel="Frechet distance", title="FD")
+    ax_fd.set(xlabel="transformer FLOPs spent (% of the full model)", ylabel="Frechet distance (log scale)", title="FD",
+              yscale="log")
     ax_psnr.legend(fontsize=7)
     ax_fd.legend(fontsize=7)
     fig.tight_layout()
