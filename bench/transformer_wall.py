@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=PIXART_SIGMA["num_layers"])
     parser.add_argument("--candidates", nargs="+", default=None, help="a subset of the candidates, by name")
+    parser.add_argument("--threshold", type=float, default=None, help="skip the tuning: this first-block threshold")
     args = parser.parse_args()
     dtype = precision_dtype(args.dtype)
     torch.manual_seed(0)
@@ -138,7 +139,7 @@ def main() -> None:
                 encoder_hidden_states=torch.randn(1, 300, 4096, generator=gen).to(dtype),
                 added_cond_kwargs={"resolution": None, "aspect_ratio": None})
     start = time.perf_counter()
-    threshold = tune_threshold(model, call, args.steps, args.full_steps)
+    threshold = args.threshold or tune_threshold(model, call, args.steps, args.full_steps)
     tuning = time.perf_counter() - start
     policy = FirstBlockRefresh(threshold)
     hooked, reset, leader = hooked_copy(model, threshold)

@@ -2,9 +2,9 @@
 
 A probe policy on the three-graph split decides on the host: the head's probe drift is read (`float(...)`, one
 device sync per step) and Python picks the next graph. `DeviceStep` makes the whole step one module instead:
-the head runs, the drift and the decision are tensor arithmetic (`policy.DeviceRule`), and `torch.cond` runs the
-deep and tail graphs (full) or the tail alone on the kept cache (cached). The policy's state is tensors that go
-in and come out of the step, so the module holds none, and its graph has no `.item()` (no
+the head runs, the drift and the decision are tensor arithmetic (`policy.DeviceRule`), `torch.cond` runs the
+deep graph (full) or passes the kept cache on (cached), and the tail runs on what it chose. The policy's state
+is tensors that go in and come out of the step, so the module holds none, and its graph has no `.item()` (no
 `aten._local_scalar_dense`): it traces whole with `torch.export`, compiles with Inductor or AOTInductor as one
 program, and a CUDA graph or an engine can run it without Python between steps.
 
@@ -72,15 +72,14 @@ class DeviceStep(nn.Module):
         def full_step(*ops):
             step_inputs, step_links, _, _, step_drift, step_probe, step_run = unpack(ops)
             (kept,) = self.deep(*step_inputs, *step_links)
-            (sample,) = self.tail(*step_inputs, *step_links, kept)
-            return sample, kept, step_probe.clone(), torch.zeros_like(step_drift), torch.zeros_like(step_run)
+            return kept, step_probe.clone(), torch.zeros_like(step_drift), torch.zeros_like(step_run)
 
         def cached_step(*ops):
-            step_inputs, step_links, kept, step_reference, step_drift, step_probe, step_run = unpack(ops)
-            (sample,) = self.tail(*step_inputs, *step_links, kept)
+            _, _, kept, step_reference, step_drift, step_probe, step_run = unpack(ops)
             reference_next = step_probe if self.accumulate else step_reference
-            return sample, kept.clone(), reference_next.clone(), step_drift.clone(), step_run + 1
+            return kept.clone(), reference_next.clone(), step_drift.clone(), step_run + 1
 
         operands = (*inputs, *links, cache, reference, drift, probe, run)
-        sample, cache, reference, drift, run = torch.cond(full, full_step, cached_step, operands)
+        cache, reference, drift, run = torch.cond(full, full_step, cached_step, operands)
+        (sample,) = self.tail(*inputs, *links, cache)  # after the branch: the cache it chose
         return sample, cache, reference, drift, run, full
