@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=PIXART_SIGMA["num_layers"])
     parser.add_argument("--candidates", nargs="+", default=None, help="a subset of the candidates, by name")
     parser.add_argument("--threshold", type=float, default=None, help="skip the tuning: this first-block threshold")
+    parser.add_argument("--out", default=None, help="the record's stem (default bench/results/transformer_wall_<dtype>)")
     args = parser.parse_args()
     dtype = precision_dtype(args.dtype)
     torch.manual_seed(0)
@@ -191,7 +192,7 @@ def main() -> None:
         ratio = f"{r['speedup_vs_eager_full']:.2f}x" if r["speedup_vs_eager_full"] else ""
         full = "" if r["full_steps"] is None else r["full_steps"]
         lines.append(f"| {r['candidate']} | {r['median_s']:.2f} | {ratio} | {full} | {r['ready_s']:.0f} |")
-    write_report(OUT / f"transformer_wall_{args.dtype}", info, lines)
+    write_report(args.out or OUT / f"transformer_wall_{args.dtype}", info, lines)
 
 
 if __name__ == "__main__":
