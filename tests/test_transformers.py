@@ -188,6 +188,7 @@ def test_step_split_decides_on_the_device_as_the_host_does(policy):
     device = compile_deepcache(model, branch=0, refresh=rule, split="step")
     for expected, out in zip(_run(host, calls), _run(device, calls)):
         assert torch.equal(out, expected)
+    assert len(device._states.current()._decided) == len(calls)  # no decision read on the host while running
     assert device.history == host.history and "S" in host.history and host.history.count("F") > 1
     again = _run(device, calls)  # a new generation (the timestep went up) starts from a fresh state
     assert device.history == host.history and torch.equal(again[-1], _run(host, calls)[-1])

@@ -140,14 +140,14 @@ class GenerationState:
             self.caches[slot] = cache
             if forecast:
                 self.extrapolation(slot).full(cache, self.calls // self.calls_per_step)
+        self.history  # noqa: B018 (letters of device-decided steps before this one first, in call order)
         self._history += "S" if cache is None else "F"
         self.calls += 1
 
     def end_on_device(self, slot: int, device_state: tuple, full: torch.Tensor) -> None:
         """Records a step decided on the device: its new policy tensors and its (unread) decision."""
         self.device_states[slot] = device_state
-        self.history  # noqa: B018 (resolves earlier steps so that the letters stay in call order)
-        self._decided.append(full)
+        self._decided.append(full)  # read only when the history is asked for: no host read per step
         self.calls += 1
 
 
