@@ -34,6 +34,7 @@ from diffusers import DDIMScheduler, PixArtTransformer2DModel
 
 from deepcache_compile import FirstBlockRefresh, compile_deepcache
 from deepcache_compile.eval.benchmark import matmul_peak, precision_dtype
+from deepcache_compile.eval.refresh_study import bisect_threshold
 from deepcache_compile.eval.report import machine, write_report
 from deepcache_compile.eval.sampling import busy_warning, interleaved, median
 
@@ -104,19 +105,13 @@ def _leader(hooked):
 
 
 def tune_threshold(model, call: dict, steps: int, full_steps: int) -> float:
-    lo, hi, best = math.log(1e-3), math.log(2.0), None
-    for _ in range(10):
-        mid = (lo + hi) / 2
-        dc = compile_deepcache(model, branch=0, refresh=FirstBlockRefresh(math.exp(mid)))
+    def spent(threshold: float) -> int:
+        dc = compile_deepcache(model, branch=0, refresh=FirstBlockRefresh(threshold))
         generation(_Denoiser(dc), call, steps)
-        spent = dc.history.count("F")
-        print(f"threshold {math.exp(mid):.4f}: {spent} full steps of {steps}")
-        if best is None or (abs(spent - full_steps), -mid) < (abs(best[0] - full_steps), -best[1]):
-            best = (spent, mid)
-        if spent == full_steps:
-            break
-        lo, hi = (mid, hi) if spent > full_steps else (lo, mid)
-    return math.exp(best[1])
+        print(f"threshold {threshold:.4f}: {dc.history.count('F')} full steps of {steps}")
+        return dc.history.count("F")
+
+    return bisect_threshold(spent, full_steps, lo=1e-3, hi=2.0, rounds=10)
 
 
 def main() -> None:

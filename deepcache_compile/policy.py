@@ -87,6 +87,17 @@ class StepState:
     probe_dtype: torch.dtype
     limit: int
 
+    def to_manifest(self) -> dict:
+        """The manifest's `policy.state` entry (read by `from_manifest` and the C++ runtime)."""
+        return {"cache": list(self.cache), "cache_dtype": str(self.cache_dtype).removeprefix("torch."),
+                "probe": list(self.probe), "probe_dtype": str(self.probe_dtype).removeprefix("torch."),
+                "limit": self.limit}
+
+    @classmethod
+    def from_manifest(cls, state: dict) -> "StepState":
+        return cls(cache=tuple(state["cache"]), cache_dtype=getattr(torch, state["cache_dtype"]),
+                   probe=tuple(state["probe"]), probe_dtype=getattr(torch, state["probe_dtype"]), limit=state["limit"])
+
     def initial(self, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         return (torch.zeros((batch, *self.cache), dtype=self.cache_dtype, device=device),
                 torch.zeros((batch, *self.probe), dtype=self.probe_dtype, device=device),

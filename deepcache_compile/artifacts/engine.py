@@ -68,10 +68,8 @@ class DeepCacheEngine(nn.Module):
         self._parts, self._device = parts or {}, device
         policy = manifest.get("policy")
         if policy is not None and policy.get("decided") == "device":  # one step program deciding on the device
-            state = policy["state"]
-            self._graphs = StepGraphs(None, None, step=self._parts.get("step"), step_state=StepState(
-                cache=tuple(state["cache"]), cache_dtype=getattr(torch, state["cache_dtype"]),
-                probe=tuple(state["probe"]), probe_dtype=getattr(torch, state["probe_dtype"]), limit=state["limit"]))
+            self._graphs = StepGraphs(None, None, step=self._parts.get("step"),
+                                      step_state=StepState.from_manifest(policy["state"]))
             rule = AdaptiveRefresh if policy["name"] == "adaptive" else FirstBlockRefresh
             self.schedule = rule(threshold=policy["threshold"], max_skip=policy["max_skip"])
         elif policy is not None:  # adaptive refresh: head -> [deep] -> tail, deciding from the head's probe

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ import torch
 from ..calls import CallFlattener, FlatCall
 from ..graph.passes import PassOptions, apply_passes
 from ..graph.partition import split_at_branch, split_three
-from ..graph.step import DeviceStep
+from ..graph.step import device_step
 from ..graph.trace import export_program, trace_unet
 from ..kernels import native_ops
 from ..options import check_options
@@ -139,11 +139,8 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
         return export_program(apply_passes(gm, part, passes), tensors, ranges)
 
     if dc.deepcache_config.graphs == "step":
-        three = split_three(traced.gm, branch)
-        three = replace(three, **{part: apply_passes(getattr(three, part), part, passes) for part in ("head", "deep", "tail")})
-        step = DeviceStep(three, dc.deepcache_config.policy.device_rule(), len(inputs))
-        example = (*inputs, *step.initial_state(*inputs), torch.zeros((), dtype=torch.int64))
-        return {"step": export_program(step, example, ranges, variadic=True)}, branch, step.state
+        step = device_step(split_three(traced.gm, branch), dc.deepcache_config.policy, passes, len(inputs))
+        return {"step": export_program(step, step.example(*inputs), ranges, variadic=True)}, branch, step.state
     if dc.deepcache_config.policy.uses_probe:
         three = split_three(traced.gm, branch)
         with torch.no_grad():
@@ -229,10 +226,7 @@ def _policy(config, probe) -> dict | None:
                 "probe": probe}
     rule = config.policy.device_rule()
     return {"name": "adaptive" if rule.accumulate else "first-block", "threshold": rule.threshold,
-            "max_skip": rule.max_skip, "decided": "device",
-            "state": {"cache": list(probe.cache), "cache_dtype": str(probe.cache_dtype).removeprefix("torch."),
-                      "probe": list(probe.probe), "probe_dtype": str(probe.probe_dtype).removeprefix("torch."),
-                      "limit": probe.limit}}
+            "max_skip": rule.max_skip, "decided": "device", "state": probe.to_manifest()}
 
 
 def _cache_rule(cut, sample: torch.Tensor) -> dict:

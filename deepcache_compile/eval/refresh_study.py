@@ -17,6 +17,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -29,7 +30,7 @@ from .digits import ASSETS, load_digits_model
 from .quality import Judge
 from .sampling import ddim_loop, timed
 
-__all__ = ["RefreshStudyOptions", "evaluate_refresh", "refresh_table", "write_refresh_results"]
+__all__ = ["RefreshStudyOptions", "bisect_threshold", "evaluate_refresh", "refresh_table", "write_refresh_results"]
 
 POLICIES = ("uniform", "nonuniform", "calibrated", "adaptive")
 
@@ -67,18 +68,12 @@ class _Study:
 
     def tune_threshold(self, dc, steps: int, full_steps: int, max_skip: int) -> float:
         """The threshold whose adaptive run on the calibration batch spends `full_steps` full steps (closest)."""
-        lo, hi, best = math.log(1e-4), math.log(10.0), None
-        for _ in range(14):
-            mid = (lo + hi) / 2
-            adaptive = dc.with_schedule(AdaptiveRefresh(math.exp(mid), max_skip))
+        def spent(threshold: float) -> int:
+            adaptive = dc.with_schedule(AdaptiveRefresh(threshold, max_skip))
             self.sample(adaptive, self.calibration_noise, steps)
-            count = adaptive.history.count("F")
-            if best is None or (abs(count - full_steps), -mid) < (abs(best[0] - full_steps), -best[1]):
-                best = (count, mid)
-            if count == full_steps:
-                break
-            lo, hi = (mid, hi) if count > full_steps else (lo, mid)
-        return math.exp(best[1])
+            return adaptive.history.count("F")
+
+        return bisect_threshold(spent, full_steps)
 
     def row(self, dc, steps: int, interval: int, policy: str, forecast: bool, full: torch.Tensor, **extra) -> dict:
         images, seconds = self.sample(dc, self.noise, steps)
@@ -87,6 +82,23 @@ class _Study:
                 "policy": policy, "forecast": forecast, "full_steps": spent, "branch": self.opts.branch,
                 "mac_fraction": 1 / mac_speedup(steps, spent, self.share), "seconds": seconds,
                 **self.judge.score(images, full), **extra}
+
+
+def bisect_threshold(spent: Callable[[float], int], full_steps: int, lo: float = 1e-4, hi: float = 10.0,
+                     rounds: int = 14) -> float:
+    """The threshold in [lo, hi] (bisected on a log scale, at most `rounds` runs) at which a threshold policy
+    spends `full_steps` full steps, `spent(threshold)` running it once; the closest one tried (the higher of two
+    equally close) where none hits it exactly. Full steps fall as the threshold rises."""
+    lo, hi, best = math.log(lo), math.log(hi), None
+    for _ in range(rounds):
+        mid = (lo + hi) / 2
+        count = spent(math.exp(mid))
+        if best is None or (abs(count - full_steps), -mid) < (abs(best[0] - full_steps), -best[1]):
+            best = (count, mid)
+        if count == full_steps:
+            break
+        lo, hi = (mid, hi) if count > full_steps else (lo, mid)
+    return math.exp(best[1])
 
 
 def evaluate_refresh(opts: RefreshStudyOptions = RefreshStudyOptions()) -> list[dict]:

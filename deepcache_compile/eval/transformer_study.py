@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -41,6 +40,7 @@ from ..runtime.calibrate import record
 from ..schedule import Schedule, uniform_full_steps
 from .digits import ASSETS, DIT_ASSETS, digit_labels, load_digits_dit
 from .quality import Judge
+from .refresh_study import bisect_threshold
 from .sampling import ddim_loop, timed
 
 __all__ = ["TransformerStudyOptions", "METHODS", "evaluate_transformer_caches", "transformer_table",
@@ -134,18 +134,12 @@ class _Study:
 
     def tune(self, make: Callable[[float], object], full_steps: int) -> float:
         """The threshold whose policy spends `full_steps` full steps on the calibration batch (closest)."""
-        lo, hi, best = math.log(1e-4), math.log(10.0), None
-        for _ in range(14):
-            mid = (lo + hi) / 2
-            dc = self.dcs[("three", False)].with_schedule(make(math.exp(mid)))
+        def spent(threshold: float) -> int:
+            dc = self.dcs[("three", False)].with_schedule(make(threshold))
             self.sample(dc, self.calibration_noise, self.calibration_labels)
-            spent = dc.history.count("F")
-            if best is None or (abs(spent - full_steps), -mid) < (abs(best[0] - full_steps), -best[1]):
-                best = (spent, mid)
-            if spent == full_steps:
-                break
-            lo, hi = (mid, hi) if spent > full_steps else (lo, mid)
-        return math.exp(best[1])
+            return dc.history.count("F")
+
+        return bisect_threshold(spent, full_steps)
 
 
 def _taylorseer(interval: int, order: int, modules: str) -> Callable[[torch.nn.Module], None]:

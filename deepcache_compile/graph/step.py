@@ -18,14 +18,17 @@ Signature: `(*inputs, cache, reference, drift, run, mode) -> (sample, cache, ref
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from ..policy import NO_LIMIT, DeviceRule, StepState
 from ..refresh import relative_l1
 from .partition import ThreeGraphs
+from .passes import PassOptions, apply_passes
 
-__all__ = ["DeviceStep"]
+__all__ = ["DeviceStep", "device_step"]
 
 
 class DeviceStep(nn.Module):
@@ -51,6 +54,11 @@ class DeviceStep(nn.Module):
     def initial_state(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`(cache, reference, drift, run)` that start a generation for these inputs (its first step is full)."""
         return self.state.initial(inputs[0].shape[0], inputs[0].device)
+
+    def example(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The step's whole input for these model inputs at a generation's start (mode 0, decide): what it is
+        traced and compiled on."""
+        return (*inputs, *self.initial_state(*inputs), torch.zeros((), dtype=torch.int64, device=inputs[0].device))
 
     def forward(self, *args: torch.Tensor):
         inputs, (cache, reference, drift, run, mode) = args[:self.n_inputs], args[self.n_inputs:]
@@ -83,3 +91,11 @@ class DeviceStep(nn.Module):
         cache, reference, drift, run = torch.cond(full, full_step, cached_step, operands)
         (sample,) = self.tail(*inputs, *links, cache)  # after the branch: the cache it chose
         return sample, cache, reference, drift, run, full
+
+
+def device_step(three: ThreeGraphs, policy, passes: PassOptions, n_inputs: int) -> DeviceStep:
+    """The step module of a probe policy (`policy.device_rule()`) over `three`, each graph after the graph passes
+    (`graph.passes`, as compile and export apply them to every graph of a split)."""
+    three = dataclasses.replace(three, **{part: apply_passes(getattr(three, part), part, passes)
+                                          for part in ("head", "deep", "tail")})
+    return DeviceStep(three, policy.device_rule(), n_inputs)

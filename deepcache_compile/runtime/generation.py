@@ -24,7 +24,7 @@ from ..tracing import GATE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Extrapolation", "GenerationState", "GenerationStates", "StepGraphs", "check_finite", "run_step", "timestep_mark"]
+__all__ = ["DECIDE", "FORCE_FULL", "FORCE_CACHED", "step_mode", "Extrapolation", "GenerationState", "GenerationStates", "StepGraphs", "check_finite", "run_step", "timestep_mark"]
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ def run_step(state: GenerationState, policy: RefreshPolicy, call: FlatCall, grap
     with torch.no_grad(), GATE.step():
         if graphs.step is not None and not recording:
             device_state = state.device_states[slot] or graphs.step_state.initial(inputs[0].shape[0], inputs[0].device)
-            sample, *device_state, full = graphs.step(*inputs, *device_state, _decide(inputs[0].device))
+            sample, *device_state, full = graphs.step(*inputs, *device_state, step_mode(DECIDE, inputs[0].device))
             state.end_on_device(slot, tuple(device_state), full)
             return sample
         if policy.uses_probe and not recording:
@@ -224,15 +224,16 @@ def run_step(state: GenerationState, policy: RefreshPolicy, call: FlatCall, grap
     return sample
 
 
-_DECIDE: dict[torch.device, torch.Tensor] = {}
+DECIDE, FORCE_FULL, FORCE_CACHED = 0, 1, 2  # the step graph's `mode` input (graph/step.py)
+_MODES: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
-def _decide(device: torch.device) -> torch.Tensor:
-    """The step graph's `mode` input "decide" (0), one tensor per device."""
-    mode = _DECIDE.get(device)
-    if mode is None:
-        mode = _DECIDE[device] = torch.zeros((), dtype=torch.int64, device=device)
-    return mode
+def step_mode(mode: int, device: torch.device) -> torch.Tensor:
+    """The step graph's `mode` input as a tensor, made once per mode and device."""
+    tensor = _MODES.get((mode, device))
+    if tensor is None:
+        tensor = _MODES[mode, device] = torch.full((), mode, dtype=torch.int64, device=device)
+    return tensor
 
 
 def _forecast_inputs(state: GenerationState, slot: int, step: int, cache: torch.Tensor, graphs, full: bool) -> tuple:

@@ -20,12 +20,12 @@ from ..graph.branches import BranchNotFoundError, downsampling_factor, find_bran
 from ..graph.cuts import Cut, find_cuts, select_cut
 from ..graph.partition import SplitGraphs, ThreeGraphs, split_at_branch, split_three
 from ..graph.passes import PassOptions, apply_passes
-from ..graph.step import DeviceStep
+from ..graph.step import DeviceStep, device_step as step_module
 from ..graph.trace import TracedUNet, forget_last_trace, trace_unet
 from ..shapes import ShapeRanges, sample_size, with_batch
 from ..artifacts.cache import CompileCache
 from .backends import get_backend, graph_options
-from .generation import GenerationState, StepGraphs, keep_cache, run_step
+from .generation import FORCE_CACHED, FORCE_FULL, GenerationState, StepGraphs, keep_cache, run_step, step_mode
 
 logger = logging.getLogger(__name__)
 
@@ -199,12 +199,9 @@ def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, rang
             three = _compile_three(split_three(traced.gm, branch), traced.example_inputs, compile_graph, config.forecast)
             full, shallow = _run_three(three, config.forecast)
         elif config.graphs == "step":
-            three, inputs = split_three(traced.gm, branch), traced.example_inputs
-            three = dataclasses.replace(three, **{part: apply_passes(getattr(three, part), part, passes)
-                                                  for part in ("head", "deep", "tail")})
-            device_step = DeviceStep(three, config.policy.device_rule(), len(inputs))
-            example = (*inputs, *device_step.initial_state(*inputs), torch.zeros((), dtype=torch.int64))
-            compiled.append(backend(device_step, example, config.backend_options, **shapes))
+            inputs = traced.example_inputs
+            device_step = step_module(split_three(traced.gm, branch), config.policy, passes, len(inputs))
+            compiled.append(backend(device_step, device_step.example(*inputs), config.backend_options, **shapes))
             step = owned_outputs(compiled[-1])
             full, shallow = _forced(step, device_step)
         else:
@@ -317,21 +314,14 @@ def _run_three(three: CompiledThree, forecast: bool) -> tuple[Callable, Callable
 def _forced(step: Callable, module: DeviceStep) -> tuple[Callable, Callable]:
     """`full` and `shallow` with the two-graph pair's signatures, running the step graph with its decision forced
     (mode 1 and 2): calibration, verification and the benchmark's per-graph timings use them."""
-    modes = {}
-
-    def mode(value, device):
-        if (value, device) not in modes:
-            modes[value, device] = torch.full((), value, dtype=torch.int64, device=device)
-        return modes[value, device]
-
     def full(*inputs):
-        sample, cache, *_ = step(*inputs, *module.initial_state(*inputs), mode(1, inputs[0].device))
+        sample, cache, *_ = step(*inputs, *module.initial_state(*inputs), step_mode(FORCE_FULL, inputs[0].device))
         return sample, cache
 
     def shallow(*inputs_and_cache):
         inputs, cache = inputs_and_cache[:-1], inputs_and_cache[-1]
         _, reference, drift, run = module.initial_state(*inputs)
-        return step(*inputs, cache, reference, drift, run, mode(2, inputs[0].device))[:1]
+        return step(*inputs, cache, reference, drift, run, step_mode(FORCE_CACHED, inputs[0].device))[:1]
 
     return full, shallow
 
