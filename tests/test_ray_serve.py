@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import base64
 import json
 import socket
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,9 @@ from deepcache_compile import Schedule, compile_deepcache
 from deepcache_compile.eval.digits import load_digits_model
 from deepcache_compile.eval.sampling import ddim_loop
 from deepcache_compile.serve.service import DeepCacheService, ServeOptions
+
+from conftest import save_text_pipeline
+from test_text2image import alone
 
 # (seed, batch, size, steps, interval)
 JOBS = [(0, 1, 16, 8, 3), (1, 2, 12, 6, 2), (2, 1, 20, 10, 5), (3, 1, 16, 5, 1)]
@@ -61,14 +66,16 @@ def server():
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build({"batching": "step", "max_batch": "8"}), name="digits", route_prefix="/digits")
-        yield f"http://127.0.0.1:{port}/digits", requests
+        sd = save_text_pipeline(Path(tempfile.mkdtemp(prefix="sd")))
+        serve.run(build({"model": str(sd), "max_batch": "8", "batch_wait_s": "0.05"}), name="sd", route_prefix="/sd")
+        yield f"http://127.0.0.1:{port}/digits", requests, f"http://127.0.0.1:{port}/sd", sd
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
 def post(server, timeout=120, **body):
-    url, requests = server
+    url, requests, *_ = server
     return requests.post(f"{url}/generate", data=json.dumps(body), headers={"content-type": "application/json"},
                          timeout=timeout)
 
@@ -111,6 +118,10 @@ def test_http_generations_equal_their_single_request_runs(server, expected):
     (dict(latents=[[[[0.0] * 16] * 16] * 3]), 400, "latents of shape (1, 3, 16, 16): give (batch, 1, height, width)"),
     (dict(batch="two"), 422, "batch"),
     (dict(format="gif"), 422, "format"),
+    (dict(sede=3), 422, "sede"),  # a misspelt field is refused, not ignored
+    (dict(seed=2**64), 422, "seed"),  # named, not "Overflow when unpacking long long"
+    (dict(height=2**40), 422, "height"),
+    (dict(prompt="a cat"), 400, "field(s) ['prompt'] are not taken by this server (it serves an unconditional"),
 ])
 def test_bad_requests_are_4xx_with_a_message(server, body, status, message):
     response = post(server, **body)
@@ -121,7 +132,7 @@ def test_bad_requests_are_4xx_with_a_message(server, body, status, message):
 def test_nan_latents_are_refused_and_the_replica_serves_on(server, expected):
     latents = noise(*JOBS[0][:3]).tolist()
     latents[0][0][3][3] = float("nan")
-    url, requests = server
+    url, requests, *_ = server
     response = requests.post(f"{url}/generate", data=json.dumps({"latents": latents}),  # json.dumps writes NaN
                              headers={"content-type": "application/json"}, timeout=60)
     assert response.status_code == 400 and "contains NaN or inf" in response.text
@@ -131,7 +142,7 @@ def test_nan_latents_are_refused_and_the_replica_serves_on(server, expected):
 
 
 def test_a_client_that_disconnects_cancels_its_generation(server, expected):
-    url, requests = server
+    url, requests, *_ = server
     before = requests.get(f"{url}/stats").json()
     with pytest.raises(requests.exceptions.ReadTimeout):
         post(server, steps=1000, timeout=1.0)  # ~1000 steps: far longer than the client waits
@@ -212,3 +223,79 @@ def test_options_from_serve_run_arguments():
         ServeOptions.from_strings({"batchsize": "4"})
     with pytest.raises(ValueError, match="batching='tokens': use one of step, generation, none"):
         ServeOptions(batching="tokens")
+
+
+# ------------------------------------------------------------------------------------ text-to-image over HTTP
+def post_sd(server, path="/generate", timeout=120, **body):
+    _, requests, url, _ = server
+    return requests.post(f"{url}{path}", data=json.dumps(body), headers={"content-type": "application/json"},
+                         timeout=timeout)
+
+
+def test_prompts_over_http_equal_the_pipeline_run_alone(server):
+    """Two prompts at once (one with two images); each equals the diffusers pipeline run alone with DeepCache,
+    before PNG rounding (npy) and after (PNG within one level); progress and the request id are reported."""
+    folder = server[3]
+    jobs = {"car": ("a red car", "blur", 5.0, 6, 0, 32, 32, 1, 5), "cats": ("two cats", None, 7.5, 4, 1, 32, 32, 2, 5)}
+    results = {}
+
+    def client(name):
+        prompt, negative, guidance, steps, seed, height, width, n, _ = jobs[name]
+        results[name] = post_sd(server, prompt=prompt, guidance_scale=guidance, steps=steps, seed=seed, height=height,
+                                width=width, num_images=n, id=name, format="npy",
+                                **({} if negative is None else {"negative_prompt": negative}))
+
+    threads = [threading.Thread(target=client, args=(name,)) for name in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _, requests, url, _ = server
+    for name, response in results.items():
+        assert response.status_code == 200, response.text
+        assert response.headers["x-generation-id"] == name
+        out, ref = np.load(io.BytesIO(response.content)), alone(folder, jobs[name])
+        assert out.shape == ref.shape and np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), name
+        progress = requests.get(f"{url}/requests/{name}").json()
+        assert progress == {"id": name, "state": "done", "step": jobs[name][3], "steps": jobs[name][3]}
+    from PIL import Image
+
+    response = post_sd(server, prompt="two cats", guidance_scale=7.5, steps=4, seed=1, height=32, width=32,
+                       num_images=2)
+    image = np.asarray(Image.open(io.BytesIO(response.content)))
+    want = (np.concatenate(list(alone(folder, jobs["cats"])), axis=1) * 255).round()
+    assert image.shape == want.shape and np.abs(image.astype(float) - want).max() <= 1
+    assert requests.get(f"{url}/requests/nobody").status_code == 404
+    stats = requests.get(f"{url}/stats").json()
+    assert stats["full_steps"] > 0 and stats["cached_steps"] > 0 and stats["text_encoder_calls"] > 0
+
+
+def test_the_openai_images_api_shape(server):
+    from PIL import Image
+
+    folder = server[3]
+    response = post_sd(server, "/v1/images/generations", prompt="a red car", n=2, size="32x32",
+                       response_format="b64_json", model="anything")
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert len(data) == 2
+    want = alone(folder, ("a red car", None, 5.0, 20, 0, 32, 32, 2, 5))  # the server's defaults: steps 20, seed 0
+    for image, ref in zip(data, want):
+        png = np.asarray(Image.open(io.BytesIO(base64.b64decode(image["b64_json"]))))
+        assert png.shape == (32, 32, 3) and np.abs(png.astype(float) - (ref * 255).round()).max() <= 1
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/generate", dict(prompt=""), 400, "prompt: give a non-empty text"),
+    ("/generate", dict(prompt="a", guidance_scale=-2), 400, "guidance_scale=-2.0: give a finite number >= 0"),
+    ("/generate", dict(prompt="a", height=40), 400, "height=40: give a multiple of 16 pixels"),
+    ("/generate", dict(prompt="a", num_images=5), 400, "num_images=5: this server generates 1..4 images"),
+    ("/generate", dict(prompt="a", batch=2), 400, "field(s) ['batch'] are not taken by this server"),
+    ("/generate", dict(prompt="a", sede=1), 422, "sede"),
+    ("/v1/images/generations", dict(prompt="a", n=9), 400, "n=9: this server generates 1..4 images"),
+    ("/v1/images/generations", dict(prompt="a", size="big"), 422, "size"),
+    ("/v1/images/generations", dict(prompt="a", response_format="url"), 400, "response_format='b64_json'"),
+])
+def test_bad_prompt_requests_are_4xx_with_the_reason(server, path, body, status, message):
+    response = post_sd(server, path, **body)
+    assert response.status_code == status and message in response.text, response.text

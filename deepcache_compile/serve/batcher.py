@@ -12,6 +12,14 @@ as many steps past their last full step (the extrapolation's step count is one n
 Requests at different timesteps share a call: the timestep is passed per sample. A request that finishes, is
 cancelled or fails frees its rows at once.
 
+Requests come in two kinds. `submit` hands the batcher the initial latents and it runs the scheduler itself.
+`join` makes a request that is driven from outside: a diffusers pipeline running in its own thread calls
+`call(request, sample, timestep, **conditions)` once per denoising step (through `serve.text2image`'s
+`BatchedDenoiser`, which stands in for `pipe.unet`), the call waits for the tick that runs it, and the pipeline
+does its own guidance and scheduler step. A tick runs when every joined request that has started denoising is
+waiting (a first call waits `join_s` for others starting with it; no call waits more than `gather_s`), so the
+pipelines in flight step together.
+
 Batched arithmetic is not bitwise the per-request arithmetic (other matmul blockings): results agree with the
 same generation run alone within rounding (tested to 1e-5 relative).
 
@@ -27,10 +35,12 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
+from torch.utils import _pytree as pytree
 
 from ..policy import Controller, RefreshPolicy, resolve_policy
 from ..runtime.dispatch import DeepCacheUNet
@@ -48,8 +58,8 @@ class Request:
 
     id: int
     latents: torch.Tensor
-    conditions: dict[str, torch.Tensor]
-    scheduler: Any
+    conditions: dict[str, Any]
+    scheduler: Any  # None: the request is driven from outside (`StepBatcher.join`)
     policy: RefreshPolicy
     steps: int
     step: int = 0
@@ -61,6 +71,11 @@ class Request:
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
     callbacks: list[Callable[["Request"], None]] = field(default_factory=list)
+    timestep: torch.Tensor | None = None  # driven: this step's timestep, one per row
+    waiting_since: float | None = None  # driven: when this step's call arrived (None: no call waiting)
+    answer: torch.Tensor | None = None  # driven: the model output of the step just run
+    answered: threading.Event = field(default_factory=threading.Event)
+    shared: dict = field(default_factory=dict)  # driven: value keys of conditions without a batch dimension
     _callback_lock = threading.Lock()  # a class attribute: finishing is rare, one lock serves all requests
 
     def wait(self, timeout: float | None = None) -> torch.Tensor:
@@ -91,14 +106,37 @@ class Request:
 
     def ask(self, probe: torch.Tensor | None) -> bool:
         """The controller's decision for the next step (full where nothing is cached yet), as `run_step` asks."""
-        t = self.scheduler.timesteps[self.step]
+        t = self.scheduler.timesteps[self.step] if self.scheduler is not None else self.timestep[0]
         return self.controller.decide(self.step, probe, tuple(self.latents.shape[-2:]), t) or self.cache is None
 
+    @property
+    def driven(self) -> bool:
+        return self.scheduler is None
+
+    def timesteps(self) -> torch.Tensor:
+        """This step's timestep, one per row."""
+        if self.driven:
+            return self.timestep
+        return self.scheduler.timesteps[self.step].reshape(1).expand(self.rows)
+
     def group(self, forecast: bool) -> tuple:
-        """Requests with equal groups share one batched call."""
-        shapes = tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(self.conditions.items()))
+        """Requests with equal groups share one batched call: the same decision, per-row shapes, condition
+        structure and constants (conditions without a batch dimension compared by value)."""
+        leaves, spec = pytree.tree_flatten(self.conditions)
         since = self.step - self.extrapolation.step if forecast and self.full is False else None
-        return self.full, since, tuple(self.latents.shape[1:]), self.latents.dtype, shapes
+        return (self.full, since, tuple(self.latents.shape[1:]), self.latents.dtype, spec,
+                tuple(self._leaf_key(leaf) for leaf in leaves))
+
+    def _leaf_key(self, leaf: Any) -> Hashable:
+        if not isinstance(leaf, torch.Tensor):
+            return "constant", leaf
+        if leaf.dim() > 0 and leaf.shape[0] == self.rows:
+            return "rows", tuple(leaf.shape[1:]), leaf.dtype
+        key = (leaf.data_ptr(), leaf._version, tuple(leaf.shape), leaf.dtype)  # pipelines pass one tensor each step
+        value = self.shared.get(key)
+        if value is None:
+            value = self.shared[key] = ("shared", key[2], leaf.dtype, hash(leaf.detach().cpu().numpy().tobytes()))
+        return value
 
 
 class StepBatcher:
@@ -110,7 +148,8 @@ class StepBatcher:
     called from any thread while one thread runs `tick()` (or `run_forever`).
     """
 
-    def __init__(self, dc: DeepCacheUNet, scheduler, max_batch: int | None = None):
+    def __init__(self, dc: DeepCacheUNet, scheduler, max_batch: int | None = None, gather_s: float = 0.05,
+                 join_s: float = 0.01):
         if dc.deepcache_config.dynamic is None:
             raise ValueError("StepBatcher needs a pair that serves varying batches: compile with "
                              "compile_deepcache(..., dynamic=dict(batch=(1, N))) (N = the largest batch per call)")
@@ -121,40 +160,25 @@ class StepBatcher:
         self.dc = dc
         self.scheduler = scheduler
         self.max_batch = max_batch or dc.deepcache_config.dynamic.get("batch", (1, 16))[1]
+        self.gather_s, self.join_s = gather_s, join_s
         self._requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self.calls = 0  # batched U-Net calls so far
         self.rows = 0  # request rows they carried (rows / calls = the mean batch)
+        self.steps = {"full": 0, "cached": 0}  # request steps run, by kind
 
     def submit(self, latents: torch.Tensor, steps: int, interval: int | None = None,
-               schedule: RefreshPolicy | str | None = None, **conditions: torch.Tensor) -> Request:
+               schedule: RefreshPolicy | str | None = None, **conditions: Any) -> Request:
         """Adds a generation of `steps` steps starting from `latents` (batch first); returns its `Request`.
 
         Its policy is `schedule` (a `Schedule`, a `CalibratedPlan`, or another refresh policy or its registered
         name), or uniform 1:`interval`, or the DeepCacheUNet's own. Bad input (no steps, NaN, more rows than
         `max_batch`, a size outside the pair's ranges, a probe policy on pairs without the three-graph split)
         raises here, before the request joins any batch."""
-        if steps < 1:
-            raise ValueError(f"steps={steps}: a generation has at least 1 step")
-        if latents.shape[0] > self.max_batch:
-            raise ValueError(f"this request has {latents.shape[0]} rows, more than the {self.max_batch} one batched "
-                             f"call takes (max_batch): split it into requests of at most {self.max_batch} rows")
-        check_finite((latents, *conditions.values()), ("latents", *conditions))
-        for name, value in conditions.items():
-            if value.shape[0] != latents.shape[0]:
-                raise ValueError(f"condition {name!r} has batch {value.shape[0]}, the latents {latents.shape[0]}: "
-                                 "give every condition one row per latent")
-        if self.dc.shape_ranges is None:  # the first request compiles the pair (once), here rather than in a tick
-            self.dc.prepare(**{self.dc.flatten.parameters[0]: latents}, timestep=torch.zeros(latents.shape[0], dtype=torch.long), **conditions)
-        self.dc.shape_ranges.check(tuple(latents.shape), owner="this server's pair",
-                                   fix="this server accepts {what} in the pair's ranges only")
-        policy = resolve_policy(schedule) if schedule is not None else (
-            Schedule("uniform", interval=interval) if interval else self.dc.deepcache_config.policy)
-        if policy.uses_probe and self.dc.deepcache_config.graphs != "three":
-            raise ValueError("this policy decides from the head's probe: compile the server's pair with "
-                             "split='three' (or refresh='adaptive')")
+        policy = self._policy(steps, interval, schedule)
+        self._check_rows(latents, conditions)
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(steps)
         with self._lock:
@@ -163,8 +187,78 @@ class StepBatcher:
         self._wake.set()
         return request
 
+    def join(self, steps: int, interval: int | None = None, schedule: RefreshPolicy | str | None = None) -> Request:
+        """A request of `steps` denoising steps driven from outside: each step is one `call`. Its policy is chosen
+        as `submit` chooses it. It takes part in ticks from its first call and leaves after its last.
+
+        Example:
+            >>> request = batcher.join(steps=20, interval=5)
+            >>> out = batcher.call(request, latents, t, encoder_hidden_states=text)  # in the pipeline's thread
+        """
+        policy = self._policy(steps, interval, schedule)
+        return Request(next(self._ids), torch.empty(0), {}, None, policy, steps)
+
+    def call(self, request: Request, sample: torch.Tensor, timestep: Any, **conditions: Any) -> torch.Tensor:
+        """Runs one step of a joined request in the next tick, batched with the others; returns the model output
+        for `sample` (blocking). `timestep` is a number, a 0-d tensor or one per row; `conditions` are the model's
+        other inputs (tensors with one row per sample row are batched, other values must be equal in a batch).
+        The first call checks the rows as `submit` does; a cancelled or failed request raises."""
+        if request.done.is_set():
+            raise request.error or RuntimeError(f"request {request.id} has finished: join a new one")
+        if request.step >= request.steps:
+            raise ValueError(f"request {request.id} was joined for {request.steps} steps and was called once more: "
+                             "join it with the number of denoising calls the pipeline makes")
+        timestep = torch.as_tensor(timestep, device=sample.device)
+        rows = sample.shape[0]
+        timestep = timestep.reshape(1).expand(rows) if timestep.numel() == 1 else timestep
+        if request.step == 0:
+            self._check_rows(sample, conditions)
+        with self._lock:
+            request.latents, request.timestep, request.conditions = sample, timestep, conditions
+            request.answered.clear()
+            request.waiting_since = time.monotonic()
+            self._requests[request.id] = request
+        self._wake.set()
+        request.answered.wait()
+        if request.error is not None:
+            raise request.error
+        out, request.answer = request.answer, None
+        return out
+
+    def _policy(self, steps: int, interval: int | None, schedule: RefreshPolicy | str | None) -> RefreshPolicy:
+        if steps < 1:
+            raise ValueError(f"steps={steps}: a generation has at least 1 step")
+        policy = resolve_policy(schedule) if schedule is not None else (
+            Schedule("uniform", interval=interval) if interval else self.dc.deepcache_config.policy)
+        if policy.uses_probe and self.dc.deepcache_config.graphs != "three":
+            raise ValueError("this policy decides from the head's probe: compile the server's pair with "
+                             "split='three' (or refresh='adaptive')")
+        return policy
+
+    def _check_rows(self, latents: torch.Tensor, conditions: dict[str, Any]) -> None:
+        """Refuses more rows than a call takes, NaN, conditions with another row count where they have rows, and
+        sizes outside the pair's ranges (compiling the pair at the first request, rather than in a tick)."""
+        rows = latents.shape[0]
+        if rows > self.max_batch:
+            raise ValueError(f"this request has {rows} rows, more than the {self.max_batch} one batched "
+                             f"call takes (max_batch): split it into requests of at most {self.max_batch} rows")
+        named = [(name, leaf) for name, value in conditions.items() for leaf in pytree.tree_leaves(value)
+                 if isinstance(leaf, torch.Tensor)]
+        check_finite((latents, *(t for _, t in named)), ("latents", *(n for n, _ in named)))
+        if self.dc.shape_ranges is None:
+            self.dc.prepare(**{self.dc.flatten.parameters[0]: latents},
+                            timestep=torch.zeros(rows, dtype=torch.long, device=latents.device), **conditions)
+        self.dc.shape_ranges.check(tuple(latents.shape), owner="this server's pair",
+                                   fix="this server accepts {what} in the pair's ranges only")
+        if self.scheduler is None:
+            return
+        for name, value in conditions.items():
+            if isinstance(value, torch.Tensor) and value.shape[0] != rows:
+                raise ValueError(f"condition {name!r} has batch {value.shape[0]}, the latents {rows}: "
+                                 "give every condition one row per latent")
+
     def cancel(self, request: Request) -> None:
-        """Drops a request and its cache rows (a client that went away); its `wait` raises."""
+        """Drops a request and its cache rows (a client that went away); its `wait` (or `call`) raises."""
         if not request.done.is_set():
             self._finish(request, error=RuntimeError(f"request {request.id} was cancelled"))
 
@@ -173,9 +267,11 @@ class StepBatcher:
         return len(self._requests)
 
     def tick(self) -> int:
-        """Runs one step of every active request, batched; returns how many requests stepped."""
+        """Runs one step of every active request that is due one (joined requests: those with a call waiting),
+        batched; returns how many requests stepped."""
         with self._lock:
-            requests = [r for r in self._requests.values() if not r.done.is_set()]
+            requests = [r for r in self._requests.values()
+                        if not r.done.is_set() and (not r.driven or r.waiting_since is not None)]
         groups: dict[tuple, list[Request]] = {}
         forecast = self.dc.deepcache_config.forecast
         for request in requests:
@@ -191,13 +287,35 @@ class StepBatcher:
         return len(requests)
 
     def run_forever(self, stop: threading.Event) -> None:
-        """Ticks while there is work, sleeps until a request arrives, returns when `stop` is set."""
+        """Ticks while there is work (joined requests: when all are waiting, or the first waited `gather_s`),
+        sleeps until a request arrives, returns when `stop` is set."""
         while not stop.is_set():
-            if not self.active:
-                self._wake.wait(0.05)
+            wait = self._due_in()
+            if wait > 0:
+                self._wake.wait(wait)
                 self._wake.clear()
                 continue
             self.tick()
+
+    def _due_in(self) -> float:
+        """Seconds until the next tick is due (0: now). Self-driven requests are always due. Joined ones: when
+        every one that has started is waiting, once the newest first call is `join_s` old (requests released
+        together by a batched text encoder make their first calls a few milliseconds apart), or `gather_s` after
+        the first waiting call whatever the others do."""
+        with self._lock:
+            requests = list(self._requests.values())
+        if not requests:
+            return 0.05
+        if any(not r.driven for r in requests):
+            return 0.0
+        waiting = [r for r in requests if r.waiting_since is not None]
+        if not waiting:
+            return self.gather_s
+        now = time.monotonic()
+        due = min(r.waiting_since for r in waiting) + self.gather_s
+        if len(waiting) == len(requests):
+            due = min(due, max(r.waiting_since + self.join_s if r.step == 0 else 0.0 for r in waiting))
+        return max(0.0, due - now)
 
     def _step(self, members: list[Request], full: bool | None) -> None:
         """One step of `members`. A failing batched call is run again request by request, so that only the
@@ -217,27 +335,42 @@ class StepBatcher:
         for request, out, (cache, was_full) in zip(members, outs, caches):
             if request.done.is_set():  # cancelled meanwhile
                 continue
-            try:
-                t = request.scheduler.timesteps[request.step]
-                request.latents = request.scheduler.step(out, t, request.latents).prev_sample
-            except Exception as err:
-                logger.exception("request %d failed in its scheduler", request.id)
-                self._finish(request, error=err)
-                continue
+            if not request.driven:
+                try:
+                    t = request.scheduler.timesteps[request.step]
+                    request.latents = request.scheduler.step(out, t, request.latents).prev_sample
+                except Exception as err:
+                    logger.exception("request %d failed in its scheduler", request.id)
+                    self._finish(request, error=err)
+                    continue
             if was_full and self.dc.deepcache_config.forecast:
                 request.extrapolation.full(cache, request.step)
             request.cache = cache
             request.step += 1
-            if request.step == request.steps:
+            self.steps["full" if was_full else "cached"] += 1
+            if request.driven:
+                self._answer(request, out)
+            elif request.step == request.steps:
                 self._finish(request, result=request.latents)
+
+    def _answer(self, request: Request, out: torch.Tensor) -> None:
+        """Hands a joined request's step output to its waiting call; after its last step it leaves."""
+        with self._lock:
+            request.answer, request.waiting_since = out, None
+            if request.step == request.steps:
+                self._requests.pop(request.id, None)
+                request.cache, request.latents, request.conditions = None, torch.empty(0), {}
+        request.answered.set()
+        if request.step == request.steps:
+            self._finish(request)
 
     def _run_unet(self, members: list[Request], full: bool | None) -> tuple[tuple[torch.Tensor, ...], list]:
         """One batched call for `members`: their outputs and, per request, `(cache rows, whether full)`."""
         rows = [r.rows for r in members]
-        timesteps = torch.cat([r.scheduler.timesteps[r.step].reshape(1).expand(n) for r, n in zip(members, rows)])
-        call = {self.dc.flatten.parameters[0]: torch.cat([r.latents for r in members]), "timestep": timesteps}
+        call = {self.dc.flatten.parameters[0]: torch.cat([r.latents for r in members]),
+                "timestep": torch.cat([r.timesteps() for r in members])}
         for name in members[0].conditions:
-            call[name] = torch.cat([r.conditions[name] for r in members])
+            call[name] = _merged([r.conditions[name] for r in members], rows)
         flat = self.dc.flatten((), call)
         pair, tensors = self.dc.pair_for(flat), flat.tensors
         with torch.no_grad():
@@ -280,11 +413,23 @@ class StepBatcher:
             with Request._callback_lock:
                 request.done.set()
                 callbacks, request.callbacks = request.callbacks, []
+        request.answered.set()  # a joined request's waiting call wakes (and raises `error`)
         for fn in callbacks:
             try:
                 fn(request)
             except Exception:  # a waiter's bug must not stop the batcher
                 logger.exception("a done-callback of request %d failed", request.id)
+
+
+def _merged(values: list[Any], rows: list[int]) -> Any:
+    """One condition of a batched call from the members' values (equal structures: `Request.group`): tensors with
+    one row per sample row concatenated, other leaves (equal in a group) taken from the first member."""
+    flat = [pytree.tree_flatten(v)[0] for v in values]
+    leaves = []
+    for i, first in enumerate(flat[0]):
+        batched = isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] == rows[0]
+        leaves.append(torch.cat([f[i] for f in flat]) if batched else first)
+    return pytree.tree_unflatten(leaves, pytree.tree_structure(values[0]))
 
 
 def _packs(members: list[Request], max_batch: int) -> list[list[Request]]:

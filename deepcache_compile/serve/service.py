@@ -50,7 +50,8 @@ class ServeOptions:
     """What a replica serves and how.
 
     Attributes:
-        model: "digits" (the shipped trained DDPM) or a folder with `unet/` (a UNet2DModel) and `scheduler/`.
+        model: "digits" (the shipped trained DDPM), a folder with `unet/` (a UNet2DModel) and `scheduler/`, or a
+            text-to-image pipeline folder written by `save_pretrained` (served by `TextToImageService`).
         batching: "step", "generation" or "none" (see the module docstring).
         branch, interval, backend: as for `compile_deepcache`; `interval` is the default 1:N schedule.
         steps: the default number of denoising steps of a request.
@@ -58,7 +59,8 @@ class ServeOptions:
         min_size, max_size: the image sizes (pixels, both sides) the pair serves; default half and twice the
             model's sample size.
         threads: torch intra-op threads of the replica (Ray gives an actor as many CPUs as it asks for).
-        batch_wait_s: how long `batching="generation"` waits to fill a batch.
+        batch_wait_s: how long `batching="generation"` waits to fill a batch; for text-to-image, how long the text
+            encoders and the VAE decoder wait for other requests' calls to batch with.
         onednn_cache: entries of oneDNN's primitive caches (process and per thread; `bound_onednn_caches`),
             set when the replica starts; -1 leaves the library defaults (1,024 each, which many shapes fill).
         cache_dir: a compile cache shared by replicas (`compile_deepcache(cache_dir=...)`, backend "aoti"; default:

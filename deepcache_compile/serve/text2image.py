@@ -1,0 +1,381 @@
+"""A text-to-image service: a diffusers pipeline served with DeepCache and step-level batching across requests.
+
+`TextToImageService(ServeOptions(model=<folder>))` loads a pipeline written by `save_pretrained` (Stable
+Diffusion, SDXL, PixArt, SD3, Flux: any pipeline with a `unet` or `transformer` and a `prompt` argument),
+compiles one dynamic pair of its denoiser and runs each request as the pipeline's own `__call__` in a worker
+thread, on a shallow copy of the pipeline in which
+
+- the denoiser is a `BatchedDenoiser`: each of its calls joins the `StepBatcher`'s next tick, so the requests in
+  flight run one batched denoiser call per step kind (classifier-free guidance's two halves are two rows of the
+  request's call, `guidance_scale` its own);
+- the text encoders and the VAE decoder are `Coalescer`s: the encodings of requests that arrive together, and
+  the decodes of requests that finish together, run as one batched call;
+- the scheduler is the request's own copy.
+
+Everything else (tokenizing, guidance, scheduler steps, post-processing) is the pipeline's own code, so a served
+request gives the image of the same pipeline call run alone with `pipe.unet = compile_deepcache(...)`, up to the
+rounding of batched arithmetic (tested to 1e-5).
+
+Example:
+    >>> service = TextToImageService(ServeOptions(model="path/to/sd-pipeline"))
+    >>> images = await service.generate(service.submit(prompt="a red car", seed=0))  # (1, H, W, 3) in [0, 1]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import itertools
+import json
+import threading
+from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..api import compile_deepcache
+from ..runtime.onednn import bound_onednn_caches
+from .batcher import Request, StepBatcher
+from .coalesce import Coalescer
+
+__all__ = ["BatchedDenoiser", "Progress", "PromptJob", "TextToImageService", "is_pipeline_folder"]
+
+_KEPT = 1024  # progress records of finished requests kept for `progress`
+
+
+def is_pipeline_folder(model: str | Path) -> bool:
+    """Whether `model` is a diffusers pipeline folder (`model_index.json`, as `save_pretrained` writes it)."""
+    return model != "digits" and (Path(model) / "model_index.json").is_file()
+
+
+@dataclass(frozen=True)
+class PromptJob:
+    """One validated text-to-image request."""
+
+    id: str
+    prompt: str
+    negative_prompt: str | None
+    guidance_scale: float
+    steps: int
+    seed: int
+    height: int
+    width: int
+    num_images: int
+    interval: int
+
+
+@dataclass
+class Progress:
+    """Where a request is: `state` one of queued, encoding, denoising, decoding, done, failed, cancelled;
+    `step` of `steps` denoising steps done (`steps` is known once denoising starts)."""
+
+    state: str = "queued"
+    step: int = 0
+    steps: int | None = None
+    request: Request | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict:
+        step = self.request.step if self.request is not None and self.state == "denoising" else self.step
+        return {"state": self.state, "step": step, "steps": self.steps}
+
+
+def _absent(folder: str | Path) -> dict[str, None]:
+    """The components a pipeline was saved without (`[null, null]` in model_index.json), which `from_pretrained`
+    must be told are None."""
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
+
+
+class _Stand(nn.Module):
+    """Stands in for a pipeline component: attributes read from `module`, calls through `call`."""
+
+    def __init__(self, module: nn.Module, call):
+        super().__init__()
+        self.module = module
+        self._call = call
+
+    def forward(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
+
+class _Serialized:
+    """A tokenizer used by one thread at a time (its call and every method: `tokenize`, `batch_decode`...): a fast
+    tokenizer's calls set padding and truncation on the shared Rust object, so concurrent calls with other
+    settings corrupt each other's token ids."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self._lock = tokenizer, threading.RLock()
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._tokenizer, name)
+        if not callable(value):
+            return value
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return value(*args, **kwargs)
+
+        return locked
+
+
+class _DecodingVae(_Stand):
+    """The VAE with `decode` coalesced. `generator` is not passed on: AutoencoderKL's decode does not use it."""
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None):
+        return self._call(z, return_dict=return_dict)
+
+
+class BatchedDenoiser(nn.Module):
+    """Stands in for `pipe.unet` / `pipe.transformer` in one request's pipeline: its first call joins the
+    batcher with as many steps as the request's scheduler has timesteps, each call waits for its batched tick.
+
+    Example:
+        >>> pipe.unet = BatchedDenoiser(batcher, pipe.scheduler, interval=5)
+    """
+
+    def __init__(self, batcher: StepBatcher, scheduler, interval: int | None = None, progress: Progress | None = None):
+        super().__init__()
+        self.model = batcher.dc
+        self._batcher, self._scheduler, self._interval = batcher, scheduler, interval
+        self._progress = progress or Progress()
+        self._signature = batcher.dc.flatten.forward_signature
+        self.request: Request | None = None
+
+    def forward(self, *args, **kwargs):
+        bound = self._signature.bind(*args, **kwargs)
+        arguments = {k: v for k, v in bound.arguments.items() if v is not None}
+        return_dict = arguments.pop("return_dict", True)
+        sample = arguments.pop(next(iter(self._signature.parameters)))
+        timestep = arguments.pop("timestep")
+        if self.request is None:
+            self.request = self._batcher.join(len(self._scheduler.timesteps), interval=self._interval)
+            self._progress.request, self._progress.steps, self._progress.state = self.request, self.request.steps, "denoising"
+        out = self._batcher.call(self.request, sample, timestep, **arguments)
+        if self.request.step == self.request.steps:
+            self._progress.step, self._progress.state = self.request.steps, "decoding"
+        output_type = self.model._output_type
+        return output_type(sample=out) if return_dict and output_type is not None else (out,)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+
+class TextToImageService:
+    """Text-to-image generations of one pipeline, denoised under one `StepBatcher`. Thread-safe.
+
+    `submit(prompt=..., ...)` validates a request into a `PromptJob` (ValueError naming the fix);
+    `await generate(job)` returns its images, float32 `(num_images, height, width, 3)` in [0, 1] as the pipeline's
+    `output_type="np"` gives them; `progress(id)` says where a request is; `stats()` counts what ran.
+    """
+
+    def __init__(self, options):
+        from diffusers import AutoencoderKL, DiffusionPipeline
+
+        if options.batching == "generation":
+            raise ValueError("batching='generation' batches whole pixel-model generations: a text-to-image "
+                             "pipeline is batched by step ('step') or runs one request at a time ('none')")
+        self.options = options
+        if options.onednn_cache != -1:
+            bound_onednn_caches(options.onednn_cache)
+        torch.set_num_threads(options.threads)
+        pipe = DiffusionPipeline.from_pretrained(options.model, local_files_only=True, **_absent(options.model))
+        call = inspect.signature(type(pipe).__call__).parameters
+        self.denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+        model = getattr(pipe, self.denoiser, None)
+        if model is None or "prompt" not in call:
+            raise ValueError(f"model={options.model!r} is a {type(pipe).__name__}: the text-to-image service takes a "
+                             "pipeline with a prompt and a `unet` or `transformer` (StableDiffusion, SDXL, PixArt, "
+                             "SD3, Flux)")
+        pipe.set_progress_bar_config(disable=True)
+        self._binning = {"use_resolution_binning": False} if "use_resolution_binning" in call else {}
+        self._negative = "negative_prompt" in call
+        self.size_step = pipe.vae_scale_factor  # pixels per latent; U-Nets: times their downsampling, once compiled
+        self.default_size = getattr(pipe, "default_sample_size", None) or model.config.sample_size
+        self.default_size *= pipe.vae_scale_factor
+        self.guidance_rows = 1 if getattr(model.config, "guidance_embeds", False) else 2
+        self.dc = compile_deepcache(model, branch=options.branch, interval=options.interval, backend=options.backend,
+                                    dynamic=self._ranges(pipe, model), cache_dir=options.cache_dir)
+        self.batcher = StepBatcher(self.dc, pipe.scheduler, options.max_batch)
+        for name, component in pipe.components.items():
+            if name.startswith("text_encoder") and isinstance(component, nn.Module):
+                pipe.__dict__[name] = _Stand(component, Coalescer(component, options.batch_wait_s))
+            elif name.startswith("tokenizer") and component is not None:
+                pipe.__dict__[name] = _Serialized(component)
+        if type(pipe.vae) is AutoencoderKL:
+            pipe.__dict__["vae"] = _DecodingVae(pipe.vae, Coalescer(pipe.vae.decode, options.batch_wait_s))
+        self.pipe = pipe
+        self.max_steps = pipe.scheduler.config.num_train_timesteps
+        self.counts: Counter[str] = Counter()
+        self._progress: OrderedDict[str, Progress] = OrderedDict()
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        workers = 1 if options.batching == "none" else options.max_batch
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="deepcache-pipelines")
+        self._worker = threading.Thread(target=self.batcher.run_forever, args=(self._stop,),
+                                        name="deepcache-steps", daemon=True)
+        self._worker.start()
+        self._run(self.submit(prompt="warm up", steps=1))  # compiles the pair now, not in the first request
+        self._forget_warm_up()
+        if self.denoiser == "unet":
+            self.size_step *= self.dc.shape_ranges.multiple
+
+    def _forget_warm_up(self) -> None:
+        self.counts.clear()
+        self._progress.clear()
+        self.batcher.calls = self.batcher.rows = 0
+        self.batcher.steps = dict.fromkeys(self.batcher.steps, 0)
+        for stand in self.pipe.__dict__.values():
+            if isinstance(stand, _Stand):
+                stand._call.calls = stand._call.rows = 0
+
+    def _ranges(self, pipe, model) -> dict:
+        """The dynamic pair's ranges: batch 1..max_batch; U-Nets also sizes (latent pixels) from min_size/max_size,
+        or `compile_deepcache`'s defaults; transformers serve one token count (their default size)."""
+        ranges = {"batch": (1, self.options.max_batch)}
+        factor = pipe.vae_scale_factor
+        if self.denoiser == "unet" and self.options.min_size and self.options.max_size:
+            ranges |= {"height": (self.options.min_size // factor, self.options.max_size // factor)}
+            ranges |= {"width": ranges["height"]}
+        return ranges
+
+    def close(self) -> None:
+        """Stops the step worker (requests in flight are not finished)."""
+        self._stop.set()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ----------------------------------------------------------------------------------------------- requests
+    def submit(self, prompt: str | None = None, negative_prompt: str | None = None, guidance_scale: float = 5.0,
+               steps: int | None = None, seed: int = 0, height: int | None = None, width: int | None = None,
+               num_images: int = 1, interval: int | None = None, id: str | None = None) -> PromptJob:
+        """A validated `PromptJob`. Raises ValueError naming the field and the fix."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt: give a non-empty text (this server serves a text-to-image pipeline)")
+        if negative_prompt is not None and not self._negative:
+            raise ValueError(f"negative_prompt: {type(self.pipe).__name__} takes none; leave it out")
+        if not np.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale={guidance_scale}: give a finite number >= 0 (1 or less: no guidance)")
+        steps = self.options.steps if steps is None else steps
+        if not 1 <= steps <= self.max_steps:
+            raise ValueError(f"steps={steps}: a generation has 1..{self.max_steps} steps")
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed={seed}: give an integer in 0..2**63-1")
+        if interval is not None and interval < 1:
+            raise ValueError(f"interval={interval}: the 1:N schedule needs N >= 1")
+        height, width = height or self.default_size, width or self.default_size
+        self._check_size(height, width)
+        rows = num_images * (self.guidance_rows if guidance_scale > 1 else 1)
+        if num_images < 1 or rows > self.options.max_batch:
+            most = self.options.max_batch // (self.guidance_rows if guidance_scale > 1 else 1)
+            raise ValueError(f"num_images={num_images}: this server generates 1..{most} images per request (with "
+                             f"guidance each image is {self.guidance_rows} rows of at most {self.options.max_batch})")
+        job = PromptJob(id or f"r{next(self._ids)}", prompt, negative_prompt, float(guidance_scale), steps, seed,
+                        height, width, num_images, interval or self.options.interval)
+        self._track(job.id, Progress())
+        return job
+
+    def _check_size(self, height: int, width: int) -> None:
+        for name, value in (("height", height), ("width", width)):
+            if value % self.size_step:
+                raise ValueError(f"{name}={value}: give a multiple of {self.size_step} pixels (the VAE's factor "
+                                 "times the denoiser's downsampling)")
+        if self.denoiser == "transformer":
+            if (height, width) != (self.default_size, self.default_size):
+                raise ValueError(f"height={height}, width={width}: this server's transformer is compiled for "
+                                 f"{self.default_size}x{self.default_size} only (one token count)")
+            return
+        factor, ranges = self.pipe.vae_scale_factor, self.dc.shape_ranges
+        if ranges is None:  # the warm-up, before the pair exists: it compiles at the default size
+            return
+        for name, value, (lo, hi) in (("height", height, ranges.height), ("width", width, ranges.width)):
+            if not lo * factor <= value <= hi * factor:
+                raise ValueError(f"{name}={value}: this server serves {lo * factor}..{hi * factor} pixels a side "
+                                 "(start it with other min_size / max_size for more)")
+
+    async def generate(self, job: PromptJob) -> np.ndarray:
+        """The images of `job`. Cancelling the awaiting task cancels its generation."""
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._run, job)
+        try:
+            images = await future
+        except asyncio.CancelledError:
+            self.cancel(job.id)
+            raise
+        return images
+
+    def cancel(self, id: str) -> None:
+        """Cancels a request: queued, it never starts; denoising, its next step raises."""
+        progress = self._progress.get(id)
+        if progress is None or progress.state in ("done", "failed", "cancelled"):
+            return
+        progress.state = "cancelled"
+        if progress.request is not None:
+            self.batcher.cancel(progress.request)
+
+    def progress(self, id: str) -> dict:
+        """`{"state", "step", "steps"}` of a request of this replica (KeyError if it knows none by that id)."""
+        return self._progress[id].as_dict()
+
+    def stats(self) -> dict:
+        """Requests completed/failed/cancelled, in flight; denoiser calls and the rows they carried, request steps
+        by kind (full, cached); text-encoder and VAE calls and rows."""
+        coalesced = {name: (stand._call.calls, stand._call.rows) for name, stand in self.pipe.__dict__.items()
+                     if isinstance(stand, _Stand)}
+        return {"batching": self.options.batching, **{k: self.counts[k] for k in ("completed", "cancelled", "failed")},
+                "active": self.batcher.active, "calls": self.batcher.calls, "rows": self.batcher.rows,
+                "full_steps": self.batcher.steps["full"], "cached_steps": self.batcher.steps["cached"],
+                **{f"{name}_calls": calls for name, (calls, _) in coalesced.items()},
+                **{f"{name}_rows": rows for name, (_, rows) in coalesced.items()}}
+
+    # ------------------------------------------------------------------------------------------------ worker
+    def _track(self, id: str, progress: Progress) -> None:
+        self._progress[id] = progress
+        while len(self._progress) > _KEPT and next(iter(self._progress.values())).state in ("done", "failed",
+                                                                                             "cancelled"):
+            self._progress.popitem(last=False)
+
+    def _run(self, job: PromptJob) -> np.ndarray:
+        """One request, in a worker thread: the pipeline's own call on a copy with the batched components."""
+        progress = self._progress[job.id]
+        if progress.state == "cancelled":
+            self.counts["cancelled"] += 1
+            raise RuntimeError(f"request {job.id} was cancelled")
+        progress.state = "encoding"
+        pipe = copy.copy(self.pipe)
+        scheduler = pipe.__dict__["scheduler"] = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        pipe.__dict__[self.denoiser] = BatchedDenoiser(self.batcher, scheduler, job.interval, progress)
+        kwargs = dict(prompt=job.prompt, guidance_scale=job.guidance_scale, num_inference_steps=job.steps,
+                      height=job.height, width=job.width, num_images_per_prompt=job.num_images, output_type="np",
+                      generator=torch.Generator().manual_seed(job.seed), **self._binning)
+        if job.negative_prompt is not None:  # else the pipeline's default (PixArt's is "", None fails there)
+            kwargs["negative_prompt"] = job.negative_prompt
+        try:
+            with torch.no_grad():
+                images = pipe(**kwargs).images
+        except BaseException:
+            cancelled = progress.state == "cancelled"
+            progress.state = "cancelled" if cancelled else "failed"
+            self.counts["cancelled" if cancelled else "failed"] += 1
+            if progress.request is not None:
+                self.batcher.cancel(progress.request)  # frees its rows if it failed mid-way
+            raise
+        progress.state, progress.request = "done", None
+        self.counts["completed"] += 1
+        return np.asarray(images, dtype=np.float32)
