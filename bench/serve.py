@@ -1,7 +1,9 @@
-"""Serving benchmark: a Poisson stream of requests over HTTP to Ray Serve replicas of the digits model.
+"""Serving benchmark: a Poisson stream of requests over HTTP to Ray Serve replicas of the digits model, or of a
+tiny text-to-image pipeline.
 
     python bench/serve.py                                  # 64 requests, 3 rounds; writes bench/results/serve.{json,md}
     python bench/serve.py --requests 64 --rate 30 --rounds 3 --workloads uniform mixed
+    python bench/serve.py --model text --rate 8            # writes bench/results/serve_text.{json,md}
 
 Four ways to serve, each one replica (1 torch thread, the other core runs Ray's HTTP proxy and this client),
 all on the same dynamic eager pair of the digits model, deployed side by side and taking turns within each
@@ -14,9 +16,12 @@ round (so machine noise hits them alike):
 - `step-level, no DeepCache`: the same replica asked for interval 1 (every step full), what DeepCache adds.
 
 Workloads: `uniform` (16 px, 20 steps, 1:5, batch 1: a service with one setting) and `mixed` (sizes 12/16/20
-px, 10/20/30 steps: clients with different settings). Requests arrive as a Poisson stream of `--rate` per
-second (seeded gaps, the same stream for every way). Per stream: throughput = requests / (last response -
-first send), and p50/p95 of per-request latency (send to full response); medians over rounds.
+px, 10/20/30 steps: clients with different settings). `--model text` serves the tiny Stable Diffusion pipeline of
+`eval.tiny_pipelines` (CLIP encoder, U-Net, VAE; random weights) instead: requests carry a prompt of random letters,
+guidance 5 (two rows each), `uniform` 32 px and 20 steps, `mixed` 32/48 px, 10/20/30 steps and guidance 5/7.5.
+Requests arrive as a Poisson stream of `--rate` per second (seeded gaps, the same stream for every way). Per
+stream: throughput = requests / (last response - first send), and p50/p95 of per-request latency (send to full
+response); medians over rounds.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import asyncio
 import socket
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,14 +45,22 @@ WAYS = {  # name: (app, interval override)
 }
 
 
-def workload(kind: str, n: int, rate: float, seed: int) -> list[tuple[float, dict]]:
+def workload(kind: str, n: int, rate: float, seed: int, text: bool = False) -> list[tuple[float, dict]]:
     """`n` (arrival second, request body) pairs: Poisson arrivals, the request settings of `kind`."""
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1 / rate, n)) - 1 / rate
+    sizes = [32, 48] if text else [12, 16, 20]
     bodies = []
     for i in range(n):
-        size, steps = (16, 20) if kind == "uniform" else (int(rng.choice([12, 16, 20])), int(rng.choice([10, 20, 30])))
-        bodies.append(dict(seed=i, height=size, width=size, steps=steps, interval=5, format="npy"))
+        size, steps = ((32 if text else 16), 20) if kind == "uniform" else (int(rng.choice(sizes)),
+                                                                           int(rng.choice([10, 20, 30])))
+        body = dict(seed=i, height=size, width=size, steps=steps, interval=5, format="npy")
+        if text:
+            words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), int(rng.integers(2, 6))))
+                     for _ in range(int(rng.integers(1, 4)))]
+            guidance = 5.0 if kind == "uniform" else float(rng.choice([5.0, 7.5]))
+            body |= dict(prompt=" ".join(words), guidance_scale=guidance)
+        bodies.append(body)
     return list(zip(arrivals.tolist(), bodies))
 
 
@@ -80,15 +94,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workloads", nargs="+", default=["uniform", "mixed"], choices=["uniform", "mixed"])
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--model", choices=["digits", "text"], default="digits",
+                        help="the shipped digits DDPM, or the tiny text-to-image pipeline (eval.tiny_pipelines)")
     args = parser.parse_args()
 
     import ray
     from ray import serve
 
     from deepcache_compile.eval.report import machine, write_report
+    from deepcache_compile.eval.tiny_pipelines import save_tiny_pipeline
     from deepcache_compile.serve.app import DeepCacheDeployment
     from deepcache_compile.serve.service import ServeOptions
 
+    text = args.model == "text"
+    model = str(save_tiny_pipeline(Path(tempfile.mkdtemp(prefix="sd-tiny")))) if text else "digits"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -97,13 +116,13 @@ def main() -> None:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for app in sorted({app for app, _ in WAYS.values()}):
-            options = ServeOptions(batching=app, max_batch=args.max_batch, threads=1)
+            options = ServeOptions(model=model, batching=app, max_batch=args.max_batch, threads=1)
             # three replicas on two logical CPUs: only one is busy at a time (the ways take turns)
             serve.run(DeepCacheDeployment.options(ray_actor_options={"num_cpus": 0.5}).bind(options),
                       name=app, route_prefix=f"/{app}")
             print(f"deployed {app}", flush=True)
         for kind in args.workloads:
-            stream_ = workload(kind, args.requests, args.rate, seed=0)
+            stream_ = workload(kind, args.requests, args.rate, seed=0, text=text)
             for name, (app, interval) in WAYS.items():  # warm-up: every size and step count once
                 asyncio.run(stream(f"http://127.0.0.1:{port}/{app}", stream_[:4], interval))
             for r in range(args.rounds):
@@ -121,13 +140,13 @@ def main() -> None:
         med = {k: statistics.median(run[k] for run in runs) for k in ("throughput", "p50", "p95")}
         base = statistics.median(run["throughput"] for run in results[kind, "one at a time"])
         rows.append(dict(workload=kind, way=name, **med, vs_one_at_a_time=med["throughput"] / base, runs=runs))
-    settings = {"ray": ray.__version__, "requests": args.requests, "rate": args.rate, "rounds": args.rounds,
-                "max_batch": args.max_batch}
+    settings = {"ray": ray.__version__, "model": args.model, "requests": args.requests, "rate": args.rate,
+                "rounds": args.rounds, "max_batch": args.max_batch}
     lines = ["| workload | way | throughput (req/s) | vs one at a time | p50 latency (s) | p95 latency (s) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['workload']} | {r['way']} | {r['throughput']:.1f} | {r['vs_one_at_a_time']:.2f}x | "
               f"{r['p50']:.2f} | {r['p95']:.2f} |" for r in rows]
-    write_report(OUT / "serve", {"machine": machine(), **settings, "rows": rows}, lines)
+    write_report(OUT / ("serve_text" if text else "serve"), {"machine": machine(), **settings, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

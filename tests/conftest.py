@@ -6,7 +6,6 @@ import atexit
 import os
 import shutil
 import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -202,43 +201,6 @@ def make_transformer_call(family: str, batch: int = 2, seed: int = 1, timestep: 
                     pooled_projections=randn(batch, 10), timestep=t / 1000, img_ids=torch.zeros(16, 3),
                     txt_ids=torch.zeros(5, 3))
     return dict(hidden_states=randn(batch, 4, 2, 8, 8), encoder_hidden_states=randn(batch, 5, 12), timestep=t)
-
-
-def save_text_pipeline(folder):
-    """A tiny random-weight Stable Diffusion pipeline (CLIP text encoder, U-Net, VAE; 32 x 32 px by default) saved
-    with `save_pretrained`. The tokenizer is made here from the letters (CLIP's BPE with no merges): nothing comes
-    from a hub."""
-    import json
-
-    import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    folder = Path(folder)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        vocab.update({c + suffix: len(vocab) for c in "abcdefghijklmnopqrstuvwxyz"})
-    (folder / "vocab").mkdir(parents=True, exist_ok=True)
-    (folder / "vocab" / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "vocab" / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab" / "vocab.json"), str(folder / "vocab" / "merges.txt"),
-                              model_max_length=8)
-
-    def text_encoder():
-        torch.manual_seed(1)
-        return CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
-                                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=8,
-                                            bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
-                                  norm_num_groups=8, shift_factor=0.0).eval()
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder(), tokenizer=tokenizer,
-        unet=UNet2DConditionModel(**{**TINY_CONFIGS["sd"][1], "sample_size": 16}).eval(),
-        scheduler=diffusers.DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder)
-    return folder
 
 
 # The fast lane (`make test-fast`, `pytest -m "not slow"`; under 3 minutes here): no compiler backend, no C++

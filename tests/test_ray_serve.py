@@ -22,9 +22,9 @@ import torch
 from deepcache_compile import Schedule, compile_deepcache
 from deepcache_compile.eval.digits import load_digits_model
 from deepcache_compile.eval.sampling import ddim_loop
+from deepcache_compile.eval.tiny_pipelines import save_tiny_pipeline
 from deepcache_compile.serve.service import DeepCacheService, ServeOptions
 
-from conftest import save_text_pipeline
 from test_text2image import alone
 
 # (seed, batch, size, steps, interval)
@@ -62,11 +62,13 @@ def server():
         port = s.getsockname()[1]
     # Ray's session files in this worker's temp folder (tests/conftest.py), not /tmp/ray; a short path, since
     # Ray's Unix sockets live under it (at most 107 characters).
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="ray"))
+    # Three replicas of one CPU each (two of the digits app): Ray's CPUs are logical, the replicas mostly wait.
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="ray"))
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build({"batching": "step", "max_batch": "8"}), name="digits", route_prefix="/digits")
-        sd = save_text_pipeline(Path(tempfile.mkdtemp(prefix="sd")))
+        serve.run(build({"batching": "step", "max_batch": "8", "replicas": "2"}), name="digits",
+                  route_prefix="/digits")
+        sd = save_tiny_pipeline(Path(tempfile.mkdtemp(prefix="sd")))
         serve.run(build({"model": str(sd), "max_batch": "8", "batch_wait_s": "0.05"}), name="sd", route_prefix="/sd")
         yield f"http://127.0.0.1:{port}/digits", requests, f"http://127.0.0.1:{port}/sd", sd
     finally:
@@ -158,6 +160,23 @@ def test_a_client_that_disconnects_cancels_its_generation(server, expected):
     response = post(server, seed=seed, batch=batch, height=size, width=size, steps=steps, interval=interval,
                     format="npy")
     assert close(torch.from_numpy(np.load(io.BytesIO(response.content))), expected[JOBS[2]])
+
+
+def test_stats_count_the_requests_of_every_replica(server):
+    """Two digits replicas: /stats on either counts what both ran (each used to answer with its own counters)."""
+    url, requests, *_ = server
+    before = requests.get(f"{url}/stats").json()
+    assert before["replicas"] == 2 and len(before["per_replica"]) == 2
+    threads = [threading.Thread(target=post, args=(server,), kwargs=dict(seed=s, steps=3, format="npy"))
+               for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = requests.get(f"{url}/stats").json()
+    assert after["completed"] == before["completed"] + 8
+    served = [r["completed"] - before["per_replica"][k]["completed"] for k, r in after["per_replica"].items()]
+    assert sorted(served) != [0, 8], "the requests all went to one replica: the sum was not exercised"
 
 
 # ------------------------------------------------------------------------------- the service, without Ray

@@ -98,3 +98,32 @@ def test_a_failing_request_fails_alone_in_a_shared_call(digits, monkeypatch):
     for job in (JOBS[0], JOBS[5]):
         out, ref = requests[job].wait(0), expected[job]
         assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), job
+
+
+def test_the_service_serves_engine_files_as_it_serves_its_own_pair(digits, tmp_path):
+    """`ServeOptions(engine=...)`: a pt2 export of the digits model serves step-batched requests that end where
+    the compiled model alone ends; an engine whose batch range is smaller than max_batch is refused by name."""
+    import asyncio
+
+    from deepcache_compile.serve.service import DeepCacheService, ServeOptions
+
+    unet, scheduler, noise, expected = digits
+    example = {"sample": torch.randn(2, 1, 16, 16), "timestep": torch.full((2,), 999)}
+    compile_deepcache(unet, branch=1).export(tmp_path / "engine", format="pt2", example=example, batch=(1, 8),
+                                             height=(8, 24), width=(8, 24))
+    service = DeepCacheService(ServeOptions(engine=str(tmp_path / "engine"), max_batch=8))
+    try:
+        jobs = JOBS[:4]
+
+        async def run():
+            return await asyncio.gather(*(service.generate(service.submit(seed=job[0], height=job[1], width=job[1],
+                                                                           steps=job[2], interval=job[3]))
+                                          for job in jobs))
+
+        for job, out in zip(jobs, asyncio.run(run())):
+            assert (out - expected[job]).abs().max() <= 1e-5 * expected[job].abs().max(), job
+        assert service.stats()["calls"] < sum(job[2] for job in jobs)
+    finally:
+        service.close()
+    with pytest.raises(ValueError, match=r"max_batch=16 is more than the engine's batch range 1\.\.8"):
+        DeepCacheService(ServeOptions(engine=str(tmp_path / "engine"), max_batch=16))

@@ -1,11 +1,12 @@
-"""The text-to-image service: a tiny random-weight Stable Diffusion pipeline, built and saved by
-`conftest.save_text_pipeline`, served with step-level batching. Each request must give the
+"""The text-to-image service: tiny random-weight pipelines (Stable Diffusion with a U-Net, PixArt-Sigma with a
+transformer), built and saved by ``eval.tiny_pipelines``, served with step-level batching. Each request must give the
 image of the same diffusers pipeline call run alone with `compile_deepcache` as its denoiser (1e-5 relative),
 while the denoiser, text-encoder and VAE calls are shared between requests."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 
 import numpy as np
@@ -14,11 +15,12 @@ import torch
 from diffusers import DiffusionPipeline
 
 from deepcache_compile import compile_deepcache
+from deepcache_compile.eval.tiny_pipelines import save_tiny_pipeline
 from deepcache_compile.serve.batcher import StepBatcher
 from deepcache_compile.serve.service import ServeOptions
 from deepcache_compile.serve.text2image import BatchedDenoiser, TextToImageService, _absent
 
-from conftest import make_unet, save_text_pipeline
+from conftest import make_unet
 
 # prompt, negative prompt, guidance, steps, seed, height, width, images, interval
 JOBS = [("a red car", "blur", 5.0, 6, 0, 32, 32, 1, 3), ("two cats on a mat", None, 7.5, 4, 1, 32, 32, 2, 2),
@@ -27,7 +29,7 @@ JOBS = [("a red car", "blur", 5.0, 6, 0, 32, 32, 1, 3), ("two cats on a mat", No
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return save_text_pipeline(tmp_path_factory.mktemp("sd"))
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sd"))
 
 
 def alone(folder, job) -> np.ndarray:
@@ -38,6 +40,8 @@ def alone(folder, job) -> np.ndarray:
     name = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
     setattr(pipe, name, compile_deepcache(getattr(pipe, name), branch=1, interval=interval))
     negative = {} if negative is None else {"negative_prompt": negative}
+    if "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters:
+        negative["use_resolution_binning"] = False  # the server serves the size asked for (PixArt would bin it)
     with torch.no_grad():
         return pipe(prompt=prompt, **negative, guidance_scale=guidance, num_inference_steps=steps,
                     height=height, width=width, num_images_per_prompt=images, output_type="np",
@@ -58,10 +62,23 @@ async def _generate_all(service, jobs):
     return await asyncio.gather(*(service.generate(job) for job in submitted)), submitted
 
 
-def test_requests_served_together_equal_the_pipeline_run_alone(folder):
+@pytest.fixture(scope="module")
+def pixart(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("pixart"), "pixart")
+
+
+PIXART_JOBS = [("a red car", "blur", 4.5, 6, 0, 16, 16, 1, 3), ("two cats on a mat", None, 7.5, 4, 1, 16, 16, 2, 2),
+               ("a boat", "", 1.0, 6, 2, 16, 16, 1, 3)]
+
+
+@pytest.mark.parametrize("family", ["sd", "pixart"])
+def test_requests_served_together_equal_the_pipeline_run_alone(family, request):
+    """Stable Diffusion (U-Net, CLIP, sizes 32 and 48 px) and PixArt-Sigma (transformer, T5 with its text mask,
+    16 px: one token count)."""
+    folder = request.getfixturevalue("folder" if family == "sd" else "pixart")
     service = serve(folder)
     try:
-        jobs = JOBS
+        jobs = JOBS if family == "sd" else PIXART_JOBS
         results, submitted = asyncio.run(_generate_all(service, jobs))
         for job, out in zip(jobs, results):
             assert close(out, alone(folder, job)), job
@@ -76,6 +93,28 @@ def test_requests_served_together_equal_the_pipeline_run_alone(folder):
         assert stats["text_encoder_calls"] < stats["text_encoder_rows"]  # encodings of several requests batched
         done = service.progress(submitted[0].id)
         assert done == {"state": "done", "step": jobs[0][3], "steps": jobs[0][3]}
+    finally:
+        service.close()
+
+
+def test_generation_batching_runs_one_setting_as_one_pipeline_call(folder):
+    """batching="generation" (Ray Serve's @serve.batch): requests of one setting are one pipeline call with their
+    prompts as a list and latents from each request's own seed, still equal to each request run alone; other
+    settings, and rows past max_batch, are calls of their own."""
+    same = [("a red car", "blur", 5.0, 4, 0, 32, 32, 1, 2), ("two cats", None, 5.0, 4, 1, 32, 32, 2, 2),
+            ("a boat", "sea", 5.0, 4, 2, 32, 32, 1, 2), ("a tree", None, 5.0, 4, 4, 32, 32, 1, 2)]
+    other = [("a tall house", None, 5.0, 3, 3, 32, 32, 1, 2)]
+    service = serve(folder, batching="generation")
+    try:
+        submitted = [service.submit(prompt=p, negative_prompt=n, guidance_scale=g, steps=s, seed=seed, height=h,
+                                    width=w, num_images=k, interval=i) for p, n, g, s, seed, h, w, k, i in same + other]
+        results = asyncio.run(service.generate_many(submitted))
+        for job, out in zip(same + other, results):
+            assert close(out, alone(folder, job)), job
+        stats = service.stats()
+        # 2 rows per image: `same` is 10 rows, a call of 8 and one of 2 per step (4 steps); `other` its own (3 steps)
+        assert stats["completed"] == 5 and stats["calls"] == 4 + 4 + 3 and stats["vae_calls"] == 3
+        assert stats["text_encoder_calls"] == 3 * 2  # per pipeline call: the prompts and the negative prompts
     finally:
         service.close()
 
@@ -241,3 +280,24 @@ def test_the_service_tokenizes_one_request_at_a_time(folder):
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     assert stress(_Serialized(tokenizer)) == 0
     assert stress(tokenizer) > 0  # the race the stand-in removes is real (if this ever fails, it is gone upstream)
+
+
+def test_a_text_service_from_engine_files(folder, tmp_path):
+    """The pipeline's U-Net exported (pt2, batch 1..8, one timestep per row) serves in place of the compiled pair:
+    the pipeline is loaded without its U-Net and each request equals the pipeline run alone."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    example = {"sample": torch.randn(2, 4, 16, 16), "timestep": torch.full((2,), 999),
+               "encoder_hidden_states": torch.randn(2, 8, 32)}
+    compile_deepcache(unet, branch=1).export(tmp_path / "unet", format="pt2", example=example, batch=(1, 8),
+                                             height=(16, 32), width=(16, 32))
+    service = serve(folder, engine=str(tmp_path / "unet"))
+    try:
+        assert service.pipe.__dict__.get("unet") is None  # no U-Net weights loaded
+        jobs = JOBS[:2]
+        results, _ = asyncio.run(_generate_all(service, jobs))
+        for job, out in zip(jobs, results):
+            assert close(out, alone(folder, job)), job
+    finally:
+        service.close()

@@ -131,6 +131,11 @@ class DeepCacheEngine(nn.Module):
         return self._states.current().step
 
     @property
+    def shape_ranges(self) -> ShapeRanges:
+        """The sample shapes the engine serves (as `DeepCacheUNet.shape_ranges`)."""
+        return self.ranges
+
+    @property
     def history(self) -> str:
         """What the current (or last) generation ran, one letter per U-Net call: "F" full, "S" shallow."""
         return self._states.current().history

@@ -41,13 +41,17 @@ class UNetTraceError(RuntimeError):
 class _FlatUNet(nn.Module):
     """The module that torch.export sees: flat tensors in, the output sample tensor out."""
 
-    def __init__(self, unet: nn.Module, spec: pytree.TreeSpec, n_leaves: int, constants: tuple):
+    def __init__(self, unet: nn.Module, spec: pytree.TreeSpec, n_leaves: int, constants: tuple,
+                 batched: tuple[int, ...] = ()):
         super().__init__()
         self.unet = unet
         self._spec, self._n_leaves, self._constants = spec, n_leaves, dict(constants)
         self._has_return_dict = "return_dict" in inspect.signature(unet.forward).parameters
+        self._batched = batched  # inputs whose first dimension is the sample's batch (dynamic traces)
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor]:
+        for i in self._batched:  # one batch symbol for all: export gives each input its own, equated only where an
+            torch._check(tensors[i].shape[0] == tensors[0].shape[0])  # op meets both (a text mask may never)
         it = iter(tensors)
         leaves = [self._constants[i] if i in self._constants else next(it) for i in range(self._n_leaves)]
         kwargs = pytree.tree_unflatten(leaves, self._spec)
@@ -88,7 +92,9 @@ def trace_unet(unet: nn.Module, call: FlatCall, ranges: ShapeRanges | None = Non
         >>> traced.gm(*traced.example_inputs)[0].shape == sample.shape
         True
     """
-    wrapper = _FlatUNet(unet, call.spec, call.spec.num_leaves, call.constants)
+    batched = () if ranges is None else tuple(
+        i for i, dims in enumerate(ranges.export_dims(call.tensors)) if i > 0 and dims and 0 in dims)
+    wrapper = _FlatUNet(unet, call.spec, call.spec.num_leaves, call.constants, batched)
     was_training = unet.training
     unet.eval()
     try:

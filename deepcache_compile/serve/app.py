@@ -22,12 +22,15 @@ pipeline folder (`TextToImageService`: Stable Diffusion, SDXL). API (JSON bodies
     POST /v1/images/generations {"prompt", "n", "size": "WxH", "response_format": "b64_json", "model", "user"}
         -> {"created", "data": [{"b64_json": PNG}, ...]} (the OpenAI Images API shape; text-to-image only)
     GET /requests/{id} -> {"state", "step", "steps"} (text-to-image; the replica that runs the request answers)
-    GET /stats -> counters of this replica (requests, denoiser calls and rows, full/cached steps, ...)
+    GET /stats -> counters summed over the application's replicas (requests, denoiser calls and rows, full/cached
+        steps, ...), with "replicas" (how many reported) and "per_replica" (each one's own)
 
 Bad input answers 400 with a message naming the field and the fix (422 for a body of the wrong shape: an unknown
 field, a value of the wrong type or out of its numeric range, each named); a client that disconnects cancels its
-generation and frees its cache rows; the replica goes on serving the others. Each replica reports its counters as
-Ray Serve metrics (`deepcache_*` gauges). Replicas and autoscaling are Ray's: `replicas=N` here, or `num_replicas`
+generation and frees its cache rows; the replica goes on serving the others. Each replica reports its counters to
+the application's `StatsBoard` (a named Ray actor: after each request and every `_BEAT_S` seconds; a replica silent
+for `_STALE_S` is dropped) and as Ray Serve metrics (`deepcache_*` gauges tagged by replica, which Prometheus
+sums over replicas). Replicas and autoscaling are Ray's: `replicas=N` here, or `num_replicas`
 / `autoscaling_config` in a Serve config file.
 """
 
@@ -35,10 +38,12 @@ Ray Serve metrics (`deepcache_*` gauges). Replicas and autoscaling are Ray's: `r
 import base64
 import inspect
 import io
+import threading
 import time
 from typing import Any, Literal
 
 import numpy as np
+import ray
 import torch
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse, Response
@@ -50,7 +55,10 @@ from ray.serve.metrics import Gauge
 from .service import DeepCacheService, Job, ServeOptions
 from .text2image import TextToImageService, is_pipeline_folder
 
-__all__ = ["DeepCacheDeployment", "GenerateBody", "ImagesBody", "build", "encode_png", "open_service"]
+__all__ = ["DeepCacheDeployment", "GenerateBody", "ImagesBody", "StatsBoard", "build", "encode_png", "open_service"]
+
+_BEAT_S = 2.0  # a replica reports its counters at least this often
+_STALE_S = 10.0  # a replica that has not reported for this long is gone (stopped, crashed, scaled down)
 
 api = FastAPI(title="deepcache_compile")
 
@@ -119,6 +127,37 @@ def _npy(array: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+@ray.remote(num_cpus=0)
+class StatsBoard:
+    """The latest counters of each replica of one application, for `GET /stats` on any of them."""
+
+    def __init__(self):
+        self.replicas: dict[str, tuple[float, dict]] = {}
+
+    def put(self, replica: str, stats: dict) -> None:
+        self.replicas[replica] = (time.monotonic(), stats)
+
+    def drop(self, replica: str) -> None:
+        self.replicas.pop(replica, None)
+
+    def get(self) -> dict[str, dict]:
+        now = time.monotonic()
+        self.replicas = {k: (t, v) for k, (t, v) in self.replicas.items() if now - t <= _STALE_S}
+        return {k: v for k, (_, v) in self.replicas.items()}
+
+
+def summed(per_replica: dict[str, dict]) -> dict:
+    """Counters of several replicas as one: numbers summed, other fields kept where all replicas agree."""
+    total: dict[str, Any] = {"replicas": len(per_replica)}
+    for stats in per_replica.values():
+        for name, value in stats.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                total[name] = total.get(name, 0) + value
+            elif total.setdefault(name, value) != value:
+                total[name] = "mixed"
+    return total | {"per_replica": per_replica}
+
+
 @serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
 class DeepCacheDeployment:
@@ -131,6 +170,13 @@ class DeepCacheDeployment:
         self.batch_generations.set_max_batch_size(options.max_batch)
         self.batch_generations.set_batch_wait_timeout_s(options.batch_wait_s)
         self.gauges: dict[str, Gauge] = {}
+        context = serve.get_replica_context()
+        self.replica = context.replica_id.unique_id
+        self.board = StatsBoard.options(name=f"deepcache-stats-{context.app_name}", namespace="deepcache",
+                                        get_if_exists=True, lifetime="detached").remote()
+        self.board.put.remote(self.replica, self._metrics())
+        self._quiet = threading.Event()  # set when the replica stops
+        threading.Thread(target=self._beat, name="deepcache-stats", daemon=True).start()
 
     @api.post("/generate")
     async def generate(self, body: GenerateBody) -> Response:
@@ -181,8 +227,9 @@ class DeepCacheDeployment:
                                      "with several replicas, another may run it)") from None
 
     @api.get("/stats")
-    def stats(self) -> JSONResponse:
-        return JSONResponse(self._metrics())
+    async def stats(self) -> JSONResponse:
+        await self.board.put.remote(self.replica, self._metrics())
+        return JSONResponse(summed(await self.board.get.remote()))
 
     async def _run(self, job):
         try:
@@ -192,7 +239,11 @@ class DeepCacheDeployment:
         except Exception as err:  # this request failed; the replica serves on
             raise HTTPException(status_code=500, detail=f"generation failed: {err}") from None
         finally:
-            self._metrics()
+            await self.board.put.remote(self.replica, self._metrics())  # before the answer: /stats counts it
+
+    def _beat(self) -> None:
+        while not self._quiet.wait(_BEAT_S):
+            self.board.put.remote(self.replica, self._metrics())
 
     def _metrics(self) -> dict:
         """This replica's counters, also set as Ray Serve gauges (`deepcache_<name>`, tagged by replica)."""
@@ -209,6 +260,9 @@ class DeepCacheDeployment:
         return await self.service.generate_many(jobs)
 
     def __del__(self):  # Serve calls it when the replica shuts down
+        if hasattr(self, "_quiet"):
+            self._quiet.set()
+            self.board.drop.remote(self.replica)
         if hasattr(self, "service"):
             self.service.close()
 

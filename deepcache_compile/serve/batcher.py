@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import threading
@@ -42,6 +43,7 @@ from typing import Any, Callable, Hashable
 import torch
 from torch.utils import _pytree as pytree
 
+from ..artifacts.engine import DeepCacheEngine, EngineOutput
 from ..policy import Controller, RefreshPolicy, resolve_policy
 from ..runtime.dispatch import DeepCacheUNet
 from ..runtime.generation import Extrapolation, check_finite
@@ -49,7 +51,67 @@ from ..schedule import Schedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Request", "StepBatcher"]
+__all__ = ["Request", "Served", "StepBatcher"]
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the batcher runs, from a `DeepCacheUNet` (compiled here) or a `DeepCacheEngine` (loaded engine files).
+
+    Attributes:
+        model: the DeepCacheUNet or engine.
+        signature: the denoiser's forward signature (`BatchedDenoiser` binds pipeline calls to it).
+        policy: its default refresh policy; `forecast`, `three`: whether its graphs extrapolate the cache, and
+            whether it has head/deep/tail graphs (policies that decide from the probe need them).
+        output_type: what the denoiser returns with `return_dict=True`.
+    """
+
+    model: Any
+    signature: inspect.Signature
+    policy: RefreshPolicy
+    forecast: bool
+    three: bool
+    output_type: type | None
+
+    @classmethod
+    def of(cls, dc: DeepCacheUNet | DeepCacheEngine) -> "Served":
+        if isinstance(dc, DeepCacheEngine):
+            if (dc.manifest.get("policy") or {}).get("decided") == "device":
+                raise ValueError("this engine decides each step on the device (one step program per call): the "
+                                 "batcher runs engines that decide on the host; export with split='three' or a "
+                                 "schedule")
+            if dc.ranges.batch[0] == dc.ranges.batch[1]:
+                raise ValueError(f"this engine serves batch {dc.ranges.batch[0]} only: export it with batch=(1, N) "
+                                 "for the batcher")
+            if any(i["name"] == "timestep" and i["rank"] == 0 for i in dc.manifest["inputs"]):
+                raise ValueError("this engine takes one timestep per call (exported from a 0-d timestep): the batcher "
+                                 "runs rows at different steps; export it from a call with one timestep per row")
+            params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
+                      for name in dc.manifest["unet"]["forward_params"]]
+            return cls(dc, inspect.Signature(params), dc.schedule, dc._graphs.forecast, dc._graphs.three is not None,
+                       EngineOutput)
+        config = dc.deepcache_config
+        if config.dynamic is None:
+            raise ValueError("StepBatcher needs a pair that serves varying batches: compile with "
+                             "compile_deepcache(..., dynamic=dict(batch=(1, N))) (N = the largest batch per call)")
+        return cls(dc, dc.flatten.forward_signature, config.policy, config.forecast, config.graphs == "three",
+                   dc._output_type)
+
+    @property
+    def sample(self) -> str:
+        """The sample argument's name (`sample`, `hidden_states`)."""
+        return next(iter(self.signature.parameters))
+
+    @property
+    def ranges(self):
+        return self.model.shape_ranges
+
+    def graphs(self, call: dict[str, Any]) -> tuple[Any, tuple[torch.Tensor, ...]]:
+        """The graphs that run a batched call and its flat tensors."""
+        if isinstance(self.model, DeepCacheEngine):
+            return self.model._graphs, self.model._flatten(call)
+        flat = self.model.flatten((), call)
+        return self.model.pair_for(flat), flat.tensors
 
 
 @dataclass(eq=False)
@@ -150,16 +212,16 @@ class StepBatcher:
 
     def __init__(self, dc: DeepCacheUNet, scheduler, max_batch: int | None = None, gather_s: float = 0.05,
                  join_s: float = 0.01):
-        if dc.deepcache_config.dynamic is None:
-            raise ValueError("StepBatcher needs a pair that serves varying batches: compile with "
-                             "compile_deepcache(..., dynamic=dict(batch=(1, N))) (N = the largest batch per call)")
-        config = dc.deepcache_config
-        if config.forecast and config.policy.uses_probe:
+        self.served = served = Served.of(dc)
+        if served.forecast and served.policy.uses_probe:
             raise ValueError("the StepBatcher runs forecast with policies that decide from the step, not from the "
                              "probe: use a schedule or a calibrated plan with forecast=True, or forecast=False")
         self.dc = dc
         self.scheduler = scheduler
-        self.max_batch = max_batch or dc.deepcache_config.dynamic.get("batch", (1, 16))[1]
+        if max_batch is None:  # the top of the batch range
+            engine = isinstance(dc, DeepCacheEngine)
+            max_batch = dc.ranges.batch[1] if engine else dc.deepcache_config.dynamic.get("batch", (1, 16))[1]
+        self.max_batch = max_batch
         self.gather_s, self.join_s = gather_s, join_s
         self._requests: dict[int, Request] = {}
         self._ids = itertools.count()
@@ -229,8 +291,8 @@ class StepBatcher:
         if steps < 1:
             raise ValueError(f"steps={steps}: a generation has at least 1 step")
         policy = resolve_policy(schedule) if schedule is not None else (
-            Schedule("uniform", interval=interval) if interval else self.dc.deepcache_config.policy)
-        if policy.uses_probe and self.dc.deepcache_config.graphs != "three":
+            Schedule("uniform", interval=interval) if interval else self.served.policy)
+        if policy.uses_probe and not self.served.three:
             raise ValueError("this policy decides from the head's probe: compile the server's pair with "
                              "split='three' (or refresh='adaptive')")
         return policy
@@ -245,10 +307,10 @@ class StepBatcher:
         named = [(name, leaf) for name, value in conditions.items() for leaf in pytree.tree_leaves(value)
                  if isinstance(leaf, torch.Tensor)]
         check_finite((latents, *(t for _, t in named)), ("latents", *(n for n, _ in named)))
-        if self.dc.shape_ranges is None:
-            self.dc.prepare(**{self.dc.flatten.parameters[0]: latents},
+        if self.served.ranges is None:
+            self.dc.prepare(**{self.served.sample: latents},
                             timestep=torch.zeros(rows, dtype=torch.long, device=latents.device), **conditions)
-        self.dc.shape_ranges.check(tuple(latents.shape), owner="this server's pair",
+        self.served.ranges.check(tuple(latents.shape), owner="this server's pair",
                                    fix="this server accepts {what} in the pair's ranges only")
         if self.scheduler is None:
             return
@@ -273,7 +335,7 @@ class StepBatcher:
             requests = [r for r in self._requests.values()
                         if not r.done.is_set() and (not r.driven or r.waiting_since is not None)]
         groups: dict[tuple, list[Request]] = {}
-        forecast = self.dc.deepcache_config.forecast
+        forecast = self.served.forecast
         for request in requests:
             try:
                 request.decide()
@@ -343,7 +405,7 @@ class StepBatcher:
                     logger.exception("request %d failed in its scheduler", request.id)
                     self._finish(request, error=err)
                     continue
-            if was_full and self.dc.deepcache_config.forecast:
+            if was_full and self.served.forecast:
                 request.extrapolation.full(cache, request.step)
             request.cache = cache
             request.step += 1
@@ -367,12 +429,11 @@ class StepBatcher:
     def _run_unet(self, members: list[Request], full: bool | None) -> tuple[tuple[torch.Tensor, ...], list]:
         """One batched call for `members`: their outputs and, per request, `(cache rows, whether full)`."""
         rows = [r.rows for r in members]
-        call = {self.dc.flatten.parameters[0]: torch.cat([r.latents for r in members]),
+        call = {self.served.sample: torch.cat([r.latents for r in members]),
                 "timestep": torch.cat([r.timesteps() for r in members])}
         for name in members[0].conditions:
             call[name] = _merged([r.conditions[name] for r in members], rows)
-        flat = self.dc.flatten((), call)
-        pair, tensors = self.dc.pair_for(flat), flat.tensors
+        pair, tensors = self.served.graphs(call)
         with torch.no_grad():
             if full is None:
                 sample, caches = self._run_three(pair.three, tensors, members, rows)

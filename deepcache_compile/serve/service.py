@@ -38,7 +38,7 @@ from ..runtime.onednn import DEFAULT_ENTRIES, bound_onednn_caches
 from ..schedule import Schedule
 from .batcher import Request, StepBatcher
 
-__all__ = ["BATCHING", "DeepCacheService", "Job", "ServeOptions", "load_pixel_model"]
+__all__ = ["BATCHING", "DeepCacheService", "Job", "ServeOptions", "load_engine", "load_pixel_model"]
 
 BATCHING = ("step", "generation", "none")
 DIGITS = Path(__file__).parents[1] / "eval" / "assets" / "digits"  # the shipped model's files (data, not code)
@@ -52,7 +52,7 @@ class ServeOptions:
     Attributes:
         model: "digits" (the shipped trained DDPM), a folder with `unet/` (a UNet2DModel) and `scheduler/`, or a
             text-to-image pipeline folder written by `save_pretrained` (served by `TextToImageService`).
-        batching: "step", "generation" or "none" (see the module docstring).
+        batching: "step", "generation" or "none" (see the module docstring; text-to-image: `text2image`).
         branch, interval, backend: as for `compile_deepcache`; `interval` is the default 1:N schedule.
         steps: the default number of denoising steps of a request.
         max_batch: the most sample rows in one U-Net call (the dynamic pair's batch range is 1..max_batch).
@@ -63,6 +63,10 @@ class ServeOptions:
             encoders and the VAE decoder wait for other requests' calls to batch with.
         onednn_cache: entries of oneDNN's primitive caches (process and per thread; `bound_onednn_caches`),
             set when the replica starts; -1 leaves the library defaults (1,024 each, which many shapes fill).
+        engine: an export (`dc.export(dir, ...)` of the same model with `batch=(1, N)`, N >= max_batch) to serve
+            instead of compiling: the replica starts in the time it takes to load it (`branch`, `interval`'s
+            default, `backend` and `cache_dir` are the export's; the model folder still gives the scheduler and,
+            for pipelines, the text encoders and the VAE).
         cache_dir: a compile cache shared by replicas (`compile_deepcache(cache_dir=...)`, backend "aoti"; default:
             `DEEPCACHE_CACHE_DIR`): a replica that finds its pair there loads it instead of compiling.
     """
@@ -80,6 +84,7 @@ class ServeOptions:
     batch_wait_s: float = 0.01
     onednn_cache: int = DEFAULT_ENTRIES
     cache_dir: str | None = None
+    engine: str | None = None
 
     def __post_init__(self):
         if self.batching not in BATCHING:
@@ -111,16 +116,31 @@ class Job:
     schedule: Schedule
 
 
-def load_pixel_model(model: str | Path):
-    """`(unet, scheduler)` of "digits" or of a diffusers folder with `unet/` and `scheduler/`."""
+def load_pixel_model(model: str | Path, scheduler_only: bool = False):
+    """`(unet, scheduler)` of "digits" or of a diffusers folder with `unet/` and `scheduler/` (`scheduler_only`:
+    `(None, scheduler)`, for a service that runs engine files)."""
     from diffusers import DDIMScheduler, UNet2DModel
 
     folder = DIGITS if model == "digits" else Path(model)
     if not (folder / "unet" / "config.json").exists():
         raise FileNotFoundError(f"model={model!r}: no unet/config.json in {folder}; give 'digits' or a folder "
                                 "written by DDPMPipeline.save_pretrained (unet/ and scheduler/)")
-    unet = UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False).eval()
-    return unet, DDIMScheduler.from_pretrained(folder / "scheduler")
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    if scheduler_only:
+        return None, scheduler
+    return UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False).eval(), scheduler
+
+
+def load_engine(options: "ServeOptions"):
+    """The engine files of `options.engine` (Python runtime), checked to serve `options.max_batch` rows."""
+    from ..artifacts.load import load_deepcache
+
+    engine = load_deepcache(options.engine)
+    lo, hi = engine.ranges.batch
+    if options.max_batch > hi:
+        raise ValueError(f"max_batch={options.max_batch} is more than the engine's batch range {lo}..{hi}: start with "
+                         f"max_batch={hi}, or export with batch=(1, {options.max_batch})")
+    return engine
 
 
 class DeepCacheService:
@@ -131,15 +151,22 @@ class DeepCacheService:
         if options.onednn_cache != -1:
             bound_onednn_caches(options.onednn_cache)  # before the model's first convolution
         torch.set_num_threads(options.threads)
-        self.unet, self.scheduler = load_pixel_model(options.model)
-        config = self.unet.config
-        self.channels, size = config.in_channels, config.sample_size
-        lo, hi = options.min_size or max(size // 2, 1), options.max_size or size * 2
-        ranges = dict(batch=(1, options.max_batch), height=(lo, hi), width=(lo, hi))
-        self.dc = compile_deepcache(self.unet, branch=options.branch, interval=options.interval,
-                                    backend=options.backend, dynamic=ranges, cache_dir=options.cache_dir)
-        # compile the pair now (not in the first request) at the model's own size
-        self.dc.prepare(sample=torch.zeros(1, self.channels, size, size), timestep=torch.zeros(1, dtype=torch.long))
+        if options.engine is not None:  # the exported pair; the model folder gives the scheduler
+            self.dc = load_engine(options)
+            self.scheduler = load_pixel_model(options.model, scheduler_only=True)[1]
+            config = self.dc.config
+        else:
+            unet, self.scheduler = load_pixel_model(options.model)
+            config = unet.config
+        self.channels, self.sample_size = config.in_channels, config.sample_size
+        if options.engine is None:
+            size = self.sample_size
+            lo, hi = options.min_size or max(size // 2, 1), options.max_size or size * 2
+            ranges = dict(batch=(1, options.max_batch), height=(lo, hi), width=(lo, hi))
+            self.dc = compile_deepcache(unet, branch=options.branch, interval=options.interval,
+                                        backend=options.backend, dynamic=ranges, cache_dir=options.cache_dir)
+            # compile the pair now (not in the first request) at the model's own size
+            self.dc.prepare(sample=torch.zeros(1, self.channels, size, size), timestep=torch.zeros(1, dtype=torch.long))
         self.ranges = self.dc.shape_ranges
         self.max_steps = self.scheduler.config.num_train_timesteps
         self.counts: Counter[str] = Counter()  # completed, cancelled, failed
@@ -172,7 +199,7 @@ class DeepCacheService:
         if interval is not None and interval < 1:
             raise ValueError(f"interval={interval}: the 1:N schedule needs N >= 1")
         if latents is None:
-            size = self.unet.config.sample_size
+            size = self.sample_size
             shape = (batch, self.channels, height or size, width or size)
             if min(shape) < 1:
                 raise ValueError(f"batch={batch}, height={height}, width={width}: sizes must be at least 1")

@@ -12,6 +12,10 @@ thread, on a shallow copy of the pipeline in which
   the decodes of requests that finish together, run as one batched call;
 - the scheduler is the request's own copy.
 
+With `batching="generation"` (what Ray Serve's `@serve.batch` offers) requests of one setting (steps, size,
+guidance, schedule) run as one pipeline call with their prompts as a list, each request's latents drawn from its
+own seed; with `batching="none"` one request runs at a time.
+
 Everything else (tokenizing, guidance, scheduler steps, post-processing) is the pipeline's own code, so a served
 request gives the image of the same pipeline call run alone with `pipe.unet = compile_deepcache(...)`, up to the
 rounding of batched arithmetic (tested to 1e-5).
@@ -43,6 +47,7 @@ from ..api import compile_deepcache
 from ..runtime.onednn import bound_onednn_caches
 from .batcher import Request, StepBatcher
 from .coalesce import Coalescer
+from .service import load_engine
 
 __all__ = ["BatchedDenoiser", "Progress", "PromptJob", "TextToImageService", "is_pipeline_folder"]
 
@@ -79,6 +84,7 @@ class Progress:
     step: int = 0
     steps: int | None = None
     request: Request | None = field(default=None, repr=False)
+    alone: bool = True  # the request's generation is its own (not a group's): cancelling it stops it
 
     def as_dict(self) -> dict:
         step = self.request.step if self.request is not None and self.state == "denoising" else self.step
@@ -149,12 +155,13 @@ class BatchedDenoiser(nn.Module):
         >>> pipe.unet = BatchedDenoiser(batcher, pipe.scheduler, interval=5)
     """
 
-    def __init__(self, batcher: StepBatcher, scheduler, interval: int | None = None, progress: Progress | None = None):
+    def __init__(self, batcher: StepBatcher, scheduler, interval: int | None = None,
+                 progress: list[Progress] | None = None):
         super().__init__()
         self.model = batcher.dc
         self._batcher, self._scheduler, self._interval = batcher, scheduler, interval
-        self._progress = progress or Progress()
-        self._signature = batcher.dc.flatten.forward_signature
+        self._progress = progress or [Progress()]  # of each request the call serves
+        self._signature = batcher.served.signature
         self.request: Request | None = None
 
     def forward(self, *args, **kwargs):
@@ -165,11 +172,13 @@ class BatchedDenoiser(nn.Module):
         timestep = arguments.pop("timestep")
         if self.request is None:
             self.request = self._batcher.join(len(self._scheduler.timesteps), interval=self._interval)
-            self._progress.request, self._progress.steps, self._progress.state = self.request, self.request.steps, "denoising"
+            for progress in self._progress:
+                progress.request, progress.steps, progress.state = self.request, self.request.steps, "denoising"
         out = self._batcher.call(self.request, sample, timestep, **arguments)
         if self.request.step == self.request.steps:
-            self._progress.step, self._progress.state = self.request.steps, "decoding"
-        output_type = self.model._output_type
+            for progress in self._progress:
+                progress.step, progress.state = self.request.steps, "decoding"
+        output_type = self._batcher.served.output_type
         return output_type(sample=out) if return_dict and output_type is not None else (out,)
 
     def __getattr__(self, name: str) -> Any:
@@ -177,6 +186,21 @@ class BatchedDenoiser(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["model"], name)
+
+
+def _batched_components(pipe, window_s: float):
+    """`pipe` with its text encoders and AutoencoderKL decoder coalesced across requests and its tokenizers
+    serialized (components replaced in the instance, the modules shared)."""
+    from diffusers import AutoencoderKL
+
+    for name, component in pipe.components.items():
+        if name.startswith("text_encoder") and isinstance(component, nn.Module):
+            pipe.__dict__[name] = _Stand(component, Coalescer(component, window_s))
+        elif name.startswith("tokenizer") and component is not None:
+            pipe.__dict__[name] = _Serialized(component)
+    if type(pipe.vae) is AutoencoderKL:
+        pipe.__dict__["vae"] = _DecodingVae(pipe.vae, Coalescer(pipe.vae.decode, window_s))
+    return pipe
 
 
 class TextToImageService:
@@ -188,55 +212,56 @@ class TextToImageService:
     """
 
     def __init__(self, options):
-        from diffusers import AutoencoderKL, DiffusionPipeline
-
-        if options.batching == "generation":
-            raise ValueError("batching='generation' batches whole pixel-model generations: a text-to-image "
-                             "pipeline is batched by step ('step') or runs one request at a time ('none')")
         self.options = options
         if options.onednn_cache != -1:
             bound_onednn_caches(options.onednn_cache)
         torch.set_num_threads(options.threads)
-        pipe = DiffusionPipeline.from_pretrained(options.model, local_files_only=True, **_absent(options.model))
+        pipe, model = self._load(options)
         call = inspect.signature(type(pipe).__call__).parameters
-        self.denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
-        model = getattr(pipe, self.denoiser, None)
-        if model is None or "prompt" not in call:
-            raise ValueError(f"model={options.model!r} is a {type(pipe).__name__}: the text-to-image service takes a "
-                             "pipeline with a prompt and a `unet` or `transformer` (StableDiffusion, SDXL, PixArt, "
-                             "SD3, Flux)")
-        pipe.set_progress_bar_config(disable=True)
         self._binning = {"use_resolution_binning": False} if "use_resolution_binning" in call else {}
         self._negative = "negative_prompt" in call
         self.size_step = pipe.vae_scale_factor  # pixels per latent; U-Nets: times their downsampling, once compiled
-        self.default_size = getattr(pipe, "default_sample_size", None) or model.config.sample_size
-        self.default_size *= pipe.vae_scale_factor
+        self.default_size = (getattr(pipe, "default_sample_size", None) or model.config.sample_size) * self.size_step
         self.guidance_rows = 1 if getattr(model.config, "guidance_embeds", False) else 2
-        self.dc = compile_deepcache(model, branch=options.branch, interval=options.interval, backend=options.backend,
-                                    dynamic=self._ranges(pipe, model), cache_dir=options.cache_dir)
+        # a group's latents (batching="generation"): the pipelines draw them in the text embeddings' dtype
+        encoder = getattr(pipe, "text_encoder", None)
+        self._latents = (model.config.in_channels, encoder.dtype if encoder is not None else torch.float32)
+        if self.dc is None:
+            self.dc = compile_deepcache(model, branch=options.branch, interval=options.interval,
+                                        backend=options.backend, dynamic=self._ranges(pipe),
+                                        cache_dir=options.cache_dir)
         self.batcher = StepBatcher(self.dc, pipe.scheduler, options.max_batch)
-        for name, component in pipe.components.items():
-            if name.startswith("text_encoder") and isinstance(component, nn.Module):
-                pipe.__dict__[name] = _Stand(component, Coalescer(component, options.batch_wait_s))
-            elif name.startswith("tokenizer") and component is not None:
-                pipe.__dict__[name] = _Serialized(component)
-        if type(pipe.vae) is AutoencoderKL:
-            pipe.__dict__["vae"] = _DecodingVae(pipe.vae, Coalescer(pipe.vae.decode, options.batch_wait_s))
-        self.pipe = pipe
+        self.pipe = _batched_components(pipe, options.batch_wait_s)
         self.max_steps = pipe.scheduler.config.num_train_timesteps
         self.counts: Counter[str] = Counter()
         self._progress: OrderedDict[str, Progress] = OrderedDict()
         self._ids = itertools.count()
         self._stop = threading.Event()
-        workers = 1 if options.batching == "none" else options.max_batch
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="deepcache-pipelines")
-        self._worker = threading.Thread(target=self.batcher.run_forever, args=(self._stop,),
-                                        name="deepcache-steps", daemon=True)
-        self._worker.start()
-        self._run(self.submit(prompt="warm up", steps=1))  # compiles the pair now, not in the first request
+        self._executor = ThreadPoolExecutor(options.max_batch if options.batching == "step" else 1,
+                                            thread_name_prefix="deepcache-pipelines")
+        threading.Thread(target=self.batcher.run_forever, args=(self._stop,), name="deepcache-steps",
+                         daemon=True).start()
+        self._run([self.submit(prompt="warm up", steps=1)])  # compiles the pair now, not in the first request
         self._forget_warm_up()
         if self.denoiser == "unet":
             self.size_step *= self.dc.shape_ranges.multiple
+
+    def _load(self, options) -> tuple[Any, Any]:
+        """The pipeline (without its denoiser's weights when an engine stands in) and the denoiser or engine;
+        sets `denoiser` (the component's name) and `dc` (the engine, or None until compiled)."""
+        from diffusers import DiffusionPipeline
+
+        index = json.loads((Path(options.model) / "model_index.json").read_text())
+        self.denoiser = "transformer" if (index.get("transformer") or [None])[0] else "unet"
+        absent = _absent(options.model) | ({self.denoiser: None} if options.engine else {})
+        pipe = DiffusionPipeline.from_pretrained(options.model, local_files_only=True, **absent)
+        if self.denoiser not in index or "prompt" not in inspect.signature(type(pipe).__call__).parameters:
+            raise ValueError(f"model={options.model!r} is a {type(pipe).__name__}: the text-to-image service takes a "
+                             "pipeline with a prompt and a `unet` or `transformer` (StableDiffusion, SDXL, PixArt, "
+                             "SD3, Flux)")
+        pipe.set_progress_bar_config(disable=True)
+        self.dc = load_engine(options) if options.engine else None
+        return pipe, self.dc if self.dc is not None else getattr(pipe, self.denoiser)
 
     def _forget_warm_up(self) -> None:
         self.counts.clear()
@@ -247,7 +272,7 @@ class TextToImageService:
             if isinstance(stand, _Stand):
                 stand._call.calls = stand._call.rows = 0
 
-    def _ranges(self, pipe, model) -> dict:
+    def _ranges(self, pipe) -> dict:
         """The dynamic pair's ranges: batch 1..max_batch; U-Nets also sizes (latent pixels) from min_size/max_size,
         or `compile_deepcache`'s defaults; transformers serve one token count (their default size)."""
         ranges = {"batch": (1, self.options.max_batch)}
@@ -282,7 +307,7 @@ class TextToImageService:
             raise ValueError(f"interval={interval}: the 1:N schedule needs N >= 1")
         height, width = height or self.default_size, width or self.default_size
         self._check_size(height, width)
-        rows = num_images * (self.guidance_rows if guidance_scale > 1 else 1)
+        rows = self._rows(num_images=num_images, guidance_scale=guidance_scale)
         if num_images < 1 or rows > self.options.max_batch:
             most = self.options.max_batch // (self.guidance_rows if guidance_scale > 1 else 1)
             raise ValueError(f"num_images={num_images}: this server generates 1..{most} images per request (with "
@@ -291,6 +316,13 @@ class TextToImageService:
                         height, width, num_images, interval or self.options.interval)
         self._track(job.id, Progress())
         return job
+
+    def _rows(self, job: PromptJob | None = None, num_images: int = 1, guidance_scale: float = 0.0) -> int:
+        """Denoiser rows of a request: its images, twice with classifier-free guidance (unless the model embeds
+        the guidance)."""
+        if job is not None:
+            num_images, guidance_scale = job.num_images, job.guidance_scale
+        return num_images * (self.guidance_rows if guidance_scale > 1 else 1)
 
     def _check_size(self, height: int, width: int) -> None:
         for name, value in (("height", height), ("width", width)):
@@ -312,13 +344,39 @@ class TextToImageService:
 
     async def generate(self, job: PromptJob) -> np.ndarray:
         """The images of `job`. Cancelling the awaiting task cancels its generation."""
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._run, job)
+        return (await self.generate_many([job]))[0]
+
+    async def generate_many(self, jobs: list[PromptJob]) -> list[np.ndarray]:
+        """The images of each of `jobs`: with `batching="generation"`, jobs of one setting (steps, size, guidance,
+        interval) run as one pipeline call of at most `max_batch` denoiser rows; otherwise each runs as its own
+        call. Cancelling the awaiting task cancels the generations that serve no other request."""
+        loop = asyncio.get_running_loop()
+        groups = list(self._groups(jobs)) if self.options.batching == "generation" else [[job] for job in jobs]
+        futures = [loop.run_in_executor(self._executor, self._run, group) for group in groups]
         try:
-            images = await future
+            results = await asyncio.gather(*futures)
         except asyncio.CancelledError:
-            self.cancel(job.id)
+            for job in jobs:
+                self.cancel(job.id)
             raise
-        return images
+        by_id = {job.id: images for group, images in zip(groups, results) for job, images in zip(group, images)}
+        return [by_id[job.id] for job in jobs]
+
+    def _groups(self, jobs: list[PromptJob]):
+        """`jobs` of one setting together, in runs of at most `max_batch` denoiser rows."""
+        settings: dict[tuple, list[PromptJob]] = {}
+        for job in jobs:
+            settings.setdefault((job.steps, job.height, job.width, job.guidance_scale, job.interval), []).append(job)
+        for same in settings.values():
+            group, rows = [], 0
+            for job in same:
+                n = self._rows(job)
+                if group and rows + n > self.options.max_batch:
+                    yield group
+                    group, rows = [], 0
+                group.append(job)
+                rows += n
+            yield group
 
     def cancel(self, id: str) -> None:
         """Cancels a request: queued, it never starts; denoising, its next step raises."""
@@ -326,7 +384,7 @@ class TextToImageService:
         if progress is None or progress.state in ("done", "failed", "cancelled"):
             return
         progress.state = "cancelled"
-        if progress.request is not None:
+        if progress.request is not None and progress.alone:  # a group's generation goes on for the others
             self.batcher.cancel(progress.request)
 
     def progress(self, id: str) -> dict:
@@ -351,31 +409,59 @@ class TextToImageService:
                                                                                              "cancelled"):
             self._progress.popitem(last=False)
 
-    def _run(self, job: PromptJob) -> np.ndarray:
-        """One request, in a worker thread: the pipeline's own call on a copy with the batched components."""
-        progress = self._progress[job.id]
-        if progress.state == "cancelled":
-            self.counts["cancelled"] += 1
-            raise RuntimeError(f"request {job.id} was cancelled")
-        progress.state = "encoding"
+    def _run(self, jobs: list[PromptJob]) -> list[np.ndarray]:
+        """Requests of one setting, in a worker thread: the pipeline's own call on a copy with the batched
+        components; several requests' prompts as a list and their latents each drawn from its own seed."""
+        progress = [self._progress[job.id] for job in jobs]
+        cancelled = [job for job, p in zip(jobs, progress) if p.state == "cancelled"]
+        if cancelled:  # a group is formed after the wait: a request cancelled before is answered alone
+            self.counts["cancelled"] += len(cancelled)
+            raise RuntimeError(f"request {cancelled[0].id} was cancelled")
+        for p in progress:
+            p.state, p.alone = "encoding", len(jobs) == 1
         pipe = copy.copy(self.pipe)
         scheduler = pipe.__dict__["scheduler"] = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
-        pipe.__dict__[self.denoiser] = BatchedDenoiser(self.batcher, scheduler, job.interval, progress)
-        kwargs = dict(prompt=job.prompt, guidance_scale=job.guidance_scale, num_inference_steps=job.steps,
-                      height=job.height, width=job.width, num_images_per_prompt=job.num_images, output_type="np",
-                      generator=torch.Generator().manual_seed(job.seed), **self._binning)
-        if job.negative_prompt is not None:  # else the pipeline's default (PixArt's is "", None fails there)
-            kwargs["negative_prompt"] = job.negative_prompt
+        pipe.__dict__[self.denoiser] = BatchedDenoiser(self.batcher, scheduler, jobs[0].interval, progress)
+        first = jobs[0]
+        kwargs = dict(guidance_scale=first.guidance_scale, num_inference_steps=first.steps, height=first.height,
+                      width=first.width, output_type="np", **self._binning)
+        if len(jobs) == 1:
+            kwargs |= dict(prompt=first.prompt, num_images_per_prompt=first.num_images,
+                           generator=torch.Generator().manual_seed(first.seed))
+            if first.negative_prompt is not None:  # else the pipeline's default (PixArt's is "", None fails there)
+                kwargs["negative_prompt"] = first.negative_prompt
+        else:
+            kwargs |= self._group_call(pipe, jobs)
         try:
             with torch.no_grad():
-                images = pipe(**kwargs).images
+                images = np.asarray(pipe(**kwargs).images, dtype=np.float32)
         except BaseException:
-            cancelled = progress.state == "cancelled"
-            progress.state = "cancelled" if cancelled else "failed"
-            self.counts["cancelled" if cancelled else "failed"] += 1
-            if progress.request is not None:
-                self.batcher.cancel(progress.request)  # frees its rows if it failed mid-way
+            state = "cancelled" if any(p.state == "cancelled" for p in progress) else "failed"
+            for p in progress:
+                p.state = state
+            self.counts[state] += len(jobs)
+            request = progress[0].request
+            if request is not None:
+                self.batcher.cancel(request)  # frees its rows if it failed mid-way
             raise
-        progress.state, progress.request = "done", None
-        self.counts["completed"] += 1
-        return np.asarray(images, dtype=np.float32)
+        for p in progress:
+            p.state, p.request = "done", None
+        self.counts["completed"] += len(jobs)
+        return list(np.split(images, np.cumsum([job.num_images for job in jobs])[:-1]))
+
+    def _group_call(self, pipe, jobs: list[PromptJob]) -> dict:
+        """The arguments of one pipeline call for several requests: one prompt (and negative prompt) per image,
+        and the latents each request's own generator draws, as `prepare_latents` would draw them alone."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        channels, dtype = self._latents
+        factor = self.pipe.vae_scale_factor
+        generators = [torch.Generator().manual_seed(job.seed) for job in jobs]
+        latents = torch.cat([randn_tensor((job.num_images, channels, job.height // factor, job.width // factor),
+                                          generator=g, dtype=dtype) for job, g in zip(jobs, generators)])
+        repeat = [job for job in jobs for _ in range(job.num_images)]
+        call = dict(prompt=[job.prompt for job in repeat], latents=latents,
+                    generator=[g for job, g in zip(jobs, generators) for _ in range(job.num_images)])
+        if self._negative:
+            call["negative_prompt"] = [job.negative_prompt or "" for job in repeat]
+        return call

@@ -1,0 +1,91 @@
+"""Tiny random-weight text-to-image pipelines, saved as `save_pretrained` writes them: what the serving tests and
+`bench/serve.py --model text` serve. The tokenizers are made here from the letters (CLIP's BPE with no merges,
+T5's unigram): nothing comes from a hub.
+
+Example:
+    >>> folder = save_tiny_pipeline("/tmp/sd-tiny")           # Stable Diffusion layout, 32 x 32 px by default
+    >>> service = TextToImageService(ServeOptions(model=str(folder)))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .presets import PRESETS
+
+__all__ = ["FAMILIES", "save_tiny_pipeline"]
+
+FAMILIES = ("sd", "pixart")
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# PixArt-Sigma's transformer layout, narrow: 4 blocks, 8 x 8 latents (16 px), captions of 12 channels.
+_PIXART = dict(sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+               out_channels=8, cross_attention_dim=16, caption_channels=12, norm_num_groups=1,
+               use_additional_conditions=False)
+
+
+def save_tiny_pipeline(folder: str | Path, family: str = "sd") -> Path:
+    """Saves a seeded tiny pipeline of `family` in `folder`: "sd" (`StableDiffusionPipeline`: CLIP text encoder,
+    the `tiny-sd` U-Net, DDIM; 32 x 32 px by default) or "pixart" (`PixArtSigmaPipeline`: T5 encoder, a 4-block
+    PixArt transformer, DPM-Solver++; 16 x 16 px, one token count)."""
+    import diffusers
+
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r}: choose one of {FAMILIES}")
+    folder = Path(folder)
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                                  norm_num_groups=8, shift_factor=0.0).eval()
+    if family == "sd":
+        tokenizer, text_encoder = _clip(folder)
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+            unet=diffusers.UNet2DConditionModel(**{**PRESETS["tiny-sd"][1], "sample_size": 16}).eval(),
+            scheduler=diffusers.DDIMScheduler(), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    else:
+        tokenizer, text_encoder = _t5()
+        torch.manual_seed(0)
+        transformer = diffusers.PixArtTransformer2DModel(**_PIXART).eval()
+        pipe = diffusers.PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                                             transformer=transformer,
+                                             scheduler=diffusers.DPMSolverMultistepScheduler())
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def _clip(folder: Path):
+    """A CLIP tokenizer of the letters (its vocabulary files written under `folder/vocab`) and a 2-layer encoder."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        vocab.update({c + suffix: len(vocab) for c in _LETTERS})
+    (folder / "vocab").mkdir(parents=True, exist_ok=True)
+    (folder / "vocab" / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "vocab" / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab" / "vocab.json"), str(folder / "vocab" / "merges.txt"),
+                              model_max_length=8)
+    torch.manual_seed(1)
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+                                           num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=8,
+                                           bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    return tokenizer, encoder
+
+
+def _t5():
+    """A unigram T5 tokenizer of the letters and a 1-layer T5 encoder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    unigram = Tokenizer(models.Unigram(pieces + [(c, -3.0) for c in _LETTERS], unk_id=2))
+    unigram.pre_tokenizer, unigram.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tokenizer = T5TokenizerFast(tokenizer_object=unigram, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                extra_ids=0)
+    torch.manual_seed(1)
+    encoder = T5EncoderModel(T5Config(vocab_size=30, d_model=12, d_kv=4, d_ff=16, num_layers=1, num_heads=2)).eval()
+    return tokenizer, encoder
