@@ -3,7 +3,7 @@ tiny text-to-image pipeline.
 
     python bench/serve.py                                  # 64 requests, 3 rounds; writes bench/results/serve.{json,md}
     python bench/serve.py --requests 64 --rate 30 --rounds 3 --workloads uniform mixed
-    python bench/serve.py --model text --rate 8            # writes bench/results/serve_text.{json,md}
+    python bench/serve.py --model text --rate 4 --rounds 2 --workloads mixed   # writes bench/results/serve_text.*
 
 Four ways to serve, each one replica (1 torch thread, the other core runs Ray's HTTP proxy and this client),
 all on the same dynamic eager pair of the digits model, deployed side by side and taking turns within each
@@ -18,7 +18,9 @@ round (so machine noise hits them alike):
 Workloads: `uniform` (16 px, 20 steps, 1:5, batch 1: a service with one setting) and `mixed` (sizes 12/16/20
 px, 10/20/30 steps: clients with different settings). `--model text` serves the tiny Stable Diffusion pipeline of
 `eval.tiny_pipelines` (CLIP encoder, U-Net, VAE; random weights) instead: requests carry a prompt of random letters,
-guidance 5 (two rows each), `uniform` 32 px and 20 steps, `mixed` 32/48 px, 10/20/30 steps and guidance 5/7.5.
+guidance 5 (two rows each), `uniform` 48 px and 20 steps, `mixed` 32/48 px, 10/20/30 steps and guidance 5/7.5
+(`--sizes` for others, multiples of 16 from 32: the larger the latents, the more of a U-Net call is arithmetic
+that batching does not share).
 Requests arrive as a Poisson stream of `--rate` per second (seeded gaps, the same stream for every way). Per
 stream: throughput = requests / (last response - first send), and p50/p95 of per-request latency (send to full
 response); medians over rounds.
@@ -45,15 +47,16 @@ WAYS = {  # name: (app, interval override)
 }
 
 
-def workload(kind: str, n: int, rate: float, seed: int, text: bool = False) -> list[tuple[float, dict]]:
-    """`n` (arrival second, request body) pairs: Poisson arrivals, the request settings of `kind`."""
+def workload(kind: str, n: int, rate: float, seed: int, sizes: list[int], text: bool = False
+             ) -> list[tuple[float, dict]]:
+    """`n` (arrival second, request body) pairs: Poisson arrivals, the request settings of `kind` (`uniform`: the
+    middle one of `sizes`, 20 steps; `mixed`: any of `sizes`, 10/20/30 steps)."""
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1 / rate, n)) - 1 / rate
-    sizes = [32, 48] if text else [12, 16, 20]
     bodies = []
     for i in range(n):
-        size, steps = ((32 if text else 16), 20) if kind == "uniform" else (int(rng.choice(sizes)),
-                                                                           int(rng.choice([10, 20, 30])))
+        size, steps = (sizes[len(sizes) // 2], 20) if kind == "uniform" else (int(rng.choice(sizes)),
+                                                                              int(rng.choice([10, 20, 30])))
         body = dict(seed=i, height=size, width=size, steps=steps, interval=5, format="npy")
         if text:
             words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), int(rng.integers(2, 6))))
@@ -94,9 +97,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workloads", nargs="+", default=["uniform", "mixed"], choices=["uniform", "mixed"])
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--sizes", type=int, nargs="+", help="image sizes of the requests, pixels a side (default: "
+                        "12 16 20 for digits, 32 48 for text)")
+    parser.add_argument("--out", help="report path without suffix (default: bench/results/serve or serve_text)")
     parser.add_argument("--model", choices=["digits", "text"], default="digits",
                         help="the shipped digits DDPM, or the tiny text-to-image pipeline (eval.tiny_pipelines)")
     args = parser.parse_args()
+    sizes = args.sizes or ([32, 48] if args.model == "text" else [12, 16, 20])
 
     import ray
     from ray import serve
@@ -116,13 +123,14 @@ def main() -> None:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for app in sorted({app for app, _ in WAYS.values()}):
-            options = ServeOptions(model=model, batching=app, max_batch=args.max_batch, threads=1)
+            sized = dict(min_size=min(sizes), max_size=max(sizes)) if text else {}  # the pair covers every size
+            options = ServeOptions(model=model, batching=app, max_batch=args.max_batch, threads=1, **sized)
             # three replicas on two logical CPUs: only one is busy at a time (the ways take turns)
             serve.run(DeepCacheDeployment.options(ray_actor_options={"num_cpus": 0.5}).bind(options),
                       name=app, route_prefix=f"/{app}")
             print(f"deployed {app}", flush=True)
         for kind in args.workloads:
-            stream_ = workload(kind, args.requests, args.rate, seed=0, text=text)
+            stream_ = workload(kind, args.requests, args.rate, seed=0, sizes=sizes, text=text)
             for name, (app, interval) in WAYS.items():  # warm-up: every size and step count once
                 asyncio.run(stream(f"http://127.0.0.1:{port}/{app}", stream_[:4], interval))
             for r in range(args.rounds):
@@ -141,12 +149,12 @@ def main() -> None:
         base = statistics.median(run["throughput"] for run in results[kind, "one at a time"])
         rows.append(dict(workload=kind, way=name, **med, vs_one_at_a_time=med["throughput"] / base, runs=runs))
     settings = {"ray": ray.__version__, "model": args.model, "requests": args.requests, "rate": args.rate,
-                "rounds": args.rounds, "max_batch": args.max_batch}
+                "rounds": args.rounds, "max_batch": args.max_batch, "sizes": sizes}
     lines = ["| workload | way | throughput (req/s) | vs one at a time | p50 latency (s) | p95 latency (s) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['workload']} | {r['way']} | {r['throughput']:.1f} | {r['vs_one_at_a_time']:.2f}x | "
               f"{r['p50']:.2f} | {r['p95']:.2f} |" for r in rows]
-    write_report(OUT / ("serve_text" if text else "serve"), {"machine": machine(), **settings, "rows": rows}, lines)
+    write_report(Path(args.out) if args.out else OUT / ("serve_text" if text else "serve"), {"machine": machine(), **settings, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

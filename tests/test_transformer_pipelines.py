@@ -85,7 +85,7 @@ def test_transformer_pipelines_on_inductor_equal_eager(family):
     assert pipe.transformer.history == "FSSFSS"
 
 
-# Dynamic batch (one resolution per pair), the step batcher and engine files, on DiT and PixArt.
+# Dynamic batch (one resolution per pair), the step batcher and engine files, on DiT, PixArt and SD3.
 
 def _conditions(family: str, rows: int, seed: int) -> dict:
     call = {k: v for k, v in make_transformer_call(family, batch=rows, seed=seed).items()
@@ -93,8 +93,10 @@ def _conditions(family: str, rows: int, seed: int) -> dict:
     return call
 
 
-@pytest.mark.parametrize("family", ["dit", "pixart"])
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3"])
 def test_one_dynamic_batch_pair_serves_every_batch_size_bitwise(family):
+    """SD3 does not trace with batch 1 in the range (its joint attention guards `batch != 1`): it is traced from
+    batch 2 and a batch-1 call runs as two equal rows, equal to the static batch-1 pair up to batched rounding."""
     model = make_transformer(family)
     dynamic = compile_deepcache(model, branch=0, interval=2, dynamic=dict(batch=(1, 4)))
     static = compile_deepcache(model, branch=0, interval=2)
@@ -104,14 +106,19 @@ def test_one_dynamic_batch_pair_serves_every_batch_size_bitwise(family):
             call["encoder_attention_mask"] = (torch.arange(5) < torch.arange(5, 5 - rows, -1)[:, None]).float()
         for t in (900, 800):  # full, then cached
             call["timestep"] = torch.full((rows,), t, dtype=call["timestep"].dtype)
-            assert torch.equal(dynamic(**call).sample, static(**call).sample)
+            out, ref = dynamic(**call).sample, static(**call).sample
+            if family == "sd3" and rows == 1:
+                assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-6 * ref.abs().max()
+            else:
+                assert torch.equal(out, ref)
         dynamic.reset(), static.reset()
     assert len(dynamic.pairs) == 1 and dynamic.shape_ranges.height == (8, 8)
     with pytest.raises(ValueError, match="serves one resolution per pair, the example's: pass height=\\(8, 8\\)"):
         compile_deepcache(model, branch=0, dynamic=dict(batch=(1, 4), height=(8, 16)))(**make_transformer_call(family))
 
 
-def test_the_step_batcher_serves_a_transformer():
+@pytest.mark.parametrize("family", ["pixart", "sd3"])
+def test_the_step_batcher_serves_a_transformer(family):
     """Requests of 1-3 rows with their own conditioning, step counts and intervals, batched per step, each equal
     to its generation alone (1e-5)."""
     from diffusers import DDIMScheduler
@@ -120,12 +127,12 @@ def test_the_step_batcher_serves_a_transformer():
     from deepcache_compile.eval.sampling import ddim_loop
     from deepcache_compile.serve import StepBatcher
 
-    model = make_transformer("pixart", out_channels=4)  # noise only (no learned variance): what DDIM steps take
+    model = make_transformer(family, out_channels=4)  # noise only (no learned variance): what DDIM steps take
     scheduler = DDIMScheduler()
     alone = compile_deepcache(model, branch=0)
     jobs = [(1, 6, 2), (2, 5, 3), (3, 7, 2), (1, 4, 3)]  # rows, steps, interval
     noise = {job: torch.randn(job[0], 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i, job in enumerate(jobs)}
-    conditions = {job: _conditions("pixart", job[0], seed=i) for i, job in enumerate(jobs)}
+    conditions = {job: _conditions(family, job[0], seed=i) for i, job in enumerate(jobs)}
 
     def run_alone(job):
         model_call = alone.with_schedule(Schedule("uniform", interval=job[2]))

@@ -21,7 +21,7 @@ from ..graph.cuts import Cut, find_cuts, select_cut
 from ..graph.partition import SplitGraphs, ThreeGraphs, split_at_branch, split_three
 from ..graph.passes import PassOptions, apply_passes
 from ..graph.step import DeviceStep, device_step as step_module
-from ..graph.trace import TracedUNet, forget_last_trace, trace_unet
+from ..graph.trace import TracedUNet, UNetTraceError, forget_last_trace, trace_unet
 from ..shapes import ShapeRanges, sample_size, with_batch
 from ..artifacts.cache import CompileCache
 from .backends import get_backend, graph_options
@@ -171,7 +171,7 @@ def compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig,
 def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, ranges: ShapeRanges | None) -> CompiledPair:
     if ranges is not None:
         call = dynamic_example(call, ranges)
-    traced = trace_unet(unet, call, ranges)
+    traced, padded_to = _trace(unet, call, ranges, config)
     branch = select_branch(traced.gm, config)
     split = split_at_branch(traced.gm, branch)
     tolerance = None
@@ -206,6 +206,8 @@ def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, rang
             full, shallow = _forced(step, device_step)
         else:
             three, (full, shallow) = None, _compile_two(split, traced.example_inputs, compile_graph, config.forecast)
+            if padded_to > 1:
+                full, shallow = _padded(full, padded_to), _padded(shallow, padded_to)
     if config.backend != "eager":
         forget_last_trace()  # a backend's trace would otherwise keep what it traced (and folded) alive
         gc.collect()
@@ -274,6 +276,43 @@ def owned_outputs(compiled: Callable) -> Callable:
         return tuple(t.clone() for t in compiled(*inputs))
 
     return copied
+
+
+def _trace(unet: nn.Module, call: FlatCall, ranges: ShapeRanges | None, config: DeepCacheConfig
+           ) -> tuple[TracedUNet, int]:
+    """The trace of `call` (over `ranges`), and the batch that smaller calls are padded up to (1: none).
+
+    Some models do not trace with a batch range that includes 1: SD3's joint attention applies a linear to a
+    slice of the joint stream, which `torch.export` guards as `batch != 1`. Such a model is traced from batch 2
+    and its batch-1 calls run as two equal rows, the second dropped (the full/shallow pair only)."""
+    try:
+        return trace_unet(unet, call, ranges), 1
+    except UNetTraceError as err:
+        if ranges is None or ranges.batch[0] != 1 or "Constraints violated (batch)" not in str(err):
+            raise
+        if config.graphs != "pair":
+            raise UNetTraceError(f"{err}\n{type(unet).__name__} does not trace with a batch range from 1: pass "
+                                 f"dynamic=dict(batch=(2, {ranges.batch[1]})), or use the full/shallow pair (no "
+                                 "adaptive refresh, split or device policy), which pads batch-1 calls") from err
+        from_two = dataclasses.replace(ranges, batch=(2, ranges.batch[1]))
+        traced = trace_unet(unet, call, from_two)
+        logger.info("%s traced with batch 2..%d (a batch of 1 is guarded out): batch-1 calls run padded to 2 rows",
+                    type(unet).__name__, ranges.batch[1])
+        return traced, 2
+
+
+def _padded(graph: Callable, rows: int) -> Callable:
+    """`graph` for calls of fewer than `rows` rows: batched inputs repeated row-wise up to `rows`, outputs cut back
+    (the cached feature too: a shallow call pads it again as it pads the other inputs)."""
+
+    def run(*inputs):
+        n = inputs[0].shape[0]
+        if n >= rows:
+            return graph(*inputs)
+        return tuple(out[:n] if out.dim() and out.shape[0] == rows else out
+                     for out in graph(*with_batch(inputs, rows)))
+
+    return run
 
 
 def _compile_two(split: SplitGraphs, inputs: tuple, compile_graph: Callable, forecast: bool) -> tuple:
