@@ -381,6 +381,30 @@ def test_edited_ranges_are_refused_from_the_packages_themselves(digits_export, t
         assert result.returncode == 1 and message in result.stderr, result.stderr
 
 
+def test_the_python_engine_runs_each_package_unpacked_once(digits_export, tmp_path, monkeypatch):
+    """On the CPU the Python engine opens each package's model library from one unpacked copy per package file
+    (AOTInductor's package loader extracts it again at every load): a second load reuses the copy, another file
+    gets its own, and the results equal the package loader's bit for bit."""
+    from deepcache_compile.artifacts.formats import RANGES_KEY, aoti
+
+    _, scheduler, directory = digits_export
+    full = directory / "full.aoti.pt2"
+    library, metadata = aoti.unpacked_library(full)
+    stamp = library.stat().st_mtime_ns
+    assert aoti.unpacked_library(full)[0] == library and library.stat().st_mtime_ns == stamp  # reused as it is
+    assert json.loads(metadata[RANGES_KEY])["batch"] == [1, 32]
+    shutil.copy(full, tmp_path / "full.aoti.pt2")
+    assert aoti.unpacked_library(tmp_path / "full.aoti.pt2")[0] != library
+    opened = []
+    monkeypatch.setattr(aoti, "unpacked_library", lambda path, real=aoti.unpacked_library: opened.append(path)
+                        or real(path))
+    noise = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    unpacked = ddim_loop(load_deepcache(directory), {"sample": noise}, 6, scheduler)
+    assert sorted(p.name for p in opened) == ["full.aoti.pt2", "shallow.aoti.pt2"]
+    monkeypatch.setattr(aoti, "unpacked_library", lambda path: None)  # the package loader (as on a GPU)
+    assert torch.equal(ddim_loop(load_deepcache(directory), {"sample": noise}, 6, scheduler), unpacked)
+
+
 def test_exports_calling_kernels_this_runtime_lacks_are_refused(digits_export, tmp_path):
     """An export whose packages call one of the project's ops that this build does not have (as a newer version's
     would) is refused before its packages load, by both runtimes, with the same message."""

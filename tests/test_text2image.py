@@ -1,7 +1,7 @@
-"""The text-to-image service: tiny random-weight pipelines (Stable Diffusion with a U-Net, PixArt-Sigma with a
-transformer), built and saved by ``eval.tiny_pipelines``, served with step-level batching. Each request must give the
-image of the same diffusers pipeline call run alone with `compile_deepcache` as its denoiser (1e-5 relative),
-while the denoiser, text-encoder and VAE calls are shared between requests."""
+"""The text-to-image service: tiny random-weight pipelines (Stable Diffusion with a U-Net, PixArt-Sigma and SD3
+with transformers), built and saved by `eval.tiny_pipelines`, served with step-level batching. Each request must
+give the image of the same diffusers pipeline call run alone with `compile_deepcache` as its denoiser (1e-5
+relative), while the denoiser, text-encoder and VAE calls are shared between requests."""
 
 from __future__ import annotations
 
@@ -71,11 +71,16 @@ PIXART_JOBS = [("a red car", "blur", 4.5, 6, 0, 16, 16, 1, 3), ("two cats on a m
                ("a boat", "", 1.0, 6, 2, 16, 16, 1, 3)]
 
 
-@pytest.mark.parametrize("family", ["sd", "pixart"])
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sd3"), "sd3")
+
+
+@pytest.mark.parametrize("family", ["sd", "pixart", "sd3"])
 def test_requests_served_together_equal_the_pipeline_run_alone(family, request):
-    """Stable Diffusion (U-Net, CLIP, sizes 32 and 48 px) and PixArt-Sigma (transformer, T5 with its text mask,
-    16 px: one token count)."""
-    folder = request.getfixturevalue("folder" if family == "sd" else "pixart")
+    """Stable Diffusion (U-Net, CLIP, sizes 32 and 48 px), PixArt-Sigma (transformer, T5 with its text mask,
+    16 px: one token count) and SD3 (MMDiT, two CLIP encoders; traced from batch 2, a 1-row call padded)."""
+    folder = request.getfixturevalue({"sd": "folder"}.get(family, family))
     service = serve(folder)
     try:
         jobs = JOBS if family == "sd" else PIXART_JOBS

@@ -93,10 +93,11 @@ def _conditions(family: str, rows: int, seed: int) -> dict:
     return call
 
 
-@pytest.mark.parametrize("family", ["dit", "pixart", "sd3"])
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
 def test_one_dynamic_batch_pair_serves_every_batch_size_bitwise(family):
-    """SD3 does not trace with batch 1 in the range (its joint attention guards `batch != 1`): it is traced from
-    batch 2 and a batch-1 call runs as two equal rows, equal to the static batch-1 pair up to batched rounding."""
+    """SD3 and Flux do not trace with batch 1 in the range (their joint attention guards `batch != 1`): they are
+    traced from batch 2 and a batch-1 call runs as two equal rows, equal to the static batch-1 pair up to batched
+    rounding. Flux's sample is packed tokens (batch, tokens, channels): one token count per pair."""
     model = make_transformer(family)
     dynamic = compile_deepcache(model, branch=0, interval=2, dynamic=dict(batch=(1, 4)))
     static = compile_deepcache(model, branch=0, interval=2)
@@ -107,12 +108,17 @@ def test_one_dynamic_batch_pair_serves_every_batch_size_bitwise(family):
         for t in (900, 800):  # full, then cached
             call["timestep"] = torch.full((rows,), t, dtype=call["timestep"].dtype)
             out, ref = dynamic(**call).sample, static(**call).sample
-            if family == "sd3" and rows == 1:
+            if family in ("sd3", "flux") and rows == 1:
                 assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-6 * ref.abs().max()
             else:
                 assert torch.equal(out, ref)
         dynamic.reset(), static.reset()
-    assert len(dynamic.pairs) == 1 and dynamic.shape_ranges.height == (8, 8)
+    assert len(dynamic.pairs) == 1 and dynamic.shape_ranges.height == ((16, 16) if family == "flux" else (8, 8))
+    if family == "flux":  # tokens in one dimension: no height to range over
+        with pytest.raises(ValueError, match="takes a sample of shape"):
+            compile_deepcache(model, branch=0, dynamic=dict(batch=(1, 4), height=(8, 16)))(
+                **make_transformer_call(family))
+        return
     with pytest.raises(ValueError, match="serves one resolution per pair, the example's: pass height=\\(8, 8\\)"):
         compile_deepcache(model, branch=0, dynamic=dict(batch=(1, 4), height=(8, 16)))(**make_transformer_call(family))
 

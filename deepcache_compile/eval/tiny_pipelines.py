@@ -18,18 +18,24 @@ from .presets import PRESETS
 
 __all__ = ["FAMILIES", "save_tiny_pipeline"]
 
-FAMILIES = ("sd", "pixart")
+FAMILIES = ("sd", "pixart", "sd3")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 # PixArt-Sigma's transformer layout, narrow: 4 blocks, 8 x 8 latents (16 px), captions of 12 channels.
 _PIXART = dict(sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
                out_channels=8, cross_attention_dim=16, caption_channels=12, norm_num_groups=1,
                use_additional_conditions=False)
+# SD3's MMDiT, narrow: 4 joint blocks, 8 x 8 latents; text of 12 channels (two CLIP encoders of 6, no T5: the
+# pipeline then gives zeros in its place), pooled text of 10 (two projections of 5).
+_SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
+            pos_embed_max_size=16)
 
 
 def save_tiny_pipeline(folder: str | Path, family: str = "sd") -> Path:
     """Saves a seeded tiny pipeline of `family` in `folder`: "sd" (`StableDiffusionPipeline`: CLIP text encoder,
-    the `tiny-sd` U-Net, DDIM; 32 x 32 px by default) or "pixart" (`PixArtSigmaPipeline`: T5 encoder, a 4-block
-    PixArt transformer, DPM-Solver++; 16 x 16 px, one token count)."""
+    the `tiny-sd` U-Net, DDIM; 32 x 32 px by default), "pixart" (`PixArtSigmaPipeline`: T5 encoder, a 4-block
+    PixArt transformer, DPM-Solver++; 16 x 16 px, one token count) or "sd3" (`StableDiffusion3Pipeline`: two CLIP
+    encoders with projections and no T5, a 4-block MMDiT, flow-matching Euler; 16 x 16 px)."""
     import diffusers
 
     if family not in FAMILIES:
@@ -46,6 +52,13 @@ def save_tiny_pipeline(folder: str | Path, family: str = "sd") -> Path:
             unet=diffusers.UNet2DConditionModel(**{**PRESETS["tiny-sd"][1], "sample_size": 16}).eval(),
             scheduler=diffusers.DDIMScheduler(), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
+    elif family == "sd3":
+        (tokenizer, text_encoder), (tokenizer_2, text_encoder_2) = _clip(folder, 6, 5), _clip(folder, 6, 5, seed=2)
+        torch.manual_seed(0)
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=diffusers.SD3Transformer2DModel(**_SD3).eval(), vae=vae,
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), text_encoder=text_encoder, tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=None, tokenizer_3=None)
     else:
         tokenizer, text_encoder = _t5()
         torch.manual_seed(0)
@@ -57,9 +70,10 @@ def save_tiny_pipeline(folder: str | Path, family: str = "sd") -> Path:
     return folder
 
 
-def _clip(folder: Path):
-    """A CLIP tokenizer of the letters (its vocabulary files written under `folder/vocab`) and a 2-layer encoder."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _clip(folder: Path, hidden: int = 32, projection: int | None = None, seed: int = 1):
+    """A CLIP tokenizer of the letters (its vocabulary files written under `folder/vocab`) and a 2-layer encoder
+    of `hidden` channels (with a `projection` of its pooled output: `CLIPTextModelWithProjection`)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for suffix in ("", "</w>"):
@@ -69,10 +83,11 @@ def _clip(folder: Path):
     (folder / "vocab" / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(folder / "vocab" / "vocab.json"), str(folder / "vocab" / "merges.txt"),
                               model_max_length=8)
-    torch.manual_seed(1)
-    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
-                                           num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=8,
-                                           bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1, projection_dim=projection or hidden)
+    encoder = (CLIPTextModel if projection is None else CLIPTextModelWithProjection)(config).eval()
     return tokenizer, encoder
 
 

@@ -140,6 +140,10 @@ def shape_ranges(unet: nn.Module, call: FlatCall, what: str, **ranges: tuple[int
 def _transformer_ranges(model: nn.Module, sample: torch.Tensor, what: str, batch=None, height=None,
                         width=None) -> ShapeRanges:
     patch = getattr(model.config, "patch_size", None)
+    if sample.dim() == 3 and height is None and width is None:  # packed tokens (Flux): (batch, tokens, channels)
+        tokens, channels = sample.shape[1:]
+        return ShapeRanges.resolve(1, tokens, batch=batch, height=(tokens, tokens), width=(channels, channels),
+                                   what=what)
     if sample.dim() != 4 or not isinstance(patch, int):
         raise ValueError(f"{what}: {type(model).__name__} takes a sample of shape {tuple(sample.shape)}; dynamic "
                          "ranges cover 4-D (batch, channels, height, width) samples cut into square patches: "

@@ -60,7 +60,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], 
     with tempfile.TemporaryDirectory(prefix="deepcache_aoti_") as tmp:
         path = Path(tmp) / f"{type(gm).__name__}{aoti.SUFFIX}"
         aoti.package(program, path, configs, weights=not share)
-        runner = aoti.load(path, example_inputs[0].device, constants)
+        runner = aoti.load(path, example_inputs[0].device, constants, unpack=False)  # the folder goes
     logger.info("AOTInductor compiled %s (share_weights=%s, freezing=%s)", type(gm).__name__, share,
                 configs["freezing"])
     return runner
