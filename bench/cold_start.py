@@ -10,9 +10,9 @@
 
 Phases per process: `import` (torch, diffusers and the compiler; the engine: torch and the engine runtime only),
 `weights` (build or load the model), `hash` (the SHA-256 of every weight, which the cache key needs; none for the
-engine), `compile/load` (`prepare`, or `load_deepcache`) and `first step` (one full step). Models: the digits DDPM (16 px, batch 2) and the SD 1.5
-architecture (random weights, 256 px, batch 2; `--sd15-resolution` adds sizes). One process per cell, run in
-turn (the machine's other load shows as noise: rerun to compare).
+engine), `compile/load` (`prepare`, or `load_deepcache`) and `first step` (one full step). Models: the digits
+DDPM (16 px, batch 2) and the SD 1.5 architecture (random weights, 256 px, batch 2; `--sd15-resolution` adds
+sizes). One process per cell, run in turn (the machine's other load shows as noise: rerun to compare).
 
     python bench/cold_start.py                      # 15-30 minutes, most of it compiling SD 1.5 twice
     python bench/cold_start.py --models digits      # about 2 minutes

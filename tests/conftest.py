@@ -212,7 +212,9 @@ _SLOW_MODULES = {"test_attention", "test_backends", "test_benchmark", "test_cli"
 _SLOW_WORDS = ("inductor", "aoti", "onnx", "tensorrt", "native", "sd15", "sdxl-real", "compiled",
                "[sd]", "[sd21]", "[sdxl", "sdxl_layout", "branch_counts[sd", "export", "half_precision",
                "controlnet", "lcm_style", "eight_threads", "from_one_recorded", "[calibrated]", "[adaptive]",
-               "[forecast]", "in_the_wrapper_and_the_engine", "int8_kernels", "int8_deepcache_costs")
+               "[forecast]", "in_the_wrapper_and_the_engine", "int8_kernels", "int8_deepcache_costs",
+               "alone[pixart]", "alone[sd3]", "generation_batching", "before_its_group", "text_service_from_engine", "serves_engine_files",
+               "transformer[sd3]", "size_bitwise[flux]", "size_bitwise[sd3]")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -124,6 +124,20 @@ def test_generation_batching_runs_one_setting_as_one_pipeline_call(folder):
         service.close()
 
 
+def test_a_request_cancelled_before_its_group_runs_leaves_the_others_alone(folder):
+    service = serve(folder, batching="generation")
+    try:
+        kept, dropped = (service.submit(prompt=p, seed=s, steps=3, interval=2) for p, s in (("a car", 0), ("a cat", 1)))
+        service.cancel(dropped.id)
+        images, gone = asyncio.run(service.generate_many([kept, dropped]))
+        assert gone is None and close(images, alone(folder, ("a car", None, 5.0, 3, 0, 32, 32, 1, 2)))
+        stats = service.stats()
+        assert (stats["completed"], stats["cancelled"]) == (1, 1)
+        assert service.progress(dropped.id)["state"] == "cancelled"
+    finally:
+        service.close()
+
+
 def test_bad_requests_name_the_field_and_the_fix(folder):
     service = serve(folder)
     try:

@@ -234,8 +234,13 @@ class DeepCacheDeployment:
     async def _run(self, job):
         try:
             if self.service.options.batching == "generation":
-                return await self.batch_generations(job)
+                result = await self.batch_generations(job)
+                if result is None:  # cancelled before its group ran
+                    raise HTTPException(status_code=409, detail=f"request {job.id} was cancelled")
+                return result
             return await self.service.generate(job)
+        except HTTPException:
+            raise
         except Exception as err:  # this request failed; the replica serves on
             raise HTTPException(status_code=500, detail=f"generation failed: {err}") from None
         finally:

@@ -349,7 +349,8 @@ class TextToImageService:
     async def generate_many(self, jobs: list[PromptJob]) -> list[np.ndarray]:
         """The images of each of `jobs`: with `batching="generation"`, jobs of one setting (steps, size, guidance,
         interval) run as one pipeline call of at most `max_batch` denoiser rows; otherwise each runs as its own
-        call. Cancelling the awaiting task cancels the generations that serve no other request."""
+        call. Cancelling the awaiting task cancels the generations that serve no other request; a job cancelled
+        (`cancel`) before its group started gets None."""
         loop = asyncio.get_running_loop()
         groups = list(self._groups(jobs)) if self.options.batching == "generation" else [[job] for job in jobs]
         futures = [loop.run_in_executor(self._executor, self._run, group) for group in groups]
@@ -360,7 +361,7 @@ class TextToImageService:
                 self.cancel(job.id)
             raise
         by_id = {job.id: images for group, images in zip(groups, results) for job, images in zip(group, images)}
-        return [by_id[job.id] for job in jobs]
+        return [by_id[job.id] for job in jobs]  # None: cancelled before its group ran
 
     def _groups(self, jobs: list[PromptJob]):
         """`jobs` of one setting together, in runs of at most `max_batch` denoiser rows."""
@@ -409,14 +410,18 @@ class TextToImageService:
                                                                                              "cancelled"):
             self._progress.popitem(last=False)
 
-    def _run(self, jobs: list[PromptJob]) -> list[np.ndarray]:
+    def _run(self, jobs: list[PromptJob]) -> list[np.ndarray | None]:
         """Requests of one setting, in a worker thread: the pipeline's own call on a copy with the batched
-        components; several requests' prompts as a list and their latents each drawn from its own seed."""
+        components; several requests' prompts as a list and their latents each drawn from its own seed. A request
+        of a group that was cancelled before the group started is left out (None in its place)."""
+        live = [job for job in jobs if self._progress[job.id].state != "cancelled"]
+        self.counts["cancelled"] += len(jobs) - len(live)
+        if not live:
+            raise RuntimeError(f"request {jobs[0].id} was cancelled")
+        if len(live) < len(jobs):
+            done = dict(zip((job.id for job in live), self._run(live)))
+            return [done.get(job.id) for job in jobs]
         progress = [self._progress[job.id] for job in jobs]
-        cancelled = [job for job, p in zip(jobs, progress) if p.state == "cancelled"]
-        if cancelled:  # a group is formed after the wait: a request cancelled before is answered alone
-            self.counts["cancelled"] += len(cancelled)
-            raise RuntimeError(f"request {cancelled[0].id} was cancelled")
         for p in progress:
             p.state, p.alone = "encoding", len(jobs) == 1
         pipe = copy.copy(self.pipe)
@@ -444,9 +449,9 @@ class TextToImageService:
             if request is not None:
                 self.batcher.cancel(request)  # frees its rows if it failed mid-way
             raise
-        for p in progress:
-            p.state, p.request = "done", None
-        self.counts["completed"] += len(jobs)
+        for p in progress:  # a request cancelled while its group ran: its images are dropped
+            p.state, p.request = ("cancelled" if p.state == "cancelled" else "done"), None
+            self.counts["cancelled" if p.state == "cancelled" else "completed"] += 1
         return list(np.split(images, np.cumsum([job.num_images for job in jobs])[:-1]))
 
     def _group_call(self, pipe, jobs: list[PromptJob]) -> dict:
