@@ -214,7 +214,8 @@ _SLOW_WORDS = ("inductor", "aoti", "onnx", "tensorrt", "native", "sd15", "sdxl-r
                "controlnet", "lcm_style", "eight_threads", "from_one_recorded", "[calibrated]", "[adaptive]",
                "[forecast]", "in_the_wrapper_and_the_engine", "int8_kernels", "int8_deepcache_costs",
                "alone[pixart]", "alone[sd3]", "generation_batching", "before_its_group", "text_service_from_engine", "serves_engine_files",
-               "transformer[sd3]", "size_bitwise[flux]", "size_bitwise[sd3]")
+               "transformer[sd3]", "size_bitwise[flux]", "size_bitwise[sd3]", "run_alone[generation]",
+               "no_vnni[true]", "no_vnni[false]")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,5 @@
 """The text-to-image service: tiny random-weight pipelines (Stable Diffusion with a U-Net, PixArt-Sigma and SD3
-with transformers), built and saved by `eval.tiny_pipelines`, served with step-level batching. Each request must
+with transformers, Flux), built and saved by `eval.tiny_pipelines`, served with step-level batching. Each request must
 give the image of the same diffusers pipeline call run alone with `compile_deepcache` as its denoiser (1e-5
 relative), while the denoiser, text-encoder and VAE calls are shared between requests."""
 
@@ -100,6 +100,47 @@ def test_requests_served_together_equal_the_pipeline_run_alone(family, request):
         assert done == {"state": "done", "step": jobs[0][3], "steps": jobs[0][3]}
     finally:
         service.close()
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("flux"), "flux")
+
+
+FLUX_JOBS = [("a red car", None, 3.5, 4, 0, 16, 16, 1, 2), ("two cats on a mat", None, 5.0, 3, 1, 16, 16, 2, 3),
+             ("a boat", None, 3.5, 4, 2, 16, 16, 1, 2)]
+
+
+@pytest.mark.parametrize("batching", ["step", "generation"])
+def test_flux_requests_equal_the_pipeline_run_alone(flux, batching):
+    """Flux (dual- and single-stream blocks, packed 2x2 latent tokens, guidance embedded: one row per image),
+    served at 16 px (max_size; its pipeline's default is 256); with generation batching a setting's latents are
+    drawn and packed per request seed. A negative prompt needs Flux's true CFG, which is not served: refused."""
+    service = serve(flux, batching=batching, max_size=16)
+    try:
+        if batching == "step":
+            results, _ = asyncio.run(_generate_all(service, FLUX_JOBS))
+        else:
+            submitted = [service.submit(prompt=p, guidance_scale=g, steps=s, seed=seed, height=h, width=w,
+                                        num_images=k, interval=i) for p, _, g, s, seed, h, w, k, i in FLUX_JOBS]
+            results = asyncio.run(service.generate_many(submitted))
+        for job, out in zip(FLUX_JOBS, results):
+            assert close(out, alone(flux, job)), job
+        stats = service.stats()
+        assert stats["completed"] == len(FLUX_JOBS)
+        assert stats["rows"] == sum(k * s for _, _, _, s, _, _, _, k, _ in FLUX_JOBS)  # no CFG rows
+        if batching == "step":
+            assert stats["calls"] < sum(job[3] for job in FLUX_JOBS)
+        else:  # the first and the last request share a setting: one pipeline call of 4 steps, the other 3
+            assert stats["calls"] == 4 + 3
+        with pytest.raises(ValueError, match="negative_prompt: FluxPipeline takes none"):
+            service.submit(prompt="a car", negative_prompt="blur")
+        with pytest.raises(ValueError, match="compiled for 16x16 only"):
+            service.submit(prompt="a car", height=32, width=32)
+    finally:
+        service.close()
+    with pytest.raises(ValueError, match="serves one size"):
+        serve(flux, min_size=16, max_size=32)
 
 
 def test_generation_batching_runs_one_setting_as_one_pipeline_call(folder):

@@ -193,6 +193,7 @@ def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, lis
         "forecast": config.forecast,
         # int8 graphs (precision.Int8): weights per channel, activations calibrated on this many recorded calls.
         "int8": {"keep": list(config.quantize.keep), "keep_input": config.quantize.keep_input,
+                 "seven_bit": config.quantize.seven_bit,
                  "calibration_calls": len(config.quantize.calls)}
         if config.quantize is not None else None,
         "calls_per_step": config.calls_per_step,

@@ -336,7 +336,7 @@ def _int8_baselines(unet, call: dict, opts: BenchOptions, int8: Int8) -> list[_C
     def build():
         flatten = CallFlattener(unet)
         traced = trace_unet(unet, flatten((), call))
-        observed = quantize.observe(traced.gm, int8.keep, int8.keep_input)
+        observed = quantize.observe(traced.gm, int8.keep, int8.keep_input, int8.seven_bit)
         with torch.no_grad():
             for args, kwargs in int8.calls:
                 observed(*flatten(args, kwargs).tensors)

@@ -18,7 +18,7 @@ from .presets import PRESETS
 
 __all__ = ["FAMILIES", "save_tiny_pipeline"]
 
-FAMILIES = ("sd", "pixart", "sd3")
+FAMILIES = ("sd", "pixart", "sd3", "flux")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 # PixArt-Sigma's transformer layout, narrow: 4 blocks, 8 x 8 latents (16 px), captions of 12 channels.
 _PIXART = dict(sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
@@ -29,13 +29,20 @@ _PIXART = dict(sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, 
 _SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=2,
             joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
             pos_embed_max_size=16)
+# Flux.1-dev's layout, narrow: 1 dual- and 2 single-stream blocks, 2x2 latent patches packed into 16-channel tokens
+# (4 x 4 tokens at 16 px), T5 text of 12 channels, CLIP's pooled text of 32, guidance embedded (one row per image).
+_FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
+             num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=32, guidance_embeds=True,
+             axes_dims_rope=(2, 2, 4))
 
 
 def save_tiny_pipeline(folder: str | Path, family: str = "sd") -> Path:
     """Saves a seeded tiny pipeline of `family` in `folder`: "sd" (`StableDiffusionPipeline`: CLIP text encoder,
     the `tiny-sd` U-Net, DDIM; 32 x 32 px by default), "pixart" (`PixArtSigmaPipeline`: T5 encoder, a 4-block
     PixArt transformer, DPM-Solver++; 16 x 16 px, one token count) or "sd3" (`StableDiffusion3Pipeline`: two CLIP
-    encoders with projections and no T5, a 4-block MMDiT, flow-matching Euler; 16 x 16 px)."""
+    encoders with projections and no T5, a 4-block MMDiT, flow-matching Euler; 16 x 16 px) or "flux"
+    (`FluxPipeline`: CLIP's pooled text and T5, a 1+2-block Flux transformer with guidance embedded, flow-matching
+    Euler; 16 x 16 px served, its pipeline's default is larger)."""
     import diffusers
 
     if family not in FAMILIES:
@@ -59,6 +66,13 @@ def save_tiny_pipeline(folder: str | Path, family: str = "sd") -> Path:
             transformer=diffusers.SD3Transformer2DModel(**_SD3).eval(), vae=vae,
             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), text_encoder=text_encoder, tokenizer=tokenizer,
             text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=None, tokenizer_3=None)
+    elif family == "flux":
+        (tokenizer, text_encoder), (tokenizer_2, text_encoder_2) = _clip(folder), _t5()
+        torch.manual_seed(0)
+        pipe = diffusers.FluxPipeline(
+            transformer=diffusers.FluxTransformer2DModel(**_FLUX).eval(), vae=vae,
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), text_encoder=text_encoder, tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
     else:
         tokenizer, text_encoder = _t5()
         torch.manual_seed(0)

@@ -55,12 +55,15 @@ def _torchao():
     return quantize_pt2e, x86
 
 
-def observe(gm: fx.GraphModule, keep: tuple[str, ...] = (), keep_input: bool = False) -> fx.GraphModule:
+def observe(gm: fx.GraphModule, keep: tuple[str, ...] = (), keep_input: bool = False,
+            reduce_range: bool = False) -> fx.GraphModule:
     """`gm` with observers on the inputs and weights of its convolutions, linears and matmuls (not those under a
-    module named in `keep`, nor, with `keep_input`, the layer that reads the first input: `input_layer`). `gm`
-    is not modified; the observed graph shares its weights."""
+    module named in `keep`, nor, with `keep_input`, the layer that reads the first input: `input_layer`);
+    activations on 7 bits with `reduce_range` (for CPUs without VNNI: `precision.Int8`). `gm` is not modified;
+    the observed graph shares its weights."""
     quantize_pt2e, x86 = _torchao()
-    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    config = x86.get_default_x86_inductor_quantization_config(reduce_range=reduce_range)
+    quantizer = x86.X86InductorQuantizer().set_global(config)
     paths = [_module_path(gm, name) for name in keep] + ([input_layer(gm)] if keep_input else [])
     for path in paths:
         if path is not None:  # a graph of a split may hold none of a kept module's layers

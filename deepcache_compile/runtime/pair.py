@@ -240,7 +240,8 @@ def int8_split(unet: nn.Module, split: SplitGraphs, call: FlatCall, config: Deep
                          "them in Int8(calls)")
     keep, keep_input = config.quantize.keep, config.quantize.keep_input
     quantize.check_keep(split.full, keep)  # the full graph holds every layer
-    full, shallow = (quantize.observe(gm, keep, keep_input) for gm in (split.full, split.shallow))
+    full, shallow = (quantize.observe(gm, keep, keep_input, config.quantize.seven_bit)
+                     for gm in (split.full, split.shallow))
 
     def observed_full(*inputs):
         sample, cache = full(*inputs)

@@ -298,8 +298,9 @@ class StepBatcher:
         return policy
 
     def _check_rows(self, latents: torch.Tensor, conditions: dict[str, Any]) -> None:
-        """Refuses more rows than a call takes, NaN, conditions with another row count where they have rows, and
-        sizes outside the pair's ranges (compiling the pair at the first request, rather than in a tick)."""
+        """Refuses more rows than a call takes, NaN, and sizes outside the pair's ranges (compiling the pair at the
+        first request, rather than in a tick). A condition whose first dimension is not the rows has no batch
+        dimension (Flux's token ids): requests share a call only where theirs are equal (`Request.group`)."""
         rows = latents.shape[0]
         if rows > self.max_batch:
             raise ValueError(f"this request has {rows} rows, more than the {self.max_batch} one batched "
@@ -312,12 +313,6 @@ class StepBatcher:
                             timestep=torch.zeros(rows, dtype=torch.long, device=latents.device), **conditions)
         self.served.ranges.check(tuple(latents.shape), owner="this server's pair",
                                    fix="this server accepts {what} in the pair's ranges only")
-        if self.scheduler is None:
-            return
-        for name, value in conditions.items():
-            if isinstance(value, torch.Tensor) and value.shape[0] != rows:
-                raise ValueError(f"condition {name!r} has batch {value.shape[0]}, the latents {rows}: "
-                                 "give every condition one row per latent")
 
     def cancel(self, request: Request) -> None:
         """Drops a request and its cache rows (a client that went away); its `wait` (or `call`) raises."""

@@ -219,13 +219,19 @@ class TextToImageService:
         pipe, model = self._load(options)
         call = inspect.signature(type(pipe).__call__).parameters
         self._binning = {"use_resolution_binning": False} if "use_resolution_binning" in call else {}
-        self._negative = "negative_prompt" in call
+        # Flux's pipelines guide by an embedded scale (one row per image); their negative prompt needs "true" CFG
+        # (`true_cfg_scale`), which this service does not offer: refused rather than silently ignored.
+        true_cfg = "true_cfg_scale" in call
+        self._negative = "negative_prompt" in call and not true_cfg
+        self.guidance_rows = 1 if true_cfg or getattr(model.config, "guidance_embeds", False) else 2
+        self._packed = hasattr(pipe, "_pack_latents")
         self.size_step = pipe.vae_scale_factor  # pixels per latent; U-Nets: times their downsampling, once compiled
-        self.default_size = (getattr(pipe, "default_sample_size", None) or model.config.sample_size) * self.size_step
-        self.guidance_rows = 1 if getattr(model.config, "guidance_embeds", False) else 2
-        # a group's latents (batching="generation"): the pipelines draw them in the text embeddings' dtype
+        self.default_size = self._served_size(pipe, model)
+        # a group's latents (batching="generation"): the pipelines draw them in the text embeddings' dtype; Flux's
+        # pipelines pack 2x2 latent patches into tokens of 4x the channels (`prepare_latents` draws and packs)
         encoder = getattr(pipe, "text_encoder", None)
-        self._latents = (model.config.in_channels, encoder.dtype if encoder is not None else torch.float32)
+        channels = model.config.in_channels // (4 if self._packed else 1)
+        self._latents = (channels, encoder.dtype if encoder is not None else torch.float32)
         if self.dc is None:
             self.dc = compile_deepcache(model, branch=options.branch, interval=options.interval,
                                         backend=options.backend, dynamic=self._ranges(pipe),
@@ -262,6 +268,22 @@ class TextToImageService:
         pipe.set_progress_bar_config(disable=True)
         self.dc = load_engine(options) if options.engine else None
         return pipe, self.dc if self.dc is not None else getattr(pipe, self.denoiser)
+
+    def _served_size(self, pipe, model) -> int:
+        """The default image size (pixels a side); for a transformer the one it serves (`ServeOptions.max_size`,
+        else the pipeline's default)."""
+        size = (getattr(pipe, "default_sample_size", None) or model.config.sample_size) * self.size_step
+        if self.denoiser != "transformer" or self.options.max_size is None:
+            return size
+        lo, hi = self.options.min_size, self.options.max_size
+        if lo not in (None, hi):
+            raise ValueError(f"min_size={lo}, max_size={hi}: a transformer pipeline serves one size (one token "
+                             "count): give max_size alone")
+        step = self.size_step * (2 if self._packed else 1)
+        if hi % step:
+            raise ValueError(f"max_size={hi}: give a multiple of {step} pixels (the VAE's factor"
+                             + (" times the 2x2 latent packing)" if self._packed else ")"))
+        return hi
 
     def _forget_warm_up(self) -> None:
         self.counts.clear()
@@ -462,8 +484,12 @@ class TextToImageService:
         channels, dtype = self._latents
         factor = self.pipe.vae_scale_factor
         generators = [torch.Generator().manual_seed(job.seed) for job in jobs]
-        latents = torch.cat([randn_tensor((job.num_images, channels, job.height // factor, job.width // factor),
-                                          generator=g, dtype=dtype) for job, g in zip(jobs, generators)])
+        if self._packed:  # drawn and packed as the pipeline does (its latents argument takes packed ones)
+            latents = torch.cat([pipe.prepare_latents(job.num_images, channels, job.height, job.width, dtype,
+                                                      torch.device("cpu"), g)[0] for job, g in zip(jobs, generators)])
+        else:
+            latents = torch.cat([randn_tensor((job.num_images, channels, job.height // factor, job.width // factor),
+                                              generator=g, dtype=dtype) for job, g in zip(jobs, generators)])
         repeat = [job for job in jobs for _ in range(job.num_images)]
         call = dict(prompt=[job.prompt for job in repeat], latents=latents,
                     generator=[g for job, g in zip(jobs, generators) for _ in range(job.num_images)])
