@@ -44,7 +44,8 @@ class Int8:
             VNNI (`vpdpbusd`), oneDNN multiplies uint8 by int8 with `vpmaddubsw`, which adds pairs of products
             into int16 and saturates: with 8-bit activations the compiled int8 graphs then drift from their own
             eager reference (measured on the digits model, AVX2 without VNNI: 23.7 dB PSNR against the eager int8
-            generation; with 7-bit activations the products cannot overflow). With VNNI the full 8 bits are kept.
+            generation; with 7-bit activations the products cannot overflow). With AVX512-VNNI the full 8 bits
+            are kept (torch reports AVX512-VNNI only: a CPU with AVX-VNNI alone gets 7 bits, the safe side).
     """
 
     calls: tuple[tuple[tuple, dict], ...]
