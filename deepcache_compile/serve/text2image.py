@@ -225,7 +225,8 @@ class TextToImageService:
         self._negative = "negative_prompt" in call and not true_cfg
         self.guidance_rows = 1 if true_cfg or getattr(model.config, "guidance_embeds", False) else 2
         self._packed = hasattr(pipe, "_pack_latents")
-        self.size_step = pipe.vae_scale_factor  # pixels per latent; U-Nets: times their downsampling, once compiled
+        # pixels per latent (Flux: per 2x2-packed token); U-Nets: times their downsampling, once compiled
+        self.size_step = pipe.vae_scale_factor * (2 if self._packed else 1)
         self.default_size = self._served_size(pipe, model)
         # a group's latents (batching="generation"): the pipelines draw them in the text embeddings' dtype; Flux's
         # pipelines pack 2x2 latent patches into tokens of 4x the channels (`prepare_latents` draws and packs)
@@ -272,17 +273,14 @@ class TextToImageService:
     def _served_size(self, pipe, model) -> int:
         """The default image size (pixels a side); for a transformer the one it serves (`ServeOptions.max_size`,
         else the pipeline's default)."""
-        size = (getattr(pipe, "default_sample_size", None) or model.config.sample_size) * self.size_step
+        size = (getattr(pipe, "default_sample_size", None) or model.config.sample_size) * pipe.vae_scale_factor
         if self.denoiser != "transformer" or self.options.max_size is None:
             return size
         lo, hi = self.options.min_size, self.options.max_size
         if lo not in (None, hi):
             raise ValueError(f"min_size={lo}, max_size={hi}: a transformer pipeline serves one size (one token "
                              "count): give max_size alone")
-        step = self.size_step * (2 if self._packed else 1)
-        if hi % step:
-            raise ValueError(f"max_size={hi}: give a multiple of {step} pixels (the VAE's factor"
-                             + (" times the 2x2 latent packing)" if self._packed else ")"))
+        self._check_multiple("max_size", hi)
         return hi
 
     def _forget_warm_up(self) -> None:
@@ -346,11 +344,14 @@ class TextToImageService:
             num_images, guidance_scale = job.num_images, job.guidance_scale
         return num_images * (self.guidance_rows if guidance_scale > 1 else 1)
 
+    def _check_multiple(self, name: str, value: int) -> None:
+        if value % self.size_step:
+            raise ValueError(f"{name}={value}: give a multiple of {self.size_step} pixels (the VAE's factor "
+                             "times the denoiser's downsampling)")
+
     def _check_size(self, height: int, width: int) -> None:
-        for name, value in (("height", height), ("width", width)):
-            if value % self.size_step:
-                raise ValueError(f"{name}={value}: give a multiple of {self.size_step} pixels (the VAE's factor "
-                                 "times the denoiser's downsampling)")
+        self._check_multiple("height", height)
+        self._check_multiple("width", width)
         if self.denoiser == "transformer":
             if (height, width) != (self.default_size, self.default_size):
                 raise ValueError(f"height={height}, width={width}: this server's transformer is compiled for "
