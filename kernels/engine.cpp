@@ -63,16 +63,33 @@ std::string Engine::check_inputs(std::vector<at::Tensor>& inputs) {
     signature << t.sizes() << t.scalar_type() << ';';
   }
   auto key = signature.str();
-  std::lock_guard<std::mutex> lock(checked_mutex_);
-  if (!checked_.count(key)) {
-    manifest_.ranges.check(inputs[0].sizes().vec());
-    checked_.insert(key);
+  {
+    std::lock_guard<std::mutex> lock(checked_mutex_);
+    if (!checked_.count(key)) {
+      manifest_.ranges.check(inputs[0].sizes().vec());
+      checked_.insert(key);
+    }
+  }
+  if (batch < manifest_.pad_batch) {  // artifacts/engine.py's padding: batched inputs' rows repeated
+    const auto times = (manifest_.pad_batch + batch - 1) / batch;
+    for (auto& t : inputs) {
+      if (t.dim() == 0 || t.size(0) != batch) continue;
+      std::vector<int64_t> repeats(t.dim(), 1);
+      repeats[0] = times;
+      t = t.repeat(repeats).narrow(0, 0, manifest_.pad_batch);
+    }
   }
   return key;
 }
 
 at::Tensor Engine::run(Generation& generation, std::vector<at::Tensor> inputs) {
+  const int64_t rows = inputs.empty() ? 0 : inputs[0].size(0);
   const auto signature = check_inputs(inputs);
+  if (rows < manifest_.pad_batch) return run_checked(generation, signature, std::move(inputs)).narrow(0, 0, rows);
+  return run_checked(generation, signature, std::move(inputs));
+}
+
+at::Tensor Engine::run_checked(Generation& generation, const std::string& signature, std::vector<at::Tensor> inputs) {
   std::optional<double> timestep;
   if (timestep_index_ >= 0 && inputs[timestep_index_].device().is_cpu())
     timestep = inputs[timestep_index_].reshape(-1)[0].item<double>();  // host memory: no device sync

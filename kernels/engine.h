@@ -56,7 +56,10 @@ class Engine {
   const Manifest& manifest() const { return manifest_; }
 
  private:
+  // Brings the inputs to the exported dtypes and ranks, checks them, pads a batch below pad_batch.
   std::string check_inputs(std::vector<at::Tensor>& inputs);
+  // One call of checked inputs: the step package, adaptive refresh or the full/shallow pair.
+  at::Tensor run_checked(Generation& generation, const std::string& signature, std::vector<at::Tensor> inputs);
   // Adaptive refresh: head -> [deep] -> tail, full where the probe's drift says so.
   at::Tensor run_adaptive(Generation& generation, int slot, std::vector<at::Tensor> inputs);
   // A step package: the decision and the policy's state stay on the device.

@@ -228,6 +228,8 @@ Manifest read_manifest(const fs::path& directory, const std::vector<std::string>
   const auto& r = j.at("ranges");
   m.ranges = {{r["batch"][0], r["batch"][1]}, {r["height"][0], r["height"][1]}, {r["width"][0], r["width"][1]},
               r["multiple"].get<int64_t>()};
+  m.pad_batch = j.value("pad_batch", int64_t{1});
+  if (m.pad_batch > 1) m.ranges.batch[0] = 1;
   m.files = j.at("files").get<std::map<std::string, std::vector<std::string>>>();
   if (j.contains("native_ops") && !j["native_ops"].is_null())
     m.native_ops = j["native_ops"].get<std::vector<std::string>>();

@@ -68,7 +68,8 @@ struct Manifest {
   std::optional<DeviceStepPolicy> step;  // set: the export holds one step package deciding on the device
   bool forecast = false;                 // the shallow package also takes (slope, steps): see generation.h
   std::vector<InputSpec> inputs;
-  ShapeRanges ranges{};
+  ShapeRanges ranges{};   // what the engine serves: from batch 1 where pad_batch > 1
+  int64_t pad_batch = 1;  // the packages were compiled from this batch: smaller calls run with repeated rows
   std::map<std::string, std::vector<std::string>> files;  // part -> file names
   std::vector<std::string> native_ops;                     // the project's ops the packages call (kernels.h)
   nlohmann::json json;                                     // the whole manifest

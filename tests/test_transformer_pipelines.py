@@ -209,3 +209,38 @@ def test_transformer_aoti_engine_in_python_native_and_the_program(tmp_path):
     for latents, _ in runs[1:]:
         torch.testing.assert_close(latents, runs[0][0], rtol=5e-4, atol=5e-4)
     torch.testing.assert_close(runs[3][0], runs[1][0], rtol=1e-5, atol=1e-5)  # the same packages
+
+
+@pytest.mark.parametrize("family, format", [("sd3", "pt2"), ("flux", "aoti")])
+def test_joint_attention_exports_serve_batch_one_padded(family, format, tmp_path):
+    """SD3 and Flux trace only from batch 2 (their joint attention is guarded `batch != 1`): the export is
+    compiled from batch 2 and says so (`pad_batch`), and the engines run a batch-1 call as two equal rows. Each
+    batch size's outputs equal the in-process module run unpadded (rounding of the other batch size's kernels),
+    and the C++ runtime's equal the Python runtime's."""
+    model = make_transformer(family)
+    dc = compile_deepcache(model, branch=0, interval=2)
+    dc.export(tmp_path, format=format, example=make_transformer_call(family, batch=2), batch=(1, 4))
+    manifest = json.loads((tmp_path / "deepcache.json").read_text())
+    assert manifest["pad_batch"] == 2 and manifest["ranges"]["batch"] == [2, 4]
+    engines = [load_deepcache(tmp_path)]
+    if format == "aoti" and library_path().is_file():
+        engines.append(load_deepcache(tmp_path, runtime="native"))
+    assert all(engine.shape_ranges.batch == (1, 4) for engine in engines)
+    scale = 1000 if family == "flux" else 1  # Flux's pipeline passes timesteps / 1000
+    for rows in (1, 3):
+        call = make_transformer_call(family, batch=rows)
+        outs = []
+        for module in (dc, *engines):
+            module.reset()
+            steps = []
+            for t in (900, 800, 700):
+                call["timestep"] = torch.full((rows,), t / scale)
+                steps.append(module(**call).sample)
+            outs.append(torch.stack(steps))
+            assert module.history == "FSF"
+        assert outs[1].shape[1] == rows
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+        if len(outs) == 3:
+            assert torch.equal(outs[2], outs[1])
+    with pytest.raises(ValueError, match="batch=5 is outside"):
+        engines[0](**make_transformer_call(family, batch=5))

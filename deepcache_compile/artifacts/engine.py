@@ -11,6 +11,7 @@ passes or diffusers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -24,7 +25,7 @@ from ..runtime.generation import GenerationStates, StepGraphs, check_finite, run
 from ..policy import StepState
 from ..refresh import AdaptiveRefresh, FirstBlockRefresh
 from ..schedule import Schedule
-from ..shapes import ShapeRanges
+from ..shapes import ShapeRanges, with_batch
 from .manifest import ManifestError
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,10 @@ class DeepCacheEngine(nn.Module):
                                       forecast=bool(manifest.get("forecast")))
             self.schedule = Schedule(**{**manifest["schedule"], "steps": tuple(manifest["schedule"]["steps"])})
         self.config = EngineConfig(manifest["unet"]["config"])
-        self.ranges = ShapeRanges.from_manifest(manifest["ranges"])
+        compiled = ShapeRanges.from_manifest(manifest["ranges"])
+        # A model traced only from batch pad_batch (`runtime.pair.trace_in_ranges`): smaller calls are padded.
+        self._pad = manifest.get("pad_batch", 1)
+        self.ranges = dataclasses.replace(compiled, batch=(1, compiled.batch[1])) if self._pad > 1 else compiled
         self._inputs = [(i["name"], getattr(torch, i["dtype"]), i["rank"]) for i in manifest["inputs"]]
         self._params = manifest["unet"]["forward_params"]
         self._known = frozenset(name.split(".")[0] for name, _, _ in self._inputs)
@@ -147,11 +151,17 @@ class DeepCacheEngine(nn.Module):
         if signature not in self._checked:
             self.ranges.check(tuple(tensors[0].shape))
             self._checked.add(signature)
+        rows = tensors[0].shape[0]
+        padded = rows < self._pad
+        if padded:  # rows repeated up to the compiled batch; the cache is kept at that batch too
+            tensors = with_batch(tensors, self._pad)
         call = FlatCall(signature, tensors, given.get("timestep"), return_dict)
         state, mark = self._states.current(), timestep_mark(call.timestep)
         if state.starts_generation(signature, mark):
             check_finite(tensors, self._names)
         sample = run_step(state, self.schedule, call, self._graphs, mark)
+        if padded:
+            sample = sample[:rows]
         return EngineOutput(sample) if return_dict else (sample,)
 
     def _flatten(self, given: dict) -> tuple[torch.Tensor, ...]:

@@ -12,6 +12,7 @@ shallow artifact holds only the weights it uses. Each format (`formats/`) writes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import asdict
@@ -23,12 +24,12 @@ from ..calls import CallFlattener, FlatCall
 from ..graph.passes import PassOptions, apply_passes
 from ..graph.partition import split_at_branch, split_three
 from ..graph.step import device_step
-from ..graph.trace import export_program, trace_unet
+from ..graph.trace import export_program
 from ..kernels import native_ops
 from ..options import check_options
 from ..policy import StepState
 from ..runtime.generation import keep_cache
-from ..runtime.pair import dynamic_example, int8_split, select_branch, shape_ranges
+from ..runtime.pair import dynamic_example, int8_split, select_branch, shape_ranges, trace_in_ranges
 from ..schedule import nonuniform_full_steps
 from ..shapes import ShapeRanges
 from .formats import PartIO, get_format
@@ -90,7 +91,9 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
     directory.mkdir(parents=True, exist_ok=True)
     call = _example(dc, example)
     ranges = shape_ranges(dc.unet, call, "export", batch=batch, height=height, width=width)
-    programs, branch, probe = _dynamic_programs(dc, call, ranges, attention, f"the {format} export")
+    programs, branch, probe, pad_batch = _dynamic_programs(dc, call, ranges, attention, f"the {format} export")
+    if pad_batch > 1:  # compiled from batch pad_batch; the engines pad smaller calls (the manifest's pad_batch)
+        ranges = dataclasses.replace(ranges, batch=(pad_batch, ranges.batch[1]))
     forecast = dc.deepcache_config.forecast
     parts = _STEP_IO if "step" in programs else _IO if probe is None else \
         _three_io(len(programs["head"].graph_signature.user_outputs))
@@ -105,7 +108,7 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
         scheduler.save_config(directory)
         files["scheduler"] = [directory / "scheduler_config.json"]
     ops = sorted({op for program in programs.values() for op in native_ops(program.graph)})
-    manifest = _manifest(dc, format, ranges, branch, files, call, ops, parts, probe)
+    manifest = _manifest(dc, format, ranges, branch, files, call, ops, parts, probe, pad_batch)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     (directory / SIGNATURE).unlink(missing_ok=True)  # a signature from an earlier export here no longer applies
     if sign_key is not None:
@@ -126,9 +129,12 @@ def _example(dc, example: dict | None) -> FlatCall:
 def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, who: str):
     """The programs to write: full and shallow, or, for a policy that decides from the head's probe, head, deep
     and tail (and the probe's index among the head's outputs; None for a pair), or with split="step" the one
-    step program (and its `StepState`)."""
+    step program (and its `StepState`); and the batch smaller calls are padded to (1: none; a model that traces
+    only from batch 2, `runtime.pair.trace_in_ranges`)."""
     call = dynamic_example(call, ranges)  # a batch-1 example would specialize the programs to batch 1
-    traced = trace_unet(dc.unet, call, ranges)
+    traced, pad_batch = trace_in_ranges(dc.unet, call, ranges, dc.deepcache_config)
+    if pad_batch > 1:
+        ranges = dataclasses.replace(ranges, batch=(pad_batch, ranges.batch[1]))
     branch = select_branch(traced.gm, dc.deepcache_config)
     inputs = call.tensors
 
@@ -140,7 +146,7 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
 
     if dc.deepcache_config.graphs == "step":
         step = device_step(split_three(traced.gm, branch), dc.deepcache_config.policy, passes, len(inputs))
-        return {"step": export_program(step, step.example(*inputs), ranges, variadic=True)}, branch, step.state
+        return {"step": export_program(step, step.example(*inputs), ranges, variadic=True)}, branch, step.state, 1
     if dc.deepcache_config.policy.uses_probe:
         three = split_three(traced.gm, branch)
         with torch.no_grad():
@@ -148,7 +154,7 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
             (cache,) = three.deep(*inputs, *links)
         programs = {"head": export(three.head, "head", inputs), "deep": export(three.deep, "deep", (*inputs, *links)),
                     "tail": export(three.tail, "tail", (*inputs, *links, cache))}
-        return programs, branch, three.probe
+        return programs, branch, three.probe, 1
     split = split_at_branch(traced.gm, branch)
     if dc.deepcache_config.quantize is not None:  # the int8 graphs, calibrated on the recorded calls in the ranges
         split = int8_split(dc.unet, split, call, dc.deepcache_config, ranges)
@@ -156,11 +162,11 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
         cache = split.full(*inputs)[1]
     extra = keep_cache(cache) if forecast else ()  # (slope, steps): zeros, 0 steps
     return ({"full": export(split.full, "full", inputs),
-             "shallow": export(split.shallow, "shallow", (*inputs, cache, *extra))}, branch, None)
+             "shallow": export(split.shallow, "shallow", (*inputs, cache, *extra))}, branch, None, pad_batch)
 
 
 def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, list[Path]], call: FlatCall,
-              ops: list[str], parts: dict[str, PartIO], probe: int | None) -> dict:
+              ops: list[str], parts: dict[str, PartIO], probe: int | None, pad_batch: int) -> dict:
     import diffusers
 
     from .. import __version__
@@ -201,6 +207,9 @@ def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, lis
                    for n, t in zip(call.names, call.tensors)],
         "outputs": {part: list(io.outputs) for part, io in parts.items()},
         "ranges": {**asdict(ranges), "units": "U-Net input pixels"},
+        # The engines were compiled from this batch (the model traces only from there); a call of fewer rows
+        # runs with its rows repeated up to it and the output cut back (1: no padding).
+        "pad_batch": pad_batch,
         "cache": _cache_rule(branch, sample),
         "unet": {"class": type(unet).__name__, "config": dict(unet.config), "dtype": str(sample.dtype),
                  "forward_params": list(CallFlattener(unet).parameters),

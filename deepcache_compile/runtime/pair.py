@@ -175,7 +175,7 @@ def compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig,
 def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, ranges: ShapeRanges | None) -> CompiledPair:
     if ranges is not None:
         call = dynamic_example(call, ranges)
-    traced, padded_to = _trace(unet, call, ranges, config)
+    traced, padded_to = trace_in_ranges(unet, call, ranges, config)
     branch = select_branch(traced.gm, config)
     split = split_at_branch(traced.gm, branch)
     tolerance = None
@@ -283,13 +283,14 @@ def owned_outputs(compiled: Callable) -> Callable:
     return copied
 
 
-def _trace(unet: nn.Module, call: FlatCall, ranges: ShapeRanges | None, config: DeepCacheConfig
-           ) -> tuple[TracedUNet, int]:
+def trace_in_ranges(unet: nn.Module, call: FlatCall, ranges: ShapeRanges | None, config: DeepCacheConfig
+                    ) -> tuple[TracedUNet, int]:
     """The trace of `call` (over `ranges`), and the batch that smaller calls are padded up to (1: none).
 
-    Some models do not trace with a batch range that includes 1: SD3's joint attention applies a linear to a
-    slice of the joint stream, which `torch.export` guards as `batch != 1`. Such a model is traced from batch 2
-    and its batch-1 calls run as two equal rows, the second dropped (the full/shallow pair only)."""
+    Some models do not trace with a batch range that includes 1: SD3's and Flux's joint attention applies a
+    linear to a slice of the joint stream, which `torch.export` guards as `batch != 1`. Such a model is traced
+    from batch 2 and its batch-1 calls run as two equal rows, the second dropped (the full/shallow pair only;
+    engine files record it as the manifest's `pad_batch`)."""
     try:
         return trace_unet(unet, call, ranges), 1
     except UNetTraceError as err:
@@ -297,7 +298,7 @@ def _trace(unet: nn.Module, call: FlatCall, ranges: ShapeRanges | None, config: 
             raise
         if config.graphs != "pair":
             raise UNetTraceError(f"{err}\n{type(unet).__name__} does not trace with a batch range from 1: pass "
-                                 f"dynamic=dict(batch=(2, {ranges.batch[1]})), or use the full/shallow pair (no "
+                                 f"dynamic=dict(batch=(2, {ranges.batch[1]})) (export: batch=(2, {ranges.batch[1]})), or use the full/shallow pair (no "
                                  "adaptive refresh, split or device policy), which pads batch-1 calls") from err
         from_two = dataclasses.replace(ranges, batch=(2, ranges.batch[1]))
         traced = trace_unet(unet, call, from_two)
