@@ -80,10 +80,16 @@ TINY_CONFIGS = {
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8, num_class_embeds=10,
     )),
+    # The smallest U-Net with the DeepCache structure (two blocks of one resnet, the mid block's attention): for
+    # tests about what surrounds compiling (the compile cache), where the model only has to be one.
+    "micro": (UNet2DModel, dict(
+        sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+    )),
 }
 
 # Skips per architecture: 1 (conv_in) + layers_per_block per block + one per downsampler.
-EXPECTED_SKIPS = {"sd": 12, "sd21": 12, "sdxl": 9, "sd-mini": 6, "sdxl-mini": 6, "ddpm": 12, "ddpm-class": 4}
+EXPECTED_SKIPS = {"sd": 12, "sd21": 12, "sdxl": 9, "sd-mini": 6, "sdxl-mini": 6, "ddpm": 12, "ddpm-class": 4, "micro": 4}
 
 
 def make_unet(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
