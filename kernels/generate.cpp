@@ -5,10 +5,10 @@
 //
 // ENGINE_DIR is an `aoti` export with the scheduler's config beside the engines (dc.export(...,
 // scheduler=pipe.scheduler) writes `scheduler_config.json` and lists it in the manifest); --scheduler runs
-// another sampler's config instead (DDIMScheduler, EulerDiscreteScheduler or DPMSolverMultistepScheduler, see
-// scheduler.h: the graphs do not depend on it). INPUTS holds `sample` (the initial noise, passed as the model's
-// first input: a U-Net's `sample`, a transformer's `hidden_states`; scaled here by the
-// scheduler's init_noise_sigma as diffusers' pipelines do) and the other U-Net inputs by their manifest names;
+// another sampler's config instead (DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler or
+// FlowMatchEulerDiscreteScheduler, see scheduler.h: the graphs do not depend on it). INPUTS holds `sample` (the
+// initial noise, passed as the model's first input: a U-Net's `sample`, a transformer's `hidden_states`; scaled
+// here by the scheduler's init_noise_sigma as diffusers' pipelines do) and the other U-Net inputs by their manifest names;
 // with --guidance > 1 (classifier-free guidance) those conditioning inputs hold the unconditional rows first,
 // then the conditional ones, and the U-Net runs once per step on the doubled batch. OUT receives `sample`, the
 // final latents. With --trusted-key (repeatable) the export must be signed by one of those Ed25519 keys

@@ -436,15 +436,54 @@ class DPMSolver : public Scheduler {
   std::string prediction_;
 };
 
+// SD3's sampler: the flow-matching Euler step x + (sigma_next - sigma) * v, without the resolution-dependent
+// shift (Flux's use_dynamic_shifting needs the pipeline's mu) and without stochastic sampling.
+const Keys kFlowKeys = {
+    {"num_train_timesteps", "shift"},
+    {{"use_dynamic_shifting", false}, {"invert_sigmas", false}, {"shift_terminal", nullptr},
+     {"use_karras_sigmas", false}, {"use_exponential_sigmas", false}, {"use_beta_sigmas", false},
+     {"stochastic_sampling", false}},
+    {"base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type"}};
+
+class FlowMatchEuler : public Scheduler {
+ public:
+  FlowMatchEuler(const json& config, int steps) {
+    const std::string cls = "FlowMatchEulerDiscreteScheduler";
+    const int64_t train = checked_train_steps(config, cls, kFlowKeys, steps);
+    const double shift = number(config, "shift", 1.0);
+    // __init__: the training sigmas t / train (t = train..1, float32 tensors), shifted; their ends bound the
+    // inference schedule, which set_timesteps shifts once more (in numpy float64), as diffusers does.
+    const auto train_sigmas = at::arange(train, 0, -1, at::kFloat) / double(train);
+    const auto shifted = shift * train_sigmas / (1 + (shift - 1) * train_sigmas);
+    const double sigma_max = shifted[0].item<double>(), sigma_min = shifted[train - 1].item<double>();
+    std::vector<double> sigmas;
+    for (double t : linspace(sigma_max * double(train), sigma_min * double(train), steps)) {
+      const double s = t / double(train);
+      sigmas.push_back(shift * s / (1 + (shift - 1) * s));
+    }
+    const auto f32 = at::tensor(sigmas, at::kDouble).to(at::kFloat);
+    timesteps_ = f32 * double(train);
+    sigmas_ = at::cat({f32, at::zeros({1}, at::kFloat)});
+  }
+
+  at::Tensor step(const at::Tensor& model_output, int64_t index, const at::Tensor& in) override {
+    const auto dt = sigmas_[index + 1] - sigmas_[index];
+    return (in.to(at::kFloat) + dt * model_output).to(model_output.scalar_type());
+  }
+
+ private:
+  at::Tensor sigmas_;
+};
+
 bool foreign(const std::string& key) {
-  return own(kDDIMKeys, key) || own(kEulerKeys, key) || own(kDPMKeys, key) || key == "skip_prk_steps" ||
-         key == "variance_type";
+  return own(kDDIMKeys, key) || own(kEulerKeys, key) || own(kDPMKeys, key) || own(kFlowKeys, key) ||
+         key == "skip_prk_steps" || key == "variance_type";
 }
 
 }  // namespace
 
 std::vector<std::string> scheduler_classes() {
-  return {"DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"};
+  return {"DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler"};
 }
 
 std::unique_ptr<Scheduler> make_scheduler(const json& config, int steps) {
@@ -452,6 +491,7 @@ std::unique_ptr<Scheduler> make_scheduler(const json& config, int steps) {
   if (cls == "DDIMScheduler") return std::make_unique<DDIM>(config, steps);
   if (cls == "EulerDiscreteScheduler") return std::make_unique<Euler>(config, steps);
   if (cls == "DPMSolverMultistepScheduler") return std::make_unique<DPMSolver>(config, steps);
+  if (cls == "FlowMatchEulerDiscreteScheduler") return std::make_unique<FlowMatchEuler>(config, steps);
   std::string names;
   for (const auto& c : scheduler_classes()) names += (names.empty() ? "" : ", ") + c;
   throw std::invalid_argument("scheduler " + (cls.empty() ? std::string("config without _class_name") : cls) +

@@ -1,5 +1,6 @@
 // Samplers for generation loops in C++: diffusers' DDIMScheduler (eta 0), EulerDiscreteScheduler and
-// DPMSolverMultistepScheduler (DPM-Solver++, orders 1-2), from the scheduler config an export carries.
+// DPMSolverMultistepScheduler (DPM-Solver++, orders 1-2) and FlowMatchEulerDiscreteScheduler (SD3's; fixed
+// shift), from the scheduler config an export carries.
 //
 // Each follows diffusers' arithmetic (float32 tensors where diffusers uses them, float64 where it uses numpy) so
 // that a loop here equals the same loop in Python within float rounding; tests/test_native.py checks the
@@ -25,7 +26,7 @@ class Scheduler {
  public:
   virtual ~Scheduler() = default;
 
-  // The timesteps the denoiser sees, in diffusers' dtype (int64 for DDIM and DPM-Solver, float32 for Euler).
+  // The timesteps the denoiser sees, in diffusers' dtype (int64 for DDIM and DPM-Solver, float32 for the Eulers).
   const at::Tensor& timesteps() const { return timesteps_; }
   int64_t size() const { return timesteps_.size(0); }
   at::Tensor timestep(int64_t index) const { return timesteps_[index]; }

@@ -1,6 +1,7 @@
-"""The C++ samplers (kernels/scheduler.cpp) against diffusers' own schedulers: the same timesteps, the same
-initial-noise scale and the same trajectory under one deterministic stand-in model, over every spacing, beta
-schedule, prediction type and step count the C++ side accepts; and its refusals of what it does not implement."""
+"""The C++ samplers (kernels/scheduler.cpp) against diffusers' own schedulers (DDIM, Euler, DPM-Solver++ and
+flow-matching Euler): the same timesteps, the same initial-noise scale and the same trajectory under one
+deterministic stand-in model, over every spacing, beta schedule, prediction type and step count the C++ side
+accepts; and its refusals of what it does not implement."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler)
 
 from deepcache_compile.artifacts.native import library_path, load_library
 
@@ -82,13 +84,36 @@ def test_euler_karras_sigmas_equal_diffusers():
                  timestep_rtol=1e-6)
 
 
+@pytest.mark.parametrize("config", [dict(), dict(shift=3.0), dict(shift=3.0, num_train_timesteps=500)],
+                         ids=["default", "sd3", "500-timesteps"])
+def test_cpp_flow_match_euler_equals_diffusers(config):
+    """SD3's sampler (shift 3; diffusers shifts the training sigmas' ends and then the inference sigmas again):
+    the same float32 timesteps bitwise and the same trajectory under the stand-in velocity model."""
+    load_library()
+    for steps in STEPS:
+        scheduler = FlowMatchEulerDiscreteScheduler(**config)
+        scheduler.set_timesteps(steps)
+        native = torch.classes.deepcache.Scheduler(scheduler.to_json_string(), steps)
+        assert torch.equal(native.timesteps(), scheduler.timesteps), steps
+        assert native.init_noise_sigma() == 1.0  # the pipelines draw flow-matching noise unscaled
+        ours = theirs = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
+        for i, t in enumerate(scheduler.timesteps):
+            theirs = scheduler.step(_model(theirs, t), t, theirs).prev_sample
+            ours = native.step(_model(native.scale_model_input(ours, i), native.timesteps()[i]), i, ours)
+        assert torch.equal(ours, theirs), steps
+
+
 def _config(cls, **changes) -> dict:
     return {**json.loads(cls().to_json_string()), **changes}
 
 
 @pytest.mark.parametrize("config, steps, message", [
     (_config(DDPMScheduler), 10, "scheduler DDPMScheduler is not implemented in C\\+\\+ \\(it implements "
-     "DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler\\)"),
+     "DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler\\)"),
+    (_config(FlowMatchEulerDiscreteScheduler, use_dynamic_shifting=True), 10,
+     "use_dynamic_shifting=true is not implemented by the C\\+\\+ FlowMatchEulerDiscreteScheduler"),
+    (_config(FlowMatchEulerDiscreteScheduler, stochastic_sampling=True), 10,
+     "stochastic_sampling=true is not implemented by the C\\+\\+ FlowMatchEulerDiscreteScheduler"),
     (_config(DDIMScheduler, thresholding=True), 10,
      "scheduler config thresholding=true is not implemented by the C\\+\\+ DDIMScheduler \\(it runs thresholding=false\\)"),
     (_config(DDIMScheduler, brand_new_option=1), 10,

@@ -211,20 +211,27 @@ def test_transformer_aoti_engine_in_python_native_and_the_program(tmp_path):
     torch.testing.assert_close(runs[3][0], runs[1][0], rtol=1e-5, atol=1e-5)  # the same packages
 
 
-@pytest.mark.parametrize("family, format", [("sd3", "pt2"), ("flux", "aoti")])
-def test_joint_attention_exports_serve_batch_one_padded(family, format, tmp_path):
-    """SD3 and Flux trace only from batch 2 (their joint attention is guarded `batch != 1`): the export is
-    compiled from batch 2 and says so (`pad_batch`), and the engines run a batch-1 call as two equal rows. Each
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_joint_attention_exports_serve_batch_one_padded(family, tmp_path):
+    """SD3 and Flux trace only from batch 2 (their joint attention is guarded `batch != 1`): the AOTInductor export
+    is compiled from batch 2 and says so (`pad_batch`), and the engines run a batch-1 call as two equal rows. Each
     batch size's outputs equal the in-process module run unpadded (rounding of the other batch size's kernels),
-    and the C++ runtime's equal the Python runtime's."""
-    model = make_transformer(family)
+    the C++ runtime's equal the Python runtime's, and SD3's batch-1 generation in deepcache-generate (its own
+    flow-matching sampler) equals the Python loop with diffusers' FlowMatchEulerDiscreteScheduler."""
+    import subprocess
+    from pathlib import Path
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from safetensors.torch import load_file, save_file
+
+    model, scheduler = make_transformer(family), FlowMatchEulerDiscreteScheduler(shift=3.0)
     dc = compile_deepcache(model, branch=0, interval=2)
-    dc.export(tmp_path, format=format, example=make_transformer_call(family, batch=2), batch=(1, 4))
+    dc.export(tmp_path, format="aoti", example=make_transformer_call(family, batch=2), batch=(1, 4),
+              scheduler=scheduler)
     manifest = json.loads((tmp_path / "deepcache.json").read_text())
     assert manifest["pad_batch"] == 2 and manifest["ranges"]["batch"] == [2, 4]
-    engines = [load_deepcache(tmp_path)]
-    if format == "aoti" and library_path().is_file():
-        engines.append(load_deepcache(tmp_path, runtime="native"))
+    native = library_path().is_file()
+    engines = [load_deepcache(tmp_path), *([load_deepcache(tmp_path, runtime="native")] if native else [])]
     assert all(engine.shape_ranges.batch == (1, 4) for engine in engines)
     scale = 1000 if family == "flux" else 1  # Flux's pipeline passes timesteps / 1000
     for rows in (1, 3):
@@ -240,7 +247,25 @@ def test_joint_attention_exports_serve_batch_one_padded(family, format, tmp_path
             assert module.history == "FSF"
         assert outs[1].shape[1] == rows
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
-        if len(outs) == 3:
+        if native:
             assert torch.equal(outs[2], outs[1])
     with pytest.raises(ValueError, match="batch=5 is outside"):
         engines[0](**make_transformer_call(family, batch=5))
+    if family != "sd3" or not native:
+        return
+    call = make_transformer_call("sd3", batch=1)
+    scheduler.set_timesteps(6)
+    x, engine = call["hidden_states"], engines[0]
+    engine.reset()
+    for t in scheduler.timesteps:
+        velocity = engine(**{**call, "hidden_states": x, "timestep": t.expand(1)}).sample
+        x = scheduler.step(velocity, t, x).prev_sample
+    save_file({"sample": call["hidden_states"], "encoder_hidden_states": call["encoder_hidden_states"],
+               "pooled_projections": call["pooled_projections"]}, tmp_path / "in.safetensors")
+    program = Path(__file__).parents[1] / "build" / "deepcache-generate"
+    result = subprocess.run([str(program), str(tmp_path), str(tmp_path / "in.safetensors"),
+                             str(tmp_path / "out.safetensors"), "--steps", "6"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[1] == engine.history == "FSFSFS"
+    torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["sample"], x, rtol=1e-5, atol=1e-5)
