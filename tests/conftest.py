@@ -89,7 +89,8 @@ TINY_CONFIGS = {
 }
 
 # Skips per architecture: 1 (conv_in) + layers_per_block per block + one per downsampler.
-EXPECTED_SKIPS = {"sd": 12, "sd21": 12, "sdxl": 9, "sd-mini": 6, "sdxl-mini": 6, "ddpm": 12, "ddpm-class": 4, "micro": 4}
+EXPECTED_SKIPS = {"sd": 12, "sd21": 12, "sdxl": 9, "sd-mini": 6, "sdxl-mini": 6, "ddpm": 12, "ddpm-class": 4,
+                  "micro": 4}
 
 
 def make_unet(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

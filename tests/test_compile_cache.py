@@ -20,9 +20,10 @@ from conftest import make_unet
 
 
 @pytest.fixture(scope="module")
-def digits():
+def micro():
     """A micro U-Net (what is cached does not depend on the model; compiling it is the tests' cost)."""
-    return make_unet("micro"), torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
+    sample = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    return make_unet("micro"), sample, torch.tensor(500)
 
 
 @pytest.fixture
@@ -47,10 +48,10 @@ def _run(dc, sample, t):
     return full, shallow
 
 
-def test_aoti_cache_hit_miss_and_corruption(digits, packages, tmp_path):
+def test_aoti_cache_hit_miss_and_corruption(micro, packages, tmp_path):
     import copy
 
-    unet, sample, t = digits
+    unet, sample, t = micro
     first = _run(compile_deepcache(unet, branch=1, interval=2, backend="aoti", cache_dir=tmp_path), sample, t)
     assert len(packages) == 2  # full and shallow compiled into the cache
     assert len(compile_cache.CompileCache(tmp_path).entries()) == 2
@@ -79,11 +80,11 @@ def test_aoti_cache_hit_miss_and_corruption(digits, packages, tmp_path):
         assert compile_cache.sha256(f) == json.loads((f.parent / "entry.json").read_text())["sha256"][f.name]
 
 
-def test_the_key_covers_options_shapes_weights_and_versions(digits, monkeypatch):
+def test_the_key_covers_options_shapes_weights_and_versions(micro, monkeypatch):
     from deepcache_compile.calls import CallFlattener
     from deepcache_compile.graph.trace import trace_unet
 
-    unet, sample, t = digits
+    unet, sample, t = micro
     gm = trace_unet(unet, CallFlattener(unet)((sample, t), {})).gm
     inputs = (sample, t)
     base = compile_cache.graph_key("aoti", gm, inputs, {"a": 1})
@@ -112,8 +113,8 @@ def test_eviction_keeps_the_most_recently_used(tmp_path):
     assert cache.get("bb02", "f.bin") is not None and cache.get("cc03", "f.bin") is not None
 
 
-def test_the_environment_variable_sets_the_cache_for_backends_that_take_one(digits, monkeypatch, tmp_path):
-    unet, _, _ = digits
+def test_the_environment_variable_sets_the_cache_for_backends_that_take_one(micro, monkeypatch, tmp_path):
+    unet, _, _ = micro
     monkeypatch.setenv(compile_cache.CACHE_DIR_ENV, str(tmp_path))
     assert compile_deepcache(unet, branch=1, backend="aoti").deepcache_config.cache_dir == str(tmp_path)
     assert compile_deepcache(unet, branch=1, backend="inductor").deepcache_config.cache_dir is None
@@ -156,9 +157,9 @@ def test_two_processes_writing_one_key_then_a_third_loading(tmp_path):
     assert torch.equal(runs[0]["out"], runs[1]["out"]) and torch.equal(runs[0]["out"], runs[2]["out"])
 
 
-def test_dynamic_pairs_share_the_weights_through_the_cache(digits, packages, tmp_path):
+def test_dynamic_pairs_share_the_weights_through_the_cache(micro, packages, tmp_path):
     """Dynamic aoti pairs hold no weights (share_weights): a cached package binds the U-Net's own tensors by name."""
-    unet, _, _ = digits
+    unet, _, _ = micro
     x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     ranges = dict(batch=(1, 4), height=(8, 32), width=(8, 32))
     outs = [_run(compile_deepcache(unet, branch=1, interval=2, backend="aoti", dynamic=ranges, cache_dir=tmp_path),

@@ -91,9 +91,10 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
     directory.mkdir(parents=True, exist_ok=True)
     call = _example(dc, example)
     ranges = shape_ranges(dc.unet, call, "export", batch=batch, height=height, width=width)
-    programs, branch, probe, pad_batch = _dynamic_programs(dc, call, ranges, attention, f"the {format} export")
-    if pad_batch > 1:  # compiled from batch pad_batch; the engines pad smaller calls (the manifest's pad_batch)
-        ranges = dataclasses.replace(ranges, batch=(pad_batch, ranges.batch[1]))
+    programs, branch, probe, compiled = _dynamic_programs(dc, call, ranges, attention, f"the {format} export")
+    # A model traced only from a larger batch: the engines pad smaller calls up to it (the manifest's pad_batch).
+    pad_batch = compiled.batch[0] if compiled.batch[0] > ranges.batch[0] else 1
+    ranges = compiled
     forecast = dc.deepcache_config.forecast
     parts = _STEP_IO if "step" in programs else _IO if probe is None else \
         _three_io(len(programs["head"].graph_signature.user_outputs))
@@ -129,8 +130,8 @@ def _example(dc, example: dict | None) -> FlatCall:
 def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, who: str):
     """The programs to write: full and shallow, or, for a policy that decides from the head's probe, head, deep
     and tail (and the probe's index among the head's outputs; None for a pair), or with split="step" the one
-    step program (and its `StepState`); and the batch smaller calls are padded to (1: none; a model that traces
-    only from batch 2, `runtime.pair.trace_in_ranges`)."""
+    step program (and its `StepState`); and the ranges they were compiled for (from batch 2 where the model traces
+    only from there, `runtime.pair.trace_in_ranges`)."""
     call = dynamic_example(call, ranges)  # a batch-1 example would specialize the programs to batch 1
     traced, pad_batch = trace_in_ranges(dc.unet, call, ranges, dc.deepcache_config)
     if pad_batch > 1:
@@ -146,7 +147,7 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
 
     if dc.deepcache_config.graphs == "step":
         step = device_step(split_three(traced.gm, branch), dc.deepcache_config.policy, passes, len(inputs))
-        return {"step": export_program(step, step.example(*inputs), ranges, variadic=True)}, branch, step.state, 1
+        return {"step": export_program(step, step.example(*inputs), ranges, variadic=True)}, branch, step.state, ranges
     if dc.deepcache_config.policy.uses_probe:
         three = split_three(traced.gm, branch)
         with torch.no_grad():
@@ -154,7 +155,7 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
             (cache,) = three.deep(*inputs, *links)
         programs = {"head": export(three.head, "head", inputs), "deep": export(three.deep, "deep", (*inputs, *links)),
                     "tail": export(three.tail, "tail", (*inputs, *links, cache))}
-        return programs, branch, three.probe, 1
+        return programs, branch, three.probe, ranges
     split = split_at_branch(traced.gm, branch)
     if dc.deepcache_config.quantize is not None:  # the int8 graphs, calibrated on the recorded calls in the ranges
         split = int8_split(dc.unet, split, call, dc.deepcache_config, ranges)
@@ -162,7 +163,7 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
         cache = split.full(*inputs)[1]
     extra = keep_cache(cache) if forecast else ()  # (slope, steps): zeros, 0 steps
     return ({"full": export(split.full, "full", inputs),
-             "shallow": export(split.shallow, "shallow", (*inputs, cache, *extra))}, branch, None, pad_batch)
+             "shallow": export(split.shallow, "shallow", (*inputs, cache, *extra))}, branch, None, ranges)
 
 
 def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, list[Path]], call: FlatCall,

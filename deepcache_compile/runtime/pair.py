@@ -298,8 +298,9 @@ def trace_in_ranges(unet: nn.Module, call: FlatCall, ranges: ShapeRanges | None,
             raise
         if config.graphs != "pair":
             raise UNetTraceError(f"{err}\n{type(unet).__name__} does not trace with a batch range from 1: pass "
-                                 f"dynamic=dict(batch=(2, {ranges.batch[1]})) (export: batch=(2, {ranges.batch[1]})), or use the full/shallow pair (no "
-                                 "adaptive refresh, split or device policy), which pads batch-1 calls") from err
+                                 f"dynamic=dict(batch=(2, {ranges.batch[1]})) (export: batch=(2, "
+                                 f"{ranges.batch[1]})), or use the full/shallow pair (no adaptive refresh, split or "
+                                 "device policy), which pads batch-1 calls") from err
         from_two = dataclasses.replace(ranges, batch=(2, ranges.batch[1]))
         traced = trace_unet(unet, call, from_two)
         logger.info("%s traced with batch 2..%d (a batch of 1 is guarded out): batch-1 calls run padded to 2 rows",
