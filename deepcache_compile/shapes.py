@@ -85,7 +85,7 @@ class ShapeRanges:
         dims = []
         for t in tensors:
             spec: dict[int, Any] = {}
-            if _batched(t, sample):
+            if is_batched(t, sample):
                 spec[0] = b
             if t.dim() >= 4 and t.shape[-2] * self.multiple >= sample.shape[-2]:  # 1 x 1 (broadcast) stays 1
                 if h is not None:  # a one-size range stays static
@@ -116,7 +116,8 @@ class ShapeRanges:
         return tuple(shape)
 
 
-def _batched(t: torch.Tensor, sample: torch.Tensor) -> bool:
+def is_batched(t: torch.Tensor, sample: torch.Tensor) -> bool:
+    """Whether `t`'s first dimension is the call's batch: its size equals the sample's first (the module's rule)."""
     return t.dim() >= 1 and t.shape[0] == sample.shape[0]
 
 
@@ -125,7 +126,7 @@ def with_batch(tensors: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Ten
     rows or repeated row-wise, the others kept. For example inputs of another batch size."""
     sample = tensors[0]
     times = -(-batch // sample.shape[0])
-    return tuple(t.repeat(times, *[1] * (t.dim() - 1))[:batch] if _batched(t, sample) else t for t in tensors)
+    return tuple(t.repeat(times, *[1] * (t.dim() - 1))[:batch] if is_batched(t, sample) else t for t in tensors)
 
 
 def sample_size(unet) -> int:

@@ -6,14 +6,16 @@
 // ENGINE_DIR is an `aoti` export with the scheduler's config beside the engines (dc.export(...,
 // scheduler=pipe.scheduler) writes `scheduler_config.json` and lists it in the manifest); --scheduler runs
 // another sampler's config instead (DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler or
-// FlowMatchEulerDiscreteScheduler, see scheduler.h: the graphs do not depend on it). INPUTS holds `sample` (the
-// initial noise, passed as the model's first input: a U-Net's `sample`, a transformer's `hidden_states`; scaled
-// here by the scheduler's init_noise_sigma as diffusers' pipelines do) and the other U-Net inputs by their manifest names;
-// with --guidance > 1 (classifier-free guidance) those conditioning inputs hold the unconditional rows first,
-// then the conditional ones, and the U-Net runs once per step on the doubled batch. OUT receives `sample`, the
-// final latents. With --trusted-key (repeatable) the export must be signed by one of those Ed25519 keys
-// (export(..., sign_key=)), checked before anything is loaded. Every input is checked against the manifest (names, ranks, batch, the export's shape ranges)
-// before the first step.
+// FlowMatchEulerDiscreteScheduler, see scheduler.h: the graphs do not depend on it), set as the model's diffusers
+// pipeline sets it (scheduler.h's pipeline_sampling: FluxPipeline's sigmas, mu and timestep / 1000 for a Flux
+// export). INPUTS holds `sample` (the initial noise, passed as the model's first input: a U-Net's `sample`, a
+// transformer's `hidden_states`, Flux's packed latents; scaled here by the scheduler's init_noise_sigma as
+// diffusers' pipelines do) and the model's other inputs by their manifest names (Flux: txt_ids, img_ids,
+// guidance, ... as its pipeline makes them); with --guidance > 1 (classifier-free guidance) the batched
+// conditioning inputs hold the unconditional rows first, then the conditional ones, and the model runs once per
+// step on the doubled batch. OUT receives `sample`, the final latents. With --trusted-key (repeatable) the export
+// must be signed by one of those Ed25519 keys (export(..., sign_key=)), checked before anything is loaded. Every
+// input is checked against the manifest (names, ranks, batch, the export's shape ranges) before the first step.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <nlohmann/json.hpp>
@@ -86,8 +88,9 @@ std::string read_text(const std::filesystem::path& path) {
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
-// Every manifest input besides `sample` and `timestep` must be in INPUTS with the manifest's rank and the call's
-// batch (twice the sample's with guidance); names not in the manifest are refused, as the Python engine does.
+// Every manifest input besides `sample` and `timestep` must be in INPUTS with the manifest's rank and, if it is
+// batched, the call's batch (twice the sample's with guidance); names not in the manifest are refused, as the
+// Python engine does.
 void check_inputs(const deepcache::Manifest& manifest, const std::map<std::string, at::Tensor>& inputs,
                   const std::string& file, bool cfg) {
   auto names = [&] {
@@ -116,7 +119,7 @@ void check_inputs(const deepcache::Manifest& manifest, const std::map<std::strin
     if (t.dim() != spec.rank)
       throw std::invalid_argument(file + ": " + spec.name + " has " + std::to_string(t.dim()) + " dimensions, the " +
                                   "export takes " + std::to_string(spec.rank));
-    if (spec.rank > 0 && t.size(0) != batch)
+    if (spec.batched && t.size(0) != batch)
       throw std::invalid_argument(file + ": " + spec.name + " has " + std::to_string(t.size(0)) + " rows, the call " +
                                   "has " + std::to_string(batch) + (cfg ? " (the sample's, twice for --guidance)" : ""));
   }
@@ -143,18 +146,26 @@ int main(int argc, char** argv) try {
                                   "dc.export(..., scheduler=pipe.scheduler), or pass --scheduler");
     config_path = manifest.directory / manifest.json["scheduler"].get<std::string>();
   }
-  auto scheduler = deepcache::make_scheduler(deepcache::parse_scheduler_config(read_text(config_path)), options.steps);
+  const auto config = deepcache::parse_scheduler_config(read_text(config_path));
 
   const auto inputs = deepcache::load_safetensors(argv[2]);
   const bool cfg = options.guidance > 1.0;
   check_inputs(manifest, inputs, argv[2], cfg);
+  // The sampler as the model's diffusers pipeline sets it (Flux: its sigmas, mu and timestep / 1000).
+  const auto& model = manifest.json.at("unet");
+  const auto sampling =
+      deepcache::pipeline_sampling(model.value("class", std::string()), model.value("config", nlohmann::json::object()),
+                                   config, inputs.at("sample").sizes().vec(), options.steps);
+  auto scheduler = deepcache::make_scheduler(config, options.steps, sampling.timesteps);
   at::Tensor latents = inputs.at("sample") * scheduler->init_noise_sigma();
   for (int64_t i = 0; i < scheduler->size(); ++i) {
     const auto model_input = scheduler->scale_model_input(cfg ? at::cat({latents, latents}) : latents, i);
     std::vector<at::Tensor> call;
     for (const auto& spec : manifest.inputs) {
       if (&spec == &manifest.inputs.front()) call.push_back(model_input);  // the sample (U-Net) or hidden_states
-      else if (spec.name == "timestep") call.push_back(scheduler->timestep(i));
+      else if (spec.name == "timestep")
+        call.push_back(sampling.timestep_divisor == 1 ? scheduler->timestep(i)
+                                                      : scheduler->timestep(i) / sampling.timestep_divisor);
       else call.push_back(inputs.at(spec.name));
     }
     at::Tensor noise = engine.run(std::move(call));

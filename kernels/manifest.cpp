@@ -223,8 +223,10 @@ Manifest read_manifest(const fs::path& directory, const std::vector<std::string>
       throw ManifestError(path.string() + ": policy " + p.at("name").dump() + " is not one this runtime runs");
     m.policy = AdaptivePolicy{p.at("threshold").get<double>(), p.at("max_skip").get<int>(), p.at("probe").get<int>()};
   }
-  for (const auto& in : j.at("inputs"))
-    m.inputs.push_back({in.at("name"), dtype_from_name(in.at("dtype")), in.at("rank").get<int64_t>()});
+  for (const auto& in : j.at("inputs")) {
+    const auto rank = in.at("rank").get<int64_t>();
+    m.inputs.push_back({in.at("name"), dtype_from_name(in.at("dtype")), rank, in.value("batched", rank > 0)});
+  }
   const auto& r = j.at("ranges");
   m.ranges = {{r["batch"][0], r["batch"][1]}, {r["height"][0], r["height"][1]}, {r["width"][0], r["width"][1]},
               r["multiple"].get<int64_t>()};

@@ -32,6 +32,7 @@ struct InputSpec {
   std::string name;
   c10::ScalarType dtype;
   int64_t rank;
+  bool batched;  // its first dimension is the call's batch (shapes.py's rule; older manifests: rank > 0)
 };
 
 // What an export accepts, in U-Net input pixels.

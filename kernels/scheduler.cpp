@@ -436,32 +436,61 @@ class DPMSolver : public Scheduler {
   std::string prediction_;
 };
 
-// SD3's sampler: the flow-matching Euler step x + (sigma_next - sigma) * v, without the resolution-dependent
-// shift (Flux's use_dynamic_shifting needs the pipeline's mu) and without stochastic sampling.
+// SD3's and Flux's sampler: the flow-matching Euler step x + (sigma_next - sigma) * v, with the fixed shift or the
+// resolution-dependent one (use_dynamic_shifting: the pipeline's mu), custom sigmas as the pipelines pass them,
+// without stochastic sampling. base_shift .. max_image_seq_len are the pipelines' (pipeline_sampling).
 const Keys kFlowKeys = {
-    {"num_train_timesteps", "shift"},
-    {{"use_dynamic_shifting", false}, {"invert_sigmas", false}, {"shift_terminal", nullptr},
-     {"use_karras_sigmas", false}, {"use_exponential_sigmas", false}, {"use_beta_sigmas", false},
-     {"stochastic_sampling", false}},
-    {"base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type"}};
+    {"num_train_timesteps", "shift", "use_dynamic_shifting", "time_shift_type", "base_shift", "max_shift",
+     "base_image_seq_len", "max_image_seq_len"},
+    {{"invert_sigmas", false}, {"shift_terminal", nullptr}, {"use_karras_sigmas", false},
+     {"use_exponential_sigmas", false}, {"use_beta_sigmas", false}, {"stochastic_sampling", false}},
+    {}};
 
 class FlowMatchEuler : public Scheduler {
  public:
-  FlowMatchEuler(const json& config, int steps) {
+  FlowMatchEuler(const json& config, int steps, const TimestepOptions& options) {
     const std::string cls = "FlowMatchEulerDiscreteScheduler";
     const int64_t train = checked_train_steps(config, cls, kFlowKeys, steps);
     const double shift = number(config, "shift", 1.0);
-    // __init__: the training sigmas t / train (t = train..1, float32 tensors), shifted; their ends bound the
-    // inference schedule, which set_timesteps shifts once more (in numpy float64), as diffusers does.
-    const auto train_sigmas = at::arange(train, 0, -1, at::kFloat) / double(train);
-    const auto shifted = shift * train_sigmas / (1 + (shift - 1) * train_sigmas);
-    const double sigma_max = shifted[0].item<double>(), sigma_min = shifted[train - 1].item<double>();
-    std::vector<double> sigmas;
-    for (double t : linspace(sigma_max * double(train), sigma_min * double(train), steps)) {
-      const double s = t / double(train);
-      sigmas.push_back(shift * s / (1 + (shift - 1) * s));
+    const bool dynamic = config.value("use_dynamic_shifting", false);
+    const bool exponential = choice(config, "time_shift_type", "exponential", {"exponential", "linear"}, cls) ==
+                             "exponential";
+    if (dynamic && !options.mu)
+      throw std::invalid_argument(cls + " with use_dynamic_shifting=true needs the pipeline's mu (its "
+                                  "resolution-dependent shift), which this model's pipeline does not compute here: "
+                                  "export with a fixed shift, or run this generation in Python");
+    if (!options.sigmas.empty() && static_cast<int>(options.sigmas.size()) != steps)
+      throw std::invalid_argument(std::to_string(options.sigmas.size()) + " custom sigmas for " +
+                                  std::to_string(steps) + " steps: pass one per step");
+    at::Tensor f32;
+    if (options.sigmas.empty()) {
+      // __init__: the training sigmas t / train (t = train..1, float32 tensors), shifted unless the shift is
+      // dynamic; their ends bound the inference schedule, which set_timesteps shifts (in numpy float64).
+      const auto train_sigmas = at::arange(train, 0, -1, at::kFloat) / double(train);
+      const auto shifted = dynamic ? train_sigmas : shift * train_sigmas / (1 + (shift - 1) * train_sigmas);
+      const double sigma_max = shifted[0].item<double>(), sigma_min = shifted[train - 1].item<double>();
+      std::vector<double> sigmas;
+      for (double t : linspace(sigma_max * double(train), sigma_min * double(train), steps)) {
+        const double s = t / double(train);
+        if (!dynamic) sigmas.push_back(shift * s / (1 + (shift - 1) * s));
+        else if (exponential) sigmas.push_back(std::exp(*options.mu) / (std::exp(*options.mu) + (1 / s - 1)));
+        else sigmas.push_back(*options.mu / (*options.mu + (1 / s - 1)));
+      }
+      f32 = at::tensor(sigmas, at::kDouble).to(at::kFloat);
+    } else {
+      // Custom sigmas: numpy float32 from here on (NumPy casts the Python scalars to the array's float32).
+      std::vector<float> sigmas;
+      for (double given : options.sigmas) {
+        const float s = static_cast<float>(given);
+        if (!dynamic) {
+          sigmas.push_back(static_cast<float>(shift) * s / (1.0f + static_cast<float>(shift - 1) * s));
+        } else {
+          const float e = static_cast<float>(exponential ? std::exp(*options.mu) : *options.mu);
+          sigmas.push_back(e / (e + (1.0f / s - 1.0f)));
+        }
+      }
+      f32 = at::tensor(sigmas, at::kFloat);
     }
-    const auto f32 = at::tensor(sigmas, at::kDouble).to(at::kFloat);
     timesteps_ = f32 * double(train);
     sigmas_ = at::cat({f32, at::zeros({1}, at::kFloat)});
   }
@@ -486,17 +515,52 @@ std::vector<std::string> scheduler_classes() {
   return {"DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler"};
 }
 
-std::unique_ptr<Scheduler> make_scheduler(const json& config, int steps) {
+std::unique_ptr<Scheduler> make_scheduler(const json& config, int steps, const TimestepOptions& options) {
   const auto cls = config.value("_class_name", std::string());
+  if (cls == "FlowMatchEulerDiscreteScheduler") return std::make_unique<FlowMatchEuler>(config, steps, options);
+  if (!options.sigmas.empty() || options.mu)
+    throw std::invalid_argument("this model's pipeline passes custom sigmas / mu to its sampler, which the C++ " +
+                                (cls.empty() ? std::string("scheduler") : cls) + " does not take: use "
+                                "FlowMatchEulerDiscreteScheduler, as the pipeline does");
   if (cls == "DDIMScheduler") return std::make_unique<DDIM>(config, steps);
   if (cls == "EulerDiscreteScheduler") return std::make_unique<Euler>(config, steps);
   if (cls == "DPMSolverMultistepScheduler") return std::make_unique<DPMSolver>(config, steps);
-  if (cls == "FlowMatchEulerDiscreteScheduler") return std::make_unique<FlowMatchEuler>(config, steps);
   std::string names;
   for (const auto& c : scheduler_classes()) names += (names.empty() ? "" : ", ") + c;
   throw std::invalid_argument("scheduler " + (cls.empty() ? std::string("config without _class_name") : cls) +
                               " is not implemented in C++ (it implements " + names +
                               "): export with one of them, e.g. scheduler=DDIMScheduler.from_config(pipe.scheduler.config)");
+}
+
+// diffusers' calculate_shift (pipeline_flux.py, pipeline_stable_diffusion_3.py), in Python's float64; each pipeline
+// has its own fallback for max_shift where the config lacks it (the config always holds it once diffusers wrote it).
+double calculate_shift(const json& config, int64_t image_seq_len, double fallback_max_shift) {
+  const double base_len = number(config, "base_image_seq_len", 256), max_len = number(config, "max_image_seq_len", 4096);
+  const double base_shift = number(config, "base_shift", 0.5), max_shift = number(config, "max_shift", fallback_max_shift);
+  const double m = (max_shift - base_shift) / (max_len - base_len);
+  const double b = base_shift - m * base_len;
+  return double(image_seq_len) * m + b;
+}
+
+PipelineSampling pipeline_sampling(const std::string& model_class, const json& model_config,
+                                   const json& scheduler_config, const std::vector<int64_t>& sample, int steps) {
+  PipelineSampling out;
+  if (model_class == "FluxTransformer2DModel") {
+    // FluxPipeline.__call__: sigmas linspace(1, 1/N, N) (unless the config has use_flow_sigmas), mu from the
+    // packed latents' tokens (a sampler without use_dynamic_shifting ignores it), timestep / 1000.
+    if (sample.size() != 3)
+      throw std::invalid_argument("a Flux export takes packed latents (batch, tokens, channels), not a rank-" +
+                                  std::to_string(sample.size()) + " sample");
+    if (!scheduler_config.value("use_flow_sigmas", false)) out.timesteps.sigmas = linspace(1.0, 1.0 / steps, steps);
+    out.timesteps.mu = calculate_shift(scheduler_config, sample[1], 1.15);
+    out.timestep_divisor = 1000;
+  } else if (model_class == "SD3Transformer2DModel" && sample.size() == 4 &&
+             scheduler_config.value("use_dynamic_shifting", false)) {
+    // StableDiffusion3Pipeline.__call__: mu from (height // patch) * (width // patch) of the latents.
+    const int64_t patch = model_config.value("patch_size", 2);
+    out.timesteps.mu = calculate_shift(scheduler_config, (sample[2] / patch) * (sample[3] / patch), 1.16);
+  }
+  return out;
 }
 
 json parse_scheduler_config(const std::string& text) {

@@ -52,12 +52,32 @@ std::string format_info() {
                         {"error_kinds", {"ManifestError"}}}.dump();
 }
 
-// A C++ sampler for Python (tests compare it with diffusers' schedulers step by step).
+// A C++ sampler for Python (tests compare it with diffusers' schedulers step by step). `options_json`: the
+// set_timesteps arguments, {"sigmas": [...], "mu": x} (either may be absent or null).
+TimestepOptions timestep_options(const std::string& options_json) {
+  const auto j = nlohmann::json::parse(options_json);
+  TimestepOptions o;
+  if (j.contains("sigmas") && !j["sigmas"].is_null()) o.sigmas = j["sigmas"].get<std::vector<double>>();
+  if (j.contains("mu") && !j["mu"].is_null()) o.mu = j["mu"].get<double>();
+  return o;
+}
+
 struct SchedulerHolder : torch::CustomClassHolder {
-  SchedulerHolder(const std::string& config_json, int64_t steps)
-      : scheduler(make_scheduler(parse_scheduler_config(config_json), static_cast<int>(steps))) {}
+  SchedulerHolder(const std::string& config_json, int64_t steps, const std::string& options_json)
+      : scheduler(make_scheduler(parse_scheduler_config(config_json), static_cast<int>(steps),
+                                 timestep_options(options_json))) {}
   std::unique_ptr<Scheduler> scheduler;
 };
+
+// pipeline_sampling for Python, as JSON: {"sigmas", "mu", "timestep_divisor"}.
+std::string pipeline_sampling_json(const std::string& model_class, const std::string& model_config,
+                                   const std::string& scheduler_config, std::vector<int64_t> sample, int64_t steps) {
+  const auto s = pipeline_sampling(model_class, nlohmann::json::parse(model_config),
+                                   parse_scheduler_config(scheduler_config), sample, static_cast<int>(steps));
+  nlohmann::json out = {{"sigmas", s.timesteps.sigmas}, {"mu", nullptr}, {"timestep_divisor", s.timestep_divisor}};
+  if (s.timesteps.mu) out["mu"] = *s.timesteps.mu;
+  return out.dump();
+}
 
 // The full steps of a generation of `total` steps under the schedule of a manifest (JSON text): lets the
 // tests compare the native schedule with Schedule.full_steps.
@@ -97,7 +117,7 @@ TORCH_LIBRARY(deepcache, m) {
         return self->get().manifest().json.dump();
       });
   m.class_<SchedulerHolder>("Scheduler")
-      .def(torch::init<std::string, int64_t>())
+      .def(torch::init<std::string, int64_t, std::string>())
       .def("timesteps", [](const c10::intrusive_ptr<SchedulerHolder>& self) { return self->scheduler->timesteps(); })
       .def("init_noise_sigma",
            [](const c10::intrusive_ptr<SchedulerHolder>& self) { return self->scheduler->init_noise_sigma(); })
@@ -108,6 +128,10 @@ TORCH_LIBRARY(deepcache, m) {
       .def("step", [](const c10::intrusive_ptr<SchedulerHolder>& self, const at::Tensor& model_output, int64_t index,
                       const at::Tensor& sample) { return self->scheduler->step(model_output, index, sample); });
   m.def("full_steps", &full_steps);
+  m.def("pipeline_sampling", [](const std::string& model_class, const std::string& model_config,
+                                const std::string& scheduler_config, std::vector<int64_t> sample, int64_t steps) {
+    return value_errors([&] { return pipeline_sampling_json(model_class, model_config, scheduler_config, sample, steps); });
+  });
   m.def("format_info", &format_info);
   m.def("sha256", [](const std::string& path) { return sha256_file(path); });
 }

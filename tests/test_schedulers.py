@@ -30,10 +30,16 @@ def _model(x: torch.Tensor, t) -> torch.Tensor:
     return torch.tanh(0.5 * x + float(t) / 1000 - 0.5)
 
 
-def _compare(scheduler, steps: int, timestep_rtol: float = 0.0) -> None:
+def _native(config: str, steps: int, sigmas=None, mu=None):
+    """The C++ sampler for a config's JSON text, with set_timesteps' `sigmas` and `mu` where given."""
     load_library()
+    options = {"sigmas": None if sigmas is None else [float(s) for s in sigmas], "mu": mu}
+    return torch.classes.deepcache.Scheduler(config, steps, json.dumps(options))
+
+
+def _compare(scheduler, steps: int, timestep_rtol: float = 0.0) -> None:
     scheduler.set_timesteps(steps)
-    native = torch.classes.deepcache.Scheduler(scheduler.to_json_string(), steps)
+    native = _native(scheduler.to_json_string(), steps)
     timesteps = native.timesteps()
     assert timesteps.dtype == scheduler.timesteps.dtype
     torch.testing.assert_close(timesteps, scheduler.timesteps, rtol=timestep_rtol, atol=0)
@@ -93,14 +99,66 @@ def test_cpp_flow_match_euler_equals_diffusers(config):
     for steps in STEPS:
         scheduler = FlowMatchEulerDiscreteScheduler(**config)
         scheduler.set_timesteps(steps)
-        native = torch.classes.deepcache.Scheduler(scheduler.to_json_string(), steps)
-        assert torch.equal(native.timesteps(), scheduler.timesteps), steps
+        native = _native(scheduler.to_json_string(), steps)
         assert native.init_noise_sigma() == 1.0  # the pipelines draw flow-matching noise unscaled
-        ours = theirs = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
-        for i, t in enumerate(scheduler.timesteps):
-            theirs = scheduler.step(_model(theirs, t), t, theirs).prev_sample
-            ours = native.step(_model(native.scale_model_input(ours, i), native.timesteps()[i]), i, ours)
-        assert torch.equal(ours, theirs), steps
+        _same_flow_trajectory(native, scheduler, steps)
+
+
+def _same_flow_trajectory(native, scheduler, steps: int) -> None:
+    """The same float32 timesteps bitwise, and the same trajectory bitwise under the stand-in velocity model."""
+    assert torch.equal(native.timesteps(), scheduler.timesteps), steps
+    ours = theirs = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
+    for i, t in enumerate(scheduler.timesteps):
+        theirs = scheduler.step(_model(theirs, t), t, theirs).prev_sample
+        ours = native.step(_model(native.scale_model_input(ours, i), native.timesteps()[i]), i, ours)
+    assert torch.equal(ours, theirs), steps
+
+
+FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                      base_image_seq_len=256, max_image_seq_len=4096)  # FLUX.1-dev's scheduler_config.json
+
+
+def _pipeline_sampling(model_class: str, scheduler, sample: tuple[int, ...], steps: int, model_config=None) -> dict:
+    load_library()
+    return json.loads(torch.ops.deepcache.pipeline_sampling(model_class, json.dumps(model_config or {}),
+                                                            scheduler.to_json_string(), list(sample), steps))
+
+
+@pytest.mark.parametrize("config", [FLUX_SCHEDULER, {**FLUX_SCHEDULER, "time_shift_type": "linear"},
+                                    {**FLUX_SCHEDULER, "use_dynamic_shifting": False}],
+                         ids=["flux", "linear-shift", "fixed-shift"])
+def test_cpp_flux_pipeline_sampling_equals_fluxpipeline(config):
+    """FluxPipeline sets its sampler with sigmas linspace(1, 1/N, N) and mu from the packed latents' token count
+    (calculate_shift), and divides the timestep by 1000: pipeline_sampling computes the same arguments, and the C++
+    sampler set with them gives diffusers' timesteps and trajectory bitwise, for 64 to 4096 tokens."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    for tokens, steps in itertools.product((64, 256, 1024, 4096), STEPS):
+        scheduler = FlowMatchEulerDiscreteScheduler(**config)
+        sampling = _pipeline_sampling("FluxTransformer2DModel", scheduler, (1, tokens, 64), steps)
+        mu = calculate_shift(tokens, 256, 4096, 0.5, 1.15)
+        assert sampling["mu"] == mu and sampling["timestep_divisor"] == 1000
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        assert sampling["sigmas"] == sigmas.tolist()
+        retrieve_timesteps(scheduler, steps, sigmas=sigmas, mu=mu)  # FluxPipeline.__call__'s own call
+        _same_flow_trajectory(_native(scheduler.to_json_string(), steps, sampling["sigmas"], sampling["mu"]),
+                              scheduler, steps)
+
+
+def test_cpp_sd3_dynamic_shift_equals_stable_diffusion3_pipeline():
+    """StableDiffusion3Pipeline with use_dynamic_shifting: mu from (height // patch) * (width // patch) of the
+    latents, the scheduler's own sigmas (shifted dynamically, in float64 as numpy does), the timestep unscaled."""
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    for side, steps in itertools.product((32, 64, 128), STEPS):
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+        sampling = _pipeline_sampling("SD3Transformer2DModel", scheduler, (1, 16, side, side), steps,
+                                      {"patch_size": 2})
+        mu = calculate_shift((side // 2) ** 2, 256, 4096, 0.5, 1.15)
+        assert sampling == {"sigmas": [], "mu": mu, "timestep_divisor": 1.0}
+        scheduler.set_timesteps(steps, mu=mu)
+        _same_flow_trajectory(_native(scheduler.to_json_string(), steps, mu=mu), scheduler, steps)
 
 
 def _config(cls, **changes) -> dict:
@@ -111,7 +169,7 @@ def _config(cls, **changes) -> dict:
     (_config(DDPMScheduler), 10, "scheduler DDPMScheduler is not implemented in C\\+\\+ \\(it implements "
      "DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler\\)"),
     (_config(FlowMatchEulerDiscreteScheduler, use_dynamic_shifting=True), 10,
-     "use_dynamic_shifting=true is not implemented by the C\\+\\+ FlowMatchEulerDiscreteScheduler"),
+     "FlowMatchEulerDiscreteScheduler with use_dynamic_shifting=true needs the pipeline's mu"),
     (_config(FlowMatchEulerDiscreteScheduler, stochastic_sampling=True), 10,
      "stochastic_sampling=true is not implemented by the C\\+\\+ FlowMatchEulerDiscreteScheduler"),
     (_config(DDIMScheduler, thresholding=True), 10,
@@ -130,9 +188,18 @@ def _config(cls, **changes) -> dict:
     (_config(DDIMScheduler), 1001, "steps=1001 is more than the scheduler's 1000 training timesteps"),
 ])
 def test_what_the_cpp_schedulers_do_not_implement_is_refused_by_name(config, steps, message):
-    load_library()
     with pytest.raises(ValueError, match=message):  # std::invalid_argument reaches Python as ValueError
-        torch.classes.deepcache.Scheduler(json.dumps(config), steps)
+        _native(json.dumps(config), steps)
+
+
+def test_custom_sigmas_are_refused_where_the_sampler_does_not_take_them():
+    """A Flux export run with --scheduler set to a DDIM config: FluxPipeline's custom sigmas have no meaning there."""
+    sampling = _pipeline_sampling("FluxTransformer2DModel", DDIMScheduler(), (1, 64, 64), 10)
+    with pytest.raises(ValueError, match="this model's pipeline passes custom sigmas / mu to its sampler, which the "
+                                         "C\\+\\+ DDIMScheduler does not take"):
+        _native(DDIMScheduler().to_json_string(), 10, sampling["sigmas"], sampling["mu"])
+    with pytest.raises(ValueError, match="5 custom sigmas for 10 steps"):
+        _native(FlowMatchEulerDiscreteScheduler().to_json_string(), 10, [1.0, 0.8, 0.6, 0.4, 0.2])
 
 
 def test_other_schedulers_keys_are_ignored_as_diffusers_ignores_them():
@@ -155,4 +222,4 @@ def test_python_json_infinity_is_read():
     assert "-Infinity" in text
     reference = DPMSolverMultistepScheduler()
     reference.set_timesteps(20)
-    assert torch.equal(torch.classes.deepcache.Scheduler(text, 20).timesteps(), reference.timesteps)
+    assert torch.equal(_native(text, 20).timesteps(), reference.timesteps)

@@ -216,20 +216,28 @@ def test_joint_attention_exports_serve_batch_one_padded(family, tmp_path):
     """SD3 and Flux trace only from batch 2 (their joint attention is guarded `batch != 1`): the AOTInductor export
     is compiled from batch 2 and says so (`pad_batch`), and the engines run a batch-1 call as two equal rows. Each
     batch size's outputs equal the in-process module run unpadded (rounding of the other batch size's kernels),
-    the C++ runtime's equal the Python runtime's, and SD3's batch-1 generation in deepcache-generate (its own
-    flow-matching sampler) equals the Python loop with diffusers' FlowMatchEulerDiscreteScheduler."""
+    the C++ runtime's equal the Python runtime's, and a batch-1 generation in deepcache-generate (its own
+    flow-matching sampler, set as the model's pipeline sets it) equals the Python engine driven by diffusers: SD3 by
+    a loop with FlowMatchEulerDiscreteScheduler (shift 3), Flux by FluxPipeline itself (FLUX.1's dynamic shift:
+    sigmas linspace(1, 1/N, N), mu from the token count, timesteps / 1000)."""
     import subprocess
     from pathlib import Path
 
     from diffusers import FlowMatchEulerDiscreteScheduler
     from safetensors.torch import load_file, save_file
 
-    model, scheduler = make_transformer(family), FlowMatchEulerDiscreteScheduler(shift=3.0)
+    model = make_transformer(family)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        **(dict(shift=3.0) if family == "sd3" else
+           dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                max_image_seq_len=4096)))  # FLUX.1-dev's scheduler config
     dc = compile_deepcache(model, branch=0, interval=2)
     dc.export(tmp_path, format="aoti", example=make_transformer_call(family, batch=2), batch=(1, 4),
               scheduler=scheduler)
     manifest = json.loads((tmp_path / "deepcache.json").read_text())
     assert manifest["pad_batch"] == 2 and manifest["ranges"]["batch"] == [2, 4]
+    assert [i["batched"] for i in manifest["inputs"]] == ([True] * 4 if family == "sd3" else
+                                                          [True, True, True, True, False, False])  # Flux's ids
     native = library_path().is_file()
     engines = [load_deepcache(tmp_path), *([load_deepcache(tmp_path, runtime="native")] if native else [])]
     assert all(engine.shape_ranges.batch == (1, 4) for engine in engines)
@@ -251,17 +259,22 @@ def test_joint_attention_exports_serve_batch_one_padded(family, tmp_path):
             assert torch.equal(outs[2], outs[1])
     with pytest.raises(ValueError, match="batch=5 is outside"):
         engines[0](**make_transformer_call(family, batch=5))
-    if family != "sd3" or not native:
+    if not native:
         return
-    call = make_transformer_call("sd3", batch=1)
-    scheduler.set_timesteps(6)
-    x, engine = call["hidden_states"], engines[0]
+    engine = engines[0]
     engine.reset()
-    for t in scheduler.timesteps:
-        velocity = engine(**{**call, "hidden_states": x, "timestep": t.expand(1)}).sample
-        x = scheduler.step(velocity, t, x).prev_sample
-    save_file({"sample": call["hidden_states"], "encoder_hidden_states": call["encoder_hidden_states"],
-               "pooled_projections": call["pooled_projections"]}, tmp_path / "in.safetensors")
+    if family == "sd3":
+        call = make_transformer_call("sd3", batch=1)
+        scheduler.set_timesteps(6)
+        x = call["hidden_states"]
+        for t in scheduler.timesteps:
+            velocity = engine(**{**call, "hidden_states": x, "timestep": t.expand(1)}).sample
+            x = scheduler.step(velocity, t, x).prev_sample
+        inputs = {"sample": call["hidden_states"], "encoder_hidden_states": call["encoder_hidden_states"],
+                  "pooled_projections": call["pooled_projections"]}
+    else:
+        x, inputs = _flux_pipeline_latents(engine, scheduler)
+    save_file(inputs, tmp_path / "in.safetensors")
     program = Path(__file__).parents[1] / "build" / "deepcache-generate"
     result = subprocess.run([str(program), str(tmp_path), str(tmp_path / "in.safetensors"),
                              str(tmp_path / "out.safetensors"), "--steps", "6"], capture_output=True, text=True,
@@ -269,3 +282,26 @@ def test_joint_attention_exports_serve_batch_one_padded(family, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[1] == engine.history == "FSFSFS"
     torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["sample"], x, rtol=1e-5, atol=1e-5)
+
+
+def _flux_pipeline_latents(engine, scheduler) -> tuple[torch.Tensor, dict]:
+    """FluxPipeline (16 x 16 px, 6 steps, output_type="latent") with `engine` as its transformer: its final packed
+    latents, and deepcache-generate's inputs made from what the pipeline passed the transformer at its first step
+    (the initial noise as `sample`, text, pooled text and the token ids)."""
+    pipe = diffusers.FluxPipeline(transformer=engine, scheduler=scheduler, vae=_vae(2), text_encoder=None,
+                                  tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn(1, 16, 8, generator=gen)
+    calls, forward = [], engine.forward
+    engine.forward = lambda *args, **kwargs: calls.append(kwargs) or forward(*args, **kwargs)
+    with torch.no_grad():
+        latents = pipe(prompt_embeds=torch.randn(1, 5, 12, generator=gen), num_inference_steps=6, height=16,
+                       width=16, pooled_prompt_embeds=torch.randn(1, 10, generator=gen), latents=noise,
+                       output_type="latent").images
+    del engine.forward
+    first = calls[0]
+    assert len(calls) == 6 and torch.equal(first["hidden_states"], noise) and first["guidance"] is None
+    inputs = {"sample": noise, **{k: first[k] for k in ("encoder_hidden_states", "pooled_projections", "img_ids",
+                                                         "txt_ids")}}
+    return latents, inputs

@@ -11,6 +11,7 @@ passes or diffusers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -112,6 +113,13 @@ class DeepCacheEngine(nn.Module):
     def generation(self):
         """A block whose calls form one generation of their own (see `DeepCacheUNet.generation`)."""
         return self._states.generation()
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs):
+        """diffusers' `CacheMixin.cache_context`, which transformer pipelines (Flux, Wan and others) enter around
+        each model call to tell diffusers' cache hooks which call it is: an engine runs no such hook (its schedule
+        is its own), so the block only runs its body."""
+        yield
 
     def full_steps(self, total: int | None = None) -> list[int]:
         if self.schedule.uses_probe:

@@ -31,7 +31,7 @@ from ..policy import StepState
 from ..runtime.generation import keep_cache
 from ..runtime.pair import dynamic_example, int8_split, select_branch, shape_ranges, trace_in_ranges
 from ..schedule import nonuniform_full_steps
-from ..shapes import ShapeRanges
+from ..shapes import ShapeRanges, is_batched
 from .formats import PartIO, get_format
 from .manifest import FORMAT_VERSION, MANIFEST, cpu_isa, sha256
 from .signing import SIGNATURE, sign_manifest
@@ -204,8 +204,9 @@ def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, lis
                  "calibration_calls": len(config.quantize.calls)}
         if config.quantize is not None else None,
         "calls_per_step": config.calls_per_step,
-        "inputs": [{"name": n, "dtype": str(t.dtype).removeprefix("torch."), "rank": t.dim()}
-                   for n, t in zip(call.names, call.tensors)],
+        # batched: the first dimension is the call's batch (shapes.py's rule; Flux's token ids are not).
+        "inputs": [{"name": n, "dtype": str(t.dtype).removeprefix("torch."), "rank": t.dim(),
+                    "batched": is_batched(t, call.tensors[0])} for n, t in zip(call.names, call.tensors)],
         "outputs": {part: list(io.outputs) for part, io in parts.items()},
         "ranges": {**asdict(ranges), "units": "U-Net input pixels"},
         # The engines were compiled from this batch (the model traces only from there); a call of fewer rows
