@@ -5,6 +5,7 @@
     python bench/profile_backends.py --backends inductor --dtype fp32 bf16 --graph shallow \
         --out bench/results/profile_bf16_shallow
     python bench/profile_backends.py --backends inductor --dtype fp32 bf16 --top 12 --out bench/results/profile_top
+    python bench/profile_backends.py --backends inductor --dtype bf16 int8 --out bench/results/profile_int8
 
 Compiles one DeepCache pair (branch 1) with each backend and profiles `--calls` calls of its full graph (or
 `--graph shallow`): Inductor under `torch.profiler` (its generated C++ kernels named through
@@ -15,6 +16,10 @@ machine. A fused kernel counts in the category of the first op its name matches,
 loops are never "convolution" or "matmul" (those are extern oneDNN/MKL calls; a loop named `addmm_gelu_...` is
 a bias add and a GELU): "group norm" holds group and layer norms and what Inductor fused into them (the
 feed-forward's GELU, fused into the next layer norm). `--top N` lists each category's N slowest kernels.
+int8 is the fp32 U-Net quantized as `deepcache-compile bench` quantizes it (`precision.Int8`, calibrated on one
+10-step DDIM generation of the profiled call, N=5): loops whose names have quantize/dequantize (with what Inductor
+fused into them) are "quantize", its oneDNN int8 convolutions and linears "convolution" and "matmul" (`qconv`,
+`qlinear`).
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ import torch
 from deepcache_compile import compile_deepcache
 from deepcache_compile.eval.presets import DTYPES, build_unet, example_call
 from deepcache_compile.eval.report import machine, write_report
+from deepcache_compile.eval.sampling import ddim_loop
+from deepcache_compile.precision import Int8, record_calls
 
 # A kernel or node name -> a category, first match wins (Inductor names fused kernels after the ops they fuse).
 _CATEGORIES = [
     ("attention", r"attention|sdpa|softmax|flash"),
     ("convolution", r"conv"),
     ("matmul", r"gemm|matmul|\bmm\b|bmm|addmm|linear|mkl"),
+    ("quantize", r"quantize|dequant"),
     ("group norm", r"group_norm|groupnorm|instancenorm|layernorm|layer_norm|native_layer_norm|var_mean|reduce"),
     ("elementwise", r"cpp_fused|add|mul|silu|gelu|sigmoid|div|sub|cat|erf|tanh|pow|sqrt|cast|where|expand|"
                     r"reshape|transpose|permute|clone|copy|unsqueeze|slice|view"),
@@ -105,7 +113,7 @@ def main() -> None:
     parser.add_argument("--preset", default="sd15")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=sorted(DTYPES),
+    parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=[*sorted(DTYPES), "int8"],
                         help="each backend at each dtype (fp32 bf16: where bf16 gains and where it does not)")
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--graph", default="full", choices=["full", "shallow"], help="which of the pair's graphs")
@@ -120,11 +128,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         profiling = {"session_options": {"enable_profiling": True, "profile_file_prefix": f"{tmp}/ort"}}
         for dtype in args.dtype:
-            unet = build_unet(args.preset, dtype=DTYPES[dtype])
+            unet = build_unet(args.preset, dtype=DTYPES.get(dtype, torch.float32))
             call = example_call(unet, batch=args.batch, height=args.resolution // 8, width=args.resolution // 8)
+            int8 = Int8(record_calls(unet, lambda: ddim_loop(unet, call, 10))) if dtype == "int8" else None
             for backend in args.backends:
                 options = profiling if backend == "onnxruntime" else {}
-                pair = compile_deepcache(unet, branch=1, backend=backend, backend_options=options).prepare(**call)
+                pair = compile_deepcache(unet, branch=1, backend=backend, backend_options=options, quantize=int8,
+                                         interval=5 if int8 else None).prepare(**call)
                 graph, inputs = getattr(pair, args.graph), pair.traced.example_inputs
                 with torch.no_grad():
                     if args.graph == "shallow":

@@ -65,6 +65,27 @@ def test_bench_writes_rows_table_and_plot_for_each_dtype(tmp_path, capsys):
     assert "| configuration |" in out and "Fastest DeepCache backend" in out
 
 
+def test_one_loop_times_every_dtype_side_by_side_against_one_reference(tmp_path, monkeypatch):
+    """--one-loop: one interleaved loop over both dtypes' candidates (each round runs every one of them once), one
+    fp32 reference row, and every row's ratio divides that reference's median."""
+    from deepcache_compile.eval import benchmark
+
+    loops, time_interleaved = [], benchmark._time_interleaved
+    monkeypatch.setattr(benchmark, "_time_interleaved",
+                        lambda candidates, opts, label: loops.append([c.name for c in candidates]) or
+                        time_interleaved(candidates, opts, label))
+    rows = run_benchmark(BenchOptions(preset="tiny-sd", resolution=64, steps=4, intervals=(2,),
+                                      schedules=("uniform",), backends=("eager",), dtypes=("fp32", "bf16"),
+                                      baselines=("unet-eager",), repeats=2, min_run_time=0.05, out=str(tmp_path),
+                                      one_loop=True))
+    assert loops == [["unet-eager fp32", "deepcache eager fp32 uniform N=2", "unet-eager bf16",
+                      "deepcache eager bf16 uniform N=2"]]
+    assert [r["name"] for r in rows] == loops[0]
+    assert [r["run_dtype"] for r in rows] == ["fp32", "fp32", "bf16", "bf16"]
+    for r in rows:
+        assert r["speedup_vs_unet_eager_fp32"] == pytest.approx(rows[0]["median_s"] / r["median_s"])
+
+
 def test_a_backend_that_fails_gives_a_row_with_its_error_and_the_others_still_run(tmp_path):
     def broken(gm, example_inputs, options, **shapes):
         raise RuntimeError("no kernel for this dtype")

@@ -81,6 +81,9 @@ class BenchOptions:
     repeats: int = 3
     min_run_time: float = 6.0  # seconds of per-graph timing (after one warm-up call)
     out: str = "out/bench"  # ignored by git; the recorded runs pass --out bench/results/...
+    # Time every dtype's candidates in one interleaved loop (one fp32 reference for all) instead of one loop per
+    # dtype: the dtypes' ratios then share the machine's state, and the resident set holds every dtype's copies.
+    one_loop: bool = False
 
 
 # The precisions the benchmark compares: the float dtypes, and int8 (the fp32 model quantized, `precision.Int8`).
@@ -193,7 +196,8 @@ def run_benchmark(opts: BenchOptions) -> list[dict]:
     """Runs the benchmark and writes CSV, JSON, Markdown and plots under `opts.out`; returns the rows.
 
     One interleaved run per dtype (a dtype's compiled graphs are released before the next is built, so that the
-    resident set holds one dtype's copies at a time). Inductor's freezing is on for the whole run, so the
+    resident set holds one dtype's copies at a time), or with `one_loop` one run of every dtype's candidates and
+    one fp32 reference. Inductor's freezing is on for the whole run, so the
     `torch.compile` baseline and the inductor backend compile under the same setting (and the baseline never
     recompiles because the setting changed); "inductor:freezing=False" measures the backend without it.
 
@@ -213,15 +217,23 @@ def run_benchmark(opts: BenchOptions) -> list[dict]:
         latent = opts.resolution // 8
         call32 = example_call(unet32, batch=opts.batch, height=latent, width=latent)
         macs = _macs(unet32, call32, opts.branch)
+        base = _Candidate("unet-eager fp32", lambda: ddim_loop(unet32, call32, opts.steps),
+                          {"backend": "eager", "dtype": "fp32"}, opts.steps)
         runs = []
         for name in dtypes:
-            runs.append(_run_dtype(opts, name, backends, unet32, call32))
-            torch._dynamo.reset()  # releases the compiled U-Net's cache entries (and their frozen weights)
-            gc.collect()
+            runs.append([base, *_build_dtype(opts, name, backends, unet32, call32)])
+            if not opts.one_loop:
+                _time_interleaved(runs[-1], opts, name)
+                for c in runs[-1][1:]:  # drop the compiled graphs before the next dtype's are built
+                    c.run = c.run and (lambda: None)
+                torch._dynamo.reset()  # releases the compiled U-Net's cache entries (and their frozen weights)
+                gc.collect()
+        if opts.one_loop:
+            _time_interleaved([base, *(c for run in runs for c in run[1:])], opts, "+".join(dtypes))
         peaks = {name: max(peak, matmul_peak(name, opts.device)) for name, peak in peaks.items()}
         parameters = _parameters(unet32)
-        rows = [row for name, candidates in zip(dtypes, runs)
-                for row in _rows(candidates, macs, peaks, parameters, opts, name)]
+        rows = [row for i, (name, candidates) in enumerate(zip(dtypes, runs))
+                for row in _rows(candidates, macs, peaks, parameters, opts, name, not (opts.one_loop and i))]
     _write(rows, opts)
     return rows
 
@@ -233,36 +245,35 @@ def _macs(unet, call: dict, branch: int) -> tuple[int, int]:
     return sum(macs.values()), graph_macs(pair.split.shallow, macs)
 
 
-def _run_dtype(opts: BenchOptions, dtype_name: str, backends, unet32, call32) -> list[_Candidate]:
-    """Builds and times one dtype's candidates (interleaved); returns them with their times."""
+def _build_dtype(opts: BenchOptions, dtype_name: str, backends, unet32, call32) -> list[_Candidate]:
+    """Builds one dtype's candidates (baselines and DeepCache pairs), each run once to check its latents."""
     dtype = precision_dtype(dtype_name)
     unet = unet32 if dtype == torch.float32 else copy.deepcopy(unet32).to(dtype)
     call = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in call32.items()}
-    fp32_base = _Candidate("unet-eager fp32", lambda: ddim_loop(unet32, call32, opts.steps),
-                           {"backend": "eager", "dtype": "fp32"}, opts.steps)
-    candidates = [fp32_base]
     int8 = None
     if dtype_name == "int8":  # calibrated on one generation of the timed loop
         int8 = Int8(record_calls(unet32, lambda: ddim_loop(unet32, call32, opts.steps)))
         backends = [spec for spec in backends if parse_backend(spec)[0] in INT8_BACKENDS[1:]]
     bar = tqdm(total=len(backends) + 1, desc=f"compiling {dtype_name}", leave=False)
-    candidates += _int8_baselines(unet, call, opts, int8) if int8 else _baselines(unet, call, opts, dtype_name)
+    candidates = _int8_baselines(unet, call, opts, int8) if int8 else _baselines(unet, call, opts, dtype_name)
     bar.update()
     for spec in backends:
         candidates += _deepcache_candidates(unet, call, opts, spec, dtype_name, int8)
         bar.update()
     bar.close()
+    _check_latents([c for c in candidates if c.run is not None], unet, call, opts)
+    return candidates
+
+
+def _time_interleaved(candidates: list[_Candidate], opts: BenchOptions, label: str) -> None:
+    """`opts.repeats` rounds, each running every runnable candidate once in turn: their times and peaks."""
     runnable = [c for c in candidates if c.run is not None]
-    _check_latents(runnable, unet, call, opts)
-    for _ in tqdm(range(opts.repeats), desc=f"interleaved repeats {dtype_name}"):
+    for _ in tqdm(range(opts.repeats), desc=f"interleaved repeats {label}"):
         for c in runnable:
             before = resident(opts.device)
             (_, seconds), top = peak_during(lambda: timed(c.run), opts.device)
             c.settings.setdefault("times", []).append(seconds)
             c.peaks.append(top - before)
-    for c in candidates:  # the run is over: drop the compiled graphs before the next dtype's are built
-        c.run = c.run and (lambda: None)
-    return candidates
 
 
 def _check_latents(candidates: list[_Candidate], unet, call: dict, opts: BenchOptions) -> None:
@@ -411,7 +422,9 @@ def _deepcache_candidates(unet, call: dict, opts: BenchOptions, spec: str, dtype
 
 
 def _rows(candidates: list[_Candidate], macs: tuple[int, int], peaks: dict[str, float], parameters: int,
-          opts: BenchOptions, dtype: str) -> list[dict]:
+          opts: BenchOptions, dtype: str, with_base: bool = True) -> list[dict]:
+    """One row per candidate; the first is the fp32 reference the ratios divide (its row left out where another
+    dtype's rows already hold it: `with_base` False)."""
     full_macs, shallow_macs = macs
     base = median(candidates[0].settings["times"])
     helpers = {c.settings["interval"]: median(c.settings["times"]) for c in candidates
@@ -420,9 +433,10 @@ def _rows(candidates: list[_Candidate], macs: tuple[int, int], peaks: dict[str, 
     fixed = {k: v for k, v in asdict(opts).items() if k not in ("intervals", "schedules", "backends", "dtypes",
                                                                  "baselines", "out")}
     rows = []
-    for c in candidates:
-        times = c.settings.pop("times", None)
-        row = {"name": c.name, **fixed, **c.settings, **host, "run_dtype": dtype}
+    for c in candidates if with_base else candidates[1:]:
+        times = c.settings.get("times")
+        settings = {k: v for k, v in c.settings.items() if k != "times"}
+        row = {"name": c.name, **fixed, **settings, **host, "run_dtype": dtype}
         if times is None:
             rows.append(row)
             continue

@@ -44,7 +44,7 @@ def _bench(args: argparse.Namespace) -> None:
         intervals=tuple(args.interval), schedules=tuple(args.schedule),
         backends=tuple(args.backend) if args.backend else None, dtypes=tuple(args.dtype) if args.dtype else None,
         device=args.device, baselines=tuple(args.baseline), repeats=args.repeats, out=args.out,
-        min_run_time=args.min_run_time,
+        min_run_time=args.min_run_time, one_loop=args.one_loop,
     ))
     print(markdown_table(rows))
     print(f"written to {args.out}/")
@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--out", default="out/bench", help="where the rows, table and plot go (git ignores out/)")
     bench.add_argument("--min-run-time", type=float, default=6.0, help="seconds per per-graph measurement")
+    bench.add_argument("--one-loop", action="store_true",
+                       help="time every dtype's candidates in one interleaved loop with one fp32 reference (the "
+                            "dtypes compared side by side; holds every dtype's compiled copies at once)")
     bench.set_defaults(func=_bench)
 
     quality = sub.add_parser("quality", help="quality cost of DeepCache on the trained digits DDPM (Tables 2 and 4)")
