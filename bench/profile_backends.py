@@ -116,7 +116,8 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=[*sorted(DTYPES), "int8"],
                         help="each backend at each dtype (fp32 bf16: where bf16 gains and where it does not)")
     parser.add_argument("--calls", type=int, default=3)
-    parser.add_argument("--graph", default="full", choices=["full", "shallow"], help="which of the pair's graphs")
+    parser.add_argument("--graph", nargs="+", default=["full"], choices=["full", "shallow"],
+                        help="which of the pair's graphs (both: one table each, from the same compiled pairs)")
     parser.add_argument("--backends", nargs="+", default=["inductor", "onnxruntime"],
                         choices=["inductor", "onnxruntime"], help="onnxruntime has no bf16 convolution on CPU")
     parser.add_argument("--top", type=int, default=0, help="also list each category's N slowest kernels (or nodes)")
@@ -135,21 +136,23 @@ def main() -> None:
                 options = profiling if backend == "onnxruntime" else {}
                 pair = compile_deepcache(unet, branch=1, backend=backend, backend_options=options, quantize=int8,
                                          interval=5 if int8 else None).prepare(**call)
-                graph, inputs = getattr(pair, args.graph), pair.traced.example_inputs
-                with torch.no_grad():
-                    if args.graph == "shallow":
-                        inputs = (*inputs, pair.full(*inputs)[1])  # the cache of a full step
-                    graph(*inputs)  # warm-up
-                name = f"{backend} {dtype}"
-                kernels = (profile_inductor(graph, inputs, args.calls) if backend == "inductor"
-                           else profile_onnxruntime(graph, inputs, args.calls))
-                results[name] = _by_category(kernels)
-                top[name] = _slowest(kernels, args.top)
+                for part in args.graph:
+                    graph, inputs = getattr(pair, part), pair.traced.example_inputs
+                    with torch.no_grad():
+                        if part == "shallow":
+                            inputs = (*inputs, pair.full(*inputs)[1])  # the cache of a full step
+                        graph(*inputs)  # warm-up
+                    name = f"{backend} {dtype}" + (f" {part}" if len(args.graph) > 1 else "")
+                    kernels = (profile_inductor(graph, inputs, args.calls) if backend == "inductor"
+                               else profile_onnxruntime(graph, inputs, args.calls))
+                    results[name] = _by_category(kernels)
+                    top[name] = _slowest(kernels, args.top)
                 del pair
     names = list(results)
     categories = sorted({c for r in results.values() for c in r}, key=lambda c: -results[names[0]].get(c, 0))
     ratio = f" | {names[0]} / {names[1]}" if len(names) == 2 else ""
-    lines = [f"{args.preset} {args.resolution} px, batch {args.batch}, {args.graph} step (branch 1); ms per call, "
+    lines = [f"{args.preset} {args.resolution} px, batch {args.batch}, {' and '.join(args.graph)} step (branch 1); "
+             f"ms per call, "
              f"{args.calls} profiled calls; {machine()['cpu']}, {torch.get_num_threads()} threads", "",
              "| category | " + " | ".join(f"{n} ms" for n in names) + ratio + " |",
              "| --- " * (len(names) + 1 + bool(ratio)) + "|"]
