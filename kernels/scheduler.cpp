@@ -509,6 +509,18 @@ bool foreign(const std::string& key) {
          key == "skip_prk_steps" || key == "variance_type";
 }
 
+// diffusers' calculate_shift (pipeline_flux.py, pipeline_stable_diffusion_3.py), in Python's float64; each pipeline
+// has its own fallback for max_shift where the config lacks it (the config always holds it once diffusers wrote it).
+double calculate_shift(const json& config, int64_t image_seq_len, double fallback_max_shift) {
+  const double base_len = number(config, "base_image_seq_len", 256);
+  const double max_len = number(config, "max_image_seq_len", 4096);
+  const double base_shift = number(config, "base_shift", 0.5);
+  const double max_shift = number(config, "max_shift", fallback_max_shift);
+  const double m = (max_shift - base_shift) / (max_len - base_len);
+  const double b = base_shift - m * base_len;
+  return double(image_seq_len) * m + b;
+}
+
 }  // namespace
 
 std::vector<std::string> scheduler_classes() {
@@ -530,16 +542,6 @@ std::unique_ptr<Scheduler> make_scheduler(const json& config, int steps, const T
   throw std::invalid_argument("scheduler " + (cls.empty() ? std::string("config without _class_name") : cls) +
                               " is not implemented in C++ (it implements " + names +
                               "): export with one of them, e.g. scheduler=DDIMScheduler.from_config(pipe.scheduler.config)");
-}
-
-// diffusers' calculate_shift (pipeline_flux.py, pipeline_stable_diffusion_3.py), in Python's float64; each pipeline
-// has its own fallback for max_shift where the config lacks it (the config always holds it once diffusers wrote it).
-double calculate_shift(const json& config, int64_t image_seq_len, double fallback_max_shift) {
-  const double base_len = number(config, "base_image_seq_len", 256), max_len = number(config, "max_image_seq_len", 4096);
-  const double base_shift = number(config, "base_shift", 0.5), max_shift = number(config, "max_shift", fallback_max_shift);
-  const double m = (max_shift - base_shift) / (max_len - base_len);
-  const double b = base_shift - m * base_len;
-  return double(image_seq_len) * m + b;
 }
 
 PipelineSampling pipeline_sampling(const std::string& model_class, const json& model_config,

@@ -130,7 +130,8 @@ TORCH_LIBRARY(deepcache, m) {
   m.def("full_steps", &full_steps);
   m.def("pipeline_sampling", [](const std::string& model_class, const std::string& model_config,
                                 const std::string& scheduler_config, std::vector<int64_t> sample, int64_t steps) {
-    return value_errors([&] { return pipeline_sampling_json(model_class, model_config, scheduler_config, sample, steps); });
+    return value_errors(
+        [&] { return pipeline_sampling_json(model_class, model_config, scheduler_config, sample, steps); });
   });
   m.def("format_info", &format_info);
   m.def("sha256", [](const std::string& path) { return sha256_file(path); });
