@@ -14,7 +14,11 @@
    the time), 512 px (1,024 image tokens, 512 text tokens), bf16 and fp16, 20 steps of a flow-matching Euler
    loop: first-block caching decided on the host (three graphs) and on the device (`split="step"`) with Inductor
    and AOTInductor against the eager host-decided run (same decisions, latents within the dtype's loop
-   tolerance), timed against the eager model and diffusers' FirstBlockCache with the same threshold.
+   tolerance), timed against the eager model and diffusers' FirstBlockCache with the same threshold. In bf16 also
+   the model's linears quantized by torchao (float8 with per-row scales, on GPUs of compute capability 8.9 and
+   up; int8 dynamic): the eager quantized model, and first-block caching with Inductor on the device-decided step
+   graph against the eager host-decided run of the same quantized model (a row is skipped where torchao or the
+   GPU's float8 is missing).
 The run exits 1 if a path fails, a pair fails its verification, or a loop's latents differ from eager by more
 than the tolerance of its dtype; a runtime that is not installed is reported as skipped and does not fail.
 """
@@ -134,6 +138,31 @@ def _flux_loop(model, call: dict, steps: int = 20) -> torch.Tensor:
     return x
 
 
+def _quantized_check(model, call: dict, policy, precision: str, reference: torch.Tensor, candidates: dict):
+    """A copy of `model` with torchao's float8 (per-row) or int8 (dynamic) linears: the eager host-decided loop and
+    Inductor's device-decided step graph, the same decisions and latents within the bf16 loop tolerance; both
+    join the timed candidates."""
+    def check():
+        from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
+                                          Int8DynamicActivationInt8WeightConfig, PerRow, quantize_)
+
+        if precision == "float8" and torch.cuda.get_device_capability() < (8, 9):
+            raise ImportError("float8 needs compute capability 8.9 or more (H100, L4, RTX 40xx)")
+        quantized = copy.deepcopy(model)
+        quantize_(quantized, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if precision == "float8"
+                  else Int8DynamicActivationInt8WeightConfig())
+        host = compile_deepcache(quantized, branch=0, refresh=policy)
+        expected = _flux_loop(host, call)
+        dc = compile_deepcache(quantized, branch=0, refresh=policy, backend="inductor", split="step")
+        out = _flux_loop(dc, call)
+        candidates[f"{precision} eager full"] = quantized
+        candidates[f"ours {precision} inductor (step)"] = dc
+        same = dc.history == host.history
+        return relative_error(out, expected) if same else float("inf"), LOOP_TOLERANCE["bf16"], \
+            f"history {dc.history} (host {host.history}); vs bf16 latents {relative_error(expected, reference):.3g}"
+    return check
+
+
 def flux_rows(results: list, dtype: torch.dtype) -> None:
     """Part 3: the transformer paths, checked and timed."""
     from diffusers import FluxTransformer2DModel
@@ -174,6 +203,10 @@ def flux_rows(results: list, dtype: torch.dtype) -> None:
             _set_cache_context(hooked, None)
 
     candidates["diffusers FirstBlockCache"] = theirs
+    if dtype == torch.bfloat16:
+        for precision in ("float8", "int8"):
+            _run_path(f"flux {precision} inductor step", _quantized_check(model, call, policy, precision, reference,
+                                                                          candidates), results)
     for label, fn in candidates.items():
         seconds = _ms(lambda fn=fn: _flux_loop(fn, call)) / 1e3
         print(f"flux {name} 20 steps  {label:<28} {seconds:7.3f} s", flush=True)
