@@ -88,10 +88,13 @@ def load(path: Path, device: torch.device, constants: dict[str, torch.Tensor] | 
 def unpacked_library(path: Path) -> tuple[Path, dict[str, str]] | None:
     """The model library of package `path` and its metadata, unpacked once per package file (path, inode, size and
     modification time) under Inductor's cache folder (`deepcache_unpacked/`), or None for a package of several
-    libraries (the package loader opens those). Unpacking is atomic: a folder is filled, then renamed into place."""
+    libraries (the package loader opens those). Unpacking is atomic: a folder is filled, then renamed into place.
+    A library that calls custom ops (the project's attention kernel) has its extern-kernel file beside it
+    (`model.json`), from which the model runner builds the proxy executor that calls them."""
     path = Path(path).resolve()
     stat = path.stat()
-    key = hashlib.sha256(f"{path}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    layout = 2  # 2: with the extern-kernel file (folders of the first layout lacked it)
+    key = hashlib.sha256(f"{layout}:{path}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32]
     root = _inductor_cache_dir() / "deepcache_unpacked"
     folder = root / key
     if not folder.is_dir():
@@ -100,11 +103,14 @@ def unpacked_library(path: Path) -> tuple[Path, dict[str, str]] | None:
             if len(libraries) != 1:
                 return None
             library = libraries[0]
-            metadata = library.removesuffix(".so") + "_metadata.json"
+            stem = library.removesuffix(".so")
+            members = [(library, "model.so"), (stem + "_metadata.json", "metadata.json")]
+            if stem + ".json" in archive.namelist():  # custom ops: the runner reads model.json beside model.so
+                members.append((stem + ".json", "model.json"))
             root.mkdir(parents=True, exist_ok=True)
             filling = Path(tempfile.mkdtemp(dir=root, prefix=".unpacking-"))
             try:
-                for member, name in ((library, "model.so"), (metadata, "metadata.json")):
+                for member, name in members:
                     with archive.open(member) as source, open(filling / name, "wb") as target:
                         shutil.copyfileobj(source, target, 64 << 20)
                 os.rename(filling, folder)
