@@ -100,9 +100,11 @@ def test_the_input_layer_is_found_from_the_graph():
 
 def test_int8_deepcache_costs_little_more_than_fp32_deepcache(digits):
     """The quality target on the trained model: int8 DeepCache within 1 dB PSNR of fp32 DeepCache (both against
-    the fp32 full model, paired by noise) with 8-bit activations; 7-bit ones (CPUs without VNNI) cost a little
-    more; the int8 full model is not the fp32 one (something was quantized). Eager: the float reference of the
-    int8 graphs, the same on every CPU."""
+    the fp32 full model, paired by noise) with 8-bit activations; 7-bit ones (CPUs without VNNI) cost more; the
+    int8 full model is not the fp32 one (something was quantized). Eager: the float reference of the int8 graphs,
+    which still moves by CPU (fp32 convolutions round differently, and values near a quantization step fall on
+    the other side): 8-bit 0.45 / 0.0 dB and 7-bit 1.2 / 1.9 dB below fp32 on the AMD EPYCs / an AMX Xeon
+    (docs/quality.md). A wrong scale or zero point costs far more than these bounds."""
     unet, scheduler, noise, calls, full = digits
 
     def generate(interval: int, **int8) -> torch.Tensor:
@@ -112,7 +114,7 @@ def test_int8_deepcache_costs_little_more_than_fp32_deepcache(digits):
 
     fp32 = _psnr(generate(3), full)
     assert _psnr(generate(3, reduce_range=False), full) >= fp32 - 1.0  # 8-bit activations (VNNI CPUs)
-    assert _psnr(generate(3, reduce_range=True), full) >= fp32 - 1.5  # 7-bit: measured 1.2 dB below fp32
+    assert _psnr(generate(3, reduce_range=True), full) >= fp32 - 2.5  # 7-bit: measured 1.2-1.9 dB below fp32
     assert 25 < _psnr(generate(1, reduce_range=False), full) < 80
 
 
@@ -181,7 +183,8 @@ def test_a_transformer_quantized_by_torchao_compiles_with_inductor_and_caches():
 
     model = make_transformer("flux")
     quantize_(model, Int8DynamicActivationInt8WeightConfig())
-    calls = [{**make_transformer_call("flux", batch=2), "timestep": torch.full((2,), t / 1000)} for t in (900, 800, 700)]
+    calls = [{**make_transformer_call("flux", batch=2), "timestep": torch.full((2,), t / 1000)}
+             for t in (900, 800, 700)]
     with torch.no_grad():
         expected = model(**calls[0]).sample
     outs = []
