@@ -152,14 +152,16 @@ def test_pass_keeps_the_scale_of_keyword_calls():
 
 @needs_kernel
 def test_inductor_runs_bf16_attention_on_the_kernel(caplog):
-    """compile_deepcache with Inductor in bf16: attention on the kernel by default (logged), a full and a shallow
-    step's outputs within bf16 rounding of the eager DeepCache steps' (which run SDPA)."""
+    """compile_deepcache with Inductor in bf16: attention on the kernel (logged; asked for, since "auto" keeps SDPA
+    on CPUs with AMX), a full and a shallow step's outputs within bf16 rounding of the eager DeepCache steps'
+    (which run SDPA)."""
     torch.manual_seed(0)  # sd-mini with one layer per block: 4 transformer blocks, a faster compile
     unet = UNet2DConditionModel(**{**TINY_CONFIGS["sd-mini"][1], "layers_per_block": 1}).to(torch.bfloat16).eval()
     call = make_call(unet, batch=2)
     eager = compile_deepcache(unet, branch=1, interval=2)
     with caplog.at_level("INFO", logger="deepcache_compile.graph.attention"):
-        native = compile_deepcache(unet, branch=1, interval=2, backend="inductor")
+        native = compile_deepcache(unet, branch=1, interval=2, backend="inductor",
+                                   backend_options={"attention": "native"})
         native(**call)
     counts = [int(c) for c in re.findall(r"(\d+) attention calls on the native bf16 kernel", caplog.text)]
     assert counts[0] == 8 and len(counts) == 2 and 0 < counts[1] < 8  # the full graph's, the shallow one's
@@ -173,8 +175,8 @@ def test_inductor_runs_bf16_attention_on_the_kernel(caplog):
 
 @needs_kernel
 def test_aoti_export_calls_the_kernel_from_python_and_cpp(tmp_path):
-    """`dc.export(format="aoti")` of a bf16 U-Net puts its attention on the kernel by default and records it in
-    the manifest; the Python engine runs the packages within bf16 rounding of eager DeepCache (SDPA), and the C++
+    """`dc.export(format="aoti", options={"attention": "native"})` of a bf16 U-Net puts its attention on the kernel
+    and records it in the manifest; the Python engine runs the packages within bf16 rounding of eager DeepCache (SDPA), and the C++
     program (no Python in the process: the runtime links the kernels) generates the same latents as the Python
     engine's loop over the same packages."""
     torch.manual_seed(0)
@@ -182,7 +184,8 @@ def test_aoti_export_calls_the_kernel_from_python_and_cpp(tmp_path):
     call = make_call(unet, batch=2)
     dc = compile_deepcache(unet, branch=1, interval=2)
     scheduler = DDIMScheduler(num_train_timesteps=1000)
-    dc.export(tmp_path, format="aoti", example=call, batch=(1, 4), scheduler=scheduler)
+    dc.export(tmp_path, format="aoti", example=call, batch=(1, 4), scheduler=scheduler,
+              options={"attention": "native"})
     assert read_manifest(tmp_path)["native_ops"] == ["deepcache::attention_bf16"]
     engine = load_deepcache(tmp_path)
     for t in (900, 800):  # a full step, then a shallow one on its cache
@@ -219,6 +222,24 @@ def test_attention_option_is_checked(backend):
         compile_deepcache(unet, branch=1, backend=backend, backend_options={"attention": "flash"})(**call)
     with pytest.raises(RuntimeError, match="found no attention it computes"):  # fp32
         compile_deepcache(unet, branch=1, backend=backend, backend_options={"attention": "native"})(**call)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_keeps_sdpa_where_the_cpu_has_amx(amx, monkeypatch, caplog):
+    """"auto" on a bf16 graph: SDPA where the CPU has AMX (simulated either way), the kernel elsewhere where it can
+    run; "native" takes the kernel on either."""
+    from deepcache_compile.graph import attention
+
+    monkeypatch.setattr(attention, "amx_prefers_sdpa", lambda: amx)
+    gm = _traced(torch.bfloat16).gm
+    with caplog.at_level("INFO", logger="deepcache_compile.graph.attention"):
+        auto = attention.with_native_attention(gm, "auto", "the test")
+    if amx:
+        assert auto is gm and "12 bf16 attention calls stay SDPA: this CPU has AMX" in caplog.text
+    elif MISSING is None:
+        assert _sdpa_calls(auto) == 0
+    if MISSING is None:
+        assert _sdpa_calls(attention.with_native_attention(gm, "native", "the test")) == 0
 
 
 def test_inductor_says_why_the_kernel_cannot_run(monkeypatch):

@@ -14,6 +14,10 @@ process (None when it can), `with_native_attention(gm, attention, who)` applies 
 `aoti` backends' option `attention` says (and `dc.export(format="aoti")`'s). Eager stays the reference and runs
 SDPA.
 
+On CPUs with AMX the kernel loses: PyTorch's SDPA runs its bf16 products on AMX tiles and was 2.6-3.2x faster
+on self-attention (64 to 4,096 tokens) and even on cross-attention (0.96-1.04x) on a 2-core Xeon with AMX
+(bench/results/attention_forms_amx.md, 2026-12-07), so "auto" keeps SDPA there (`amx_prefers_sdpa`).
+
 Example:
     >>> if native_attention_missing() is None:
     ...     gm, replaced = substitute_attention(gm)
@@ -64,8 +68,8 @@ def substitute_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
 
 def with_native_attention(gm: fx.GraphModule, attention: str, who: str) -> fx.GraphModule:
     """`gm`, or a copy with the kernel in place of the SDPA calls it computes, as a backend's `attention` option
-    says: "auto" takes the kernel where it can run (else keeps SDPA and logs why), "native" requires it (an
-    error says why it cannot run), "sdpa" keeps SDPA. `who` ("the inductor backend") names the caller in
+    says: "auto" takes the kernel where it can run and is faster (not on CPUs with AMX; else keeps SDPA and logs
+    why), "native" requires it (an error says why it cannot run), "sdpa" keeps SDPA. `who` ("the inductor backend") names the caller in
     errors."""
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"{who}: attention={attention!r} is unknown; choose one of {ATTENTION_CHOICES}")
@@ -77,6 +81,9 @@ def with_native_attention(gm: fx.GraphModule, attention: str, who: str) -> fx.Gr
             raise RuntimeError(f"{who}: attention='native' found no attention it computes (it takes bf16 CPU SDPA "
                                "calls without mask, dropout or causal masking); pass attention='sdpa' or 'auto'")
         return gm
+    if attention == "auto" and amx_prefers_sdpa():
+        logger.info("%s: %d bf16 attention calls stay SDPA: this CPU has AMX, on which SDPA is faster", who, calls)
+        return gm
     missing = native_attention_missing()
     if missing is not None:
         if attention == "native":
@@ -86,6 +93,11 @@ def with_native_attention(gm: fx.GraphModule, attention: str, who: str) -> fx.Gr
     substituted, replaced = substitute_attention(gm)
     logger.info("%s: %d attention calls on the native bf16 kernel", who, replaced)
     return substituted
+
+
+def amx_prefers_sdpa() -> bool:
+    """Whether this CPU has AMX tiles, where PyTorch's bf16 SDPA beats the kernel (see the module's note)."""
+    return torch.cpu._is_amx_tile_supported()
 
 
 def _kernel_args(node: fx.Node) -> tuple | None:
