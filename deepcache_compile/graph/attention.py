@@ -69,8 +69,8 @@ def substitute_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
 def with_native_attention(gm: fx.GraphModule, attention: str, who: str) -> fx.GraphModule:
     """`gm`, or a copy with the kernel in place of the SDPA calls it computes, as a backend's `attention` option
     says: "auto" takes the kernel where it can run and is faster (not on CPUs with AMX; else keeps SDPA and logs
-    why), "native" requires it (an error says why it cannot run), "sdpa" keeps SDPA. `who` ("the inductor backend") names the caller in
-    errors."""
+    why), "native" requires it (an error says why it cannot run), "sdpa" keeps SDPA. `who` ("the inductor
+    backend") names the caller in errors."""
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"{who}: attention={attention!r} is unknown; choose one of {ATTENTION_CHOICES}")
     if attention == "sdpa":
