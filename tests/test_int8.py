@@ -176,7 +176,8 @@ def test_a_transformer_quantized_by_torchao_compiles_with_inductor_and_caches():
     """Weights that torchao's `quantize_` made int8 (tensor-subclass weights, activations quantized at run time):
     the eager pair's full step equals the quantized model bitwise; Inductor's pair passes its verification within
     the int8 bound (its activation rounding falls on the other quantization step in places, 0.006 relative here,
-    which the float bound of 1e-3 refused as a miscompilation) and caches on its schedule, close to the eager pair."""
+    which the float bound of 1e-3 refused as a miscompilation) and caches on its schedule, within that bound of
+    the eager pair over three steps."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     from conftest import make_transformer, make_transformer_call
@@ -195,4 +196,4 @@ def test_a_transformer_quantized_by_torchao_compiles_with_inductor_and_caches():
         assert dc.history == "FSF"
     assert torch.equal(outs[0][0], expected)
     error = ((outs[1] - outs[0]).abs().max() / outs[0].abs().max()).item()
-    assert 0 < error < 0.05
+    assert error < 0.1  # the bound its verification applied (0.006 measured on an AMX Xeon)
