@@ -28,6 +28,8 @@ def test_bench_writes_rows_table_and_plot_for_each_dtype(tmp_path, capsys):
     with FlopCounterMode(display=False) as counter, torch.no_grad():  # one U-Net call, counted independently
         unet(**example_call(unet, batch=2, height=8, width=8))
     step_gflop = counter.get_total_flops() / 1e9
+    references = [r for r in rows if r["name"] == "unet-eager fp32"]  # each dtype's run timed its own
+    assert len(references) == 2 and references[0]["median_s"] != references[1]["median_s"]
     for dtype in ("fp32", "bf16"):
         run = [r for r in rows if r["run_dtype"] == dtype]
         names = [r["name"] for r in run]

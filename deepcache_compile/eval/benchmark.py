@@ -217,11 +217,14 @@ def run_benchmark(opts: BenchOptions) -> list[dict]:
         latent = opts.resolution // 8
         call32 = example_call(unet32, batch=opts.batch, height=latent, width=latent)
         macs = _macs(unet32, call32, opts.branch)
-        base = _Candidate("unet-eager fp32", lambda: ddim_loop(unet32, call32, opts.steps),
-                          {"backend": "eager", "dtype": "fp32"}, opts.steps)
+        def fp32_base() -> _Candidate:  # the eager fp32 U-Net, the reference a run's ratios divide
+            return _Candidate("unet-eager fp32", lambda: ddim_loop(unet32, call32, opts.steps),
+                              {"backend": "eager", "dtype": "fp32"}, opts.steps)
+
+        base = fp32_base()  # with one_loop, every dtype's; otherwise each dtype's run times its own
         runs = []
         for name in dtypes:
-            runs.append([base, *_build_dtype(opts, name, backends, unet32, call32)])
+            runs.append([base if opts.one_loop else fp32_base(), *_build_dtype(opts, name, backends, unet32, call32)])
             if not opts.one_loop:
                 _time_interleaved(runs[-1], opts, name)
                 for c in runs[-1][1:]:  # drop the compiled graphs before the next dtype's are built
