@@ -462,6 +462,8 @@ class FlowMatchEuler : public Scheduler {
     if (!options.sigmas.empty() && static_cast<int>(options.sigmas.size()) != steps)
       throw std::invalid_argument(std::to_string(options.sigmas.size()) + " custom sigmas for " +
                                   std::to_string(steps) + " steps: pass one per step");
+    // time_shift(mu, 1, t) = m / (m + (1 / t - 1)) with m = exp(mu) (exponential) or mu (linear).
+    const double m = !dynamic ? 0.0 : exponential ? std::exp(*options.mu) : *options.mu;
     at::Tensor f32;
     if (options.sigmas.empty()) {
       // __init__: the training sigmas t / train (t = train..1, float32 tensors), shifted unless the shift is
@@ -472,9 +474,7 @@ class FlowMatchEuler : public Scheduler {
       std::vector<double> sigmas;
       for (double t : linspace(sigma_max * double(train), sigma_min * double(train), steps)) {
         const double s = t / double(train);
-        if (!dynamic) sigmas.push_back(shift * s / (1 + (shift - 1) * s));
-        else if (exponential) sigmas.push_back(std::exp(*options.mu) / (std::exp(*options.mu) + (1 / s - 1)));
-        else sigmas.push_back(*options.mu / (*options.mu + (1 / s - 1)));
+        sigmas.push_back(dynamic ? m / (m + (1 / s - 1)) : shift * s / (1 + (shift - 1) * s));
       }
       f32 = at::tensor(sigmas, at::kDouble).to(at::kFloat);
     } else {
@@ -482,12 +482,9 @@ class FlowMatchEuler : public Scheduler {
       std::vector<float> sigmas;
       for (double given : options.sigmas) {
         const float s = static_cast<float>(given);
-        if (!dynamic) {
-          sigmas.push_back(static_cast<float>(shift) * s / (1.0f + static_cast<float>(shift - 1) * s));
-        } else {
-          const float e = static_cast<float>(exponential ? std::exp(*options.mu) : *options.mu);
-          sigmas.push_back(e / (e + (1.0f / s - 1.0f)));
-        }
+        const float e = static_cast<float>(m);
+        sigmas.push_back(dynamic ? e / (e + (1.0f / s - 1.0f))
+                                 : static_cast<float>(shift) * s / (1.0f + static_cast<float>(shift - 1) * s));
       }
       f32 = at::tensor(sigmas, at::kFloat);
     }
