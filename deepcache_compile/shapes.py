@@ -5,17 +5,23 @@ the engines that load them.
 The rule: a tensor whose first dimension equals the sample's batch is batched; a tensor of rank >= 4 has
 spatial dimensions that are fixed fractions (1, 1/2, 1/4, ...) of the sample's height and width (ControlNet
 residuals, the cached feature). Every other dimension (text length, channels) is fixed by the example.
+
+Where a graph traced over the ranges is at hand, its placeholders' symbolic sizes are the truth the rule
+approximates, and they also cover what the rule cannot say: a transformer's cached residual has
+`(height / patch) * (width / patch)` tokens, a product of two sizes (`TracedSizes`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, Sequence
 
+import sympy
 import torch
+from torch import fx
 
-__all__ = ["ShapeRanges", "sample_size", "shape_class", "with_batch"]
+__all__ = ["ShapeRanges", "TracedSizes", "sample_size", "shape_class", "with_batch"]
 
 
 @dataclass(frozen=True)
@@ -73,9 +79,12 @@ class ShapeRanges:
                 raise ValueError(f"sample {what}={value} is not a multiple of {self.multiple}, which {owner} "
                                  f"needs (the U-Net downsamples by {self.multiple}): pad or resize the input")
 
-    def export_dims(self, tensors: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any] | None, ...]:
+    def export_dims(self, tensors: tuple[torch.Tensor, ...], traced: "TracedSizes | None" = None
+                    ) -> tuple[dict[int, Any] | None, ...]:
         """`torch.export` dynamic shapes for a flat call whose first tensor is the sample (a cache tensor may
-        be appended): the batch symbol on batched dimensions, spatial symbols `multiple` pixels each."""
+        be appended): the batch symbol on batched dimensions, spatial symbols `multiple` pixels each; given the
+        sizes of a graph traced over the ranges, every other dimension symbolic there is `Dim.AUTO` (export
+        derives it, e.g. a token count `h * w`)."""
         sample = tensors[0]
         b = torch.export.Dim("batch", min=self.batch[0], max=self.batch[1])
         h = torch.export.Dim("height", min=self.height[0] // self.multiple, max=self.height[1] // self.multiple) \
@@ -92,14 +101,21 @@ class ShapeRanges:
                     spec[t.dim() - 2] = h * (t.shape[-2] * self.multiple // sample.shape[-2])
                 if w is not None:
                     spec[t.dim() - 1] = w * (t.shape[-1] * self.multiple // sample.shape[-1])
-            dims.append(spec or None)
-        return tuple(dims)
+            dims.append(spec)
+        if traced is not None:
+            for spec, free in zip(dims, traced.symbolic_dims()):
+                spec.update({d: torch.export.Dim.AUTO for d in free if d not in spec})
+        return tuple(spec or None for spec in dims)
 
-    def bounds(self, tensors: tuple[torch.Tensor, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-        """(smallest, largest) shape of each tensor over the ranges (the first tensor is the sample)."""
+    def bounds(self, tensors: tuple[torch.Tensor, ...], traced: "TracedSizes | None" = None
+               ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """(smallest, largest) shape of each tensor over the ranges (the first tensor is the sample); given the
+        sizes of a graph traced over the ranges, from those (every size grows with the sample's)."""
         example = tuple(tensors[0].shape)
         lo = (self.batch[0], *example[1:-2], self.height[0], self.width[0])
         hi = (self.batch[1], *example[1:-2], self.height[1], self.width[1])
+        if traced is not None:
+            return list(zip(traced.at(lo), traced.at(hi)))
         return [(self.shape_for(tuple(t.shape), example, lo), self.shape_for(tuple(t.shape), example, hi))
                 for t in tensors]
 
@@ -114,6 +130,65 @@ class ShapeRanges:
             for d in (-2, -1):
                 shape[d] = sample[d] * shape[d] // example_sample[d]
         return tuple(shape)
+
+
+@dataclass(frozen=True)
+class TracedSizes:
+    """The input sizes of a graph traced over `ShapeRanges`, as torch.export left them in its placeholders'
+    `meta["val"]`: ints, or sympy expressions in the trace's symbols (the first input is the sample; e.g.
+    `(s0, 4, 2*s1, 2*s2)` and a transformer residual `(s0, s1*s2, 1152)`).
+
+    Example:
+        >>> sizes = TracedSizes.of(split.shallow)
+        >>> sizes.at((2, 4, 24, 40))[-1]   # the cached residual beside a 24 x 40 sample, patch 2
+        (2, 240, 1152)
+    """
+
+    shapes: tuple[tuple[Any, ...], ...]
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> "TracedSizes | None":
+        """The sizes of `gm`'s placeholders; None where one carries no traced tensor (not traced by export)."""
+        shapes = []
+        for node in gm.graph.find_nodes(op="placeholder"):
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                return None
+            shapes.append(tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in val.shape))
+        return cls(tuple(shapes))
+
+    def symbolic_dims(self) -> tuple[frozenset[int], ...]:
+        """Per input, the dimensions whose size varies over the ranges."""
+        return tuple(frozenset(d for d, s in enumerate(shape) if not _constant(s)) for shape in self.shapes)
+
+    def at(self, sample: Sequence[int]) -> list[tuple[int, ...]]:
+        """Every input's shape beside a sample of shape `sample`: the symbols solved from the sample's sizes
+        (each a multiple of one symbol), the other sizes evaluated."""
+        values = {}
+        for expr, size in zip(self.shapes[0], sample):
+            if not _constant(expr) and len(expr.free_symbols) == 1:
+                (symbol,) = expr.free_symbols
+                values[symbol] = sympy.Integer(size) / (expr / symbol)
+        unsolved = {str(s) for shape in self.shapes for e in shape if not _constant(e)
+                    for s in e.free_symbols} - {str(s) for s in values}
+        if unsolved:
+            raise ValueError(f"traced sizes {self.shapes} use symbols the sample's sizes do not give ({unsolved})")
+        return [tuple(int(e) if _constant(e) else int(e.subs(values)) for e in shape) for shape in self.shapes]
+
+
+    def describe(self, index: int) -> str:
+        """Input `index`'s shape in words of the sample's (batch, height, width), e.g. `[batch, height*width/4,
+        1152]` for a transformer residual beside a sample cut into 2 x 2 patches."""
+        names = {}
+        for expr, name in zip(self.shapes[0][:1] + self.shapes[0][-2:], ("batch", "height", "width")):
+            if not _constant(expr) and len(expr.free_symbols) == 1:
+                (symbol,) = expr.free_symbols
+                names[symbol] = sympy.Symbol(name) / (expr / symbol)
+        return "[" + ", ".join(str(e if _constant(e) else sympy.simplify(e.subs(names))) for e in self.shapes[index]) + "]"
+
+
+def _constant(size) -> bool:
+    return isinstance(size, int) or getattr(size, "is_number", False)
 
 
 def is_batched(t: torch.Tensor, sample: torch.Tensor) -> bool:

@@ -97,7 +97,8 @@ def _conditions(family: str, rows: int, seed: int) -> dict:
 def test_one_dynamic_batch_pair_serves_every_batch_size_bitwise(family):
     """SD3 and Flux do not trace with batch 1 in the range (their joint attention guards `batch != 1`): they are
     traced from batch 2 and a batch-1 call runs as two equal rows, equal to the static batch-1 pair up to batched
-    rounding. Flux's sample is packed tokens (batch, tokens, channels): one token count per pair."""
+    rounding. Flux's sample is packed tokens (batch, tokens, channels): one token count per pair. Without
+    height/width ranges a pair serves the example's resolution."""
     model = make_transformer(family)
     dynamic = compile_deepcache(model, branch=0, interval=2, dynamic=dict(batch=(1, 4)))
     static = compile_deepcache(model, branch=0, interval=2)
@@ -119,8 +120,10 @@ def test_one_dynamic_batch_pair_serves_every_batch_size_bitwise(family):
             compile_deepcache(model, branch=0, dynamic=dict(batch=(1, 4), height=(8, 16)))(
                 **make_transformer_call(family))
         return
-    with pytest.raises(ValueError, match="serves one resolution per pair, the example's: pass height=\\(8, 8\\)"):
-        compile_deepcache(model, branch=0, dynamic=dict(batch=(1, 4), height=(8, 16)))(**make_transformer_call(family))
+    # Without height/width the pair serves the example's resolution (the ranges' tests: tests/test_transformers.py);
+    # a range that leaves the example out is refused.
+    with pytest.raises(ValueError, match="height=\\(12, 16\\) leaves out the example's height 8"):
+        compile_deepcache(model, branch=0, dynamic=dict(batch=(1, 4), height=(12, 16)))(**make_transformer_call(family))
 
 
 @pytest.mark.parametrize("family", ["pixart", "sd3"])
@@ -173,9 +176,11 @@ def test_transformer_pt2_engine_serves_every_batch_size(tmp_path):
 
 
 @pytest.mark.skipif(not library_path().is_file(), reason="the native runtime is not built: run `make native`")
-def test_transformer_aoti_engine_in_python_native_and_the_program(tmp_path):
-    """PixArt exported as AOTInductor packages: the Python engine, the native engine and deepcache-generate
-    (its learned-variance output halved as the pipelines do) give the same latents and the same history."""
+def test_transformer_aoti_engine_serves_a_resolution_range_in_python_native_and_the_program(tmp_path):
+    """PixArt exported once as AOTInductor packages over a range of resolutions (token counts 16-64): at two
+    sizes (8 x 8 and a non-square 12 x 16 latent) the Python engine, the native engine and deepcache-generate
+    (its learned-variance output halved as the pipelines do) give the latents of the eager model cached the same
+    way, with the same history; the manifest states the cached residual's token count."""
     import subprocess
     from pathlib import Path
 
@@ -185,30 +190,37 @@ def test_transformer_aoti_engine_in_python_native_and_the_program(tmp_path):
     model, scheduler = make_transformer("pixart"), DDIMScheduler()
     dc = compile_deepcache(model, branch=0, interval=2)
     dc.export(tmp_path / "engine", format="aoti", example=make_transformer_call("pixart", batch=2), batch=(1, 4),
-              scheduler=scheduler)
-    noise, text = torch.randn(3, 4, 8, 8), torch.randn(3, 5, 12)
-
-    def loop(transformer):
-        steps = DDIMScheduler.from_config(scheduler.config)
-        steps.set_timesteps(6)
-        x = noise
-        for t in steps.timesteps:
-            out = transformer(hidden_states=x, encoder_hidden_states=text, timestep=t.expand(3).float()).sample
-            x = steps.step(out.chunk(2, dim=1)[0], t, x).prev_sample
-        return x, transformer.history
-
-    runs = [loop(dc), loop(load_deepcache(tmp_path / "engine")), loop(load_deepcache(tmp_path / "engine", runtime="native"))]
-    save_file({"sample": noise, "encoder_hidden_states": text}, tmp_path / "in.safetensors")
+              height=(8, 16), width=(8, 16), scheduler=scheduler)
+    manifest = json.loads((tmp_path / "engine" / "deepcache.json").read_text())
+    assert manifest["ranges"]["height"] == [8, 16] and manifest["cache"]["shape"] == "[batch, height*width/4, 16]"
+    engines = [load_deepcache(tmp_path / "engine"), load_deepcache(tmp_path / "engine", runtime="native")]
     program = Path(__file__).parents[1] / "build" / "deepcache-generate"
-    result = subprocess.run([str(program), str(tmp_path / "engine"), str(tmp_path / "in.safetensors"),
-                             str(tmp_path / "out.safetensors"), "--steps", "6"], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
-    runs.append((load_file(tmp_path / "out.safetensors")["sample"], result.stdout.split()[1]))
-    assert [history for _, history in runs] == ["FSFSFS"] * 4
-    for latents, _ in runs[1:]:
-        torch.testing.assert_close(latents, runs[0][0], rtol=5e-4, atol=5e-4)
-    torch.testing.assert_close(runs[3][0], runs[1][0], rtol=1e-5, atol=1e-5)  # the same packages
+    for rows, height, width in ((3, 8, 8), (2, 12, 16)):
+        noise, text = torch.randn(rows, 4, height, width), torch.randn(rows, 5, 12)
+
+        def loop(transformer):
+            steps = DDIMScheduler.from_config(scheduler.config)
+            steps.set_timesteps(6)
+            x = noise
+            for t in steps.timesteps:
+                out = transformer(hidden_states=x, encoder_hidden_states=text, timestep=t.expand(rows).float()).sample
+                x = steps.step(out.chunk(2, dim=1)[0], t, x).prev_sample
+            history = transformer.history
+            transformer.reset()
+            return x, history
+
+        runs = [loop(dc)] + [loop(engine) for engine in engines]
+        save_file({"sample": noise, "encoder_hidden_states": text}, tmp_path / "in.safetensors")
+        result = subprocess.run([str(program), str(tmp_path / "engine"), str(tmp_path / "in.safetensors"),
+                                 str(tmp_path / "out.safetensors"), "--steps", "6"], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+        runs.append((load_file(tmp_path / "out.safetensors")["sample"], result.stdout.split()[1]))
+        assert [history for _, history in runs] == ["FSFSFS"] * 4
+        assert runs[0][0].shape == (rows, 4, height, width)
+        for latents, _ in runs[1:]:
+            torch.testing.assert_close(latents, runs[0][0], rtol=5e-4, atol=5e-4)
+        torch.testing.assert_close(runs[3][0], runs[1][0], rtol=1e-5, atol=1e-5)  # the same packages
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

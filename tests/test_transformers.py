@@ -115,6 +115,81 @@ def test_drop_in_runs_the_schedule_and_matches_the_reference(family):
     assert dc.history == "FSSFS"
 
 
+# Sizes one dynamic pair serves in the resolution tests: latent (height, width), batch; non-square included.
+SIZES = [(8, 8, 2), (12, 20, 2), (16, 8, 1), (24, 24, 3)]
+
+
+def _sized_call(family: str, height: int, width: int, batch: int, seed: int, timestep: float) -> dict:
+    call = make_transformer_call(family, batch=batch, seed=seed, timestep=timestep)
+    frames = call["hidden_states"].shape[1:-2]
+    call["hidden_states"] = torch.randn(batch, *frames, height, width, generator=torch.Generator().manual_seed(seed))
+    return call
+
+
+@pytest.mark.parametrize("family, backend", [("pixart", "eager"), ("sd3", "eager"), ("wan", "eager"),
+                                             ("pixart", "inductor"), ("pixart", "onnxruntime")])
+def test_one_pair_serves_a_range_of_resolutions(family, backend, monkeypatch):
+    """dynamic=dict(height=..., width=...): one trace and one compilation per graph serve every token count in
+    the ranges (the position tables computed from the size, the cached residual's token count `h * w / 4`);
+    full steps equal the model (bitwise on eager), cached steps the eager block-cache reference, and no size
+    compiles again."""
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    from deepcache_compile.runtime import pair as pair_module
+
+    model = make_transformer(family)
+    compiles, real = [], pair_module.get_backend
+    monkeypatch.setattr(pair_module, "get_backend", lambda name: lambda gm, inputs, options, **kw: (
+        compiles.append(type(gm).__name__), real(name)(gm, inputs, options, **kw))[1])
+    dc = compile_deepcache(model, branch=0, interval=2, backend=backend,
+                           dynamic=dict(batch=(1, 4), height=(4, 24), width=(4, 24)))
+    reference = BlockCacheReference(model, first=1)
+    graphs = None
+    for i, (height, width, batch) in enumerate(SIZES):
+        for step in range(2):
+            call = _sized_call(family, height, width, batch, seed=i, timestep=900 - 100 * step)
+            with torch.no_grad():
+                out = dc(**call).sample
+            expected = reference(step == 0, **call)
+            if step == 0 and backend == "eager" and batch > 1:  # batch 1 of SD3 runs padded to 2 rows
+                assert torch.equal(out, expected), (height, width, batch)
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        assert dc.history == "FS"
+        graphs = graphs or torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert len(compiles) == 2  # the full and the shallow graph, once
+    if backend == "inductor":  # compiled ahead of time at batch >= 2 and batch 1; no size recompiled
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_model_that_fixes_its_size_in_python_is_refused_over_a_resolution_range():
+    """DiT's output reshapes by the square root of the token count, which the trace keeps as a constant: the
+    trace is checked at a second size and refused, naming the cause and the fix."""
+    from deepcache_compile.graph.trace import UNetTraceError
+
+    dc = compile_deepcache(make_transformer("dit"), branch=0, dynamic=dict(height=(4, 16), width=(4, 16)))
+    with pytest.raises(UNetTraceError, match="square root.*Leave height/width out"):
+        dc(**make_transformer_call("dit"))
+    fixed = compile_deepcache(make_transformer("dit"), branch=0, dynamic=True)  # its one resolution: served
+    with torch.no_grad():
+        assert fixed(**make_transformer_call("dit")).sample.shape == (2, 8, 8, 8)
+
+
+def test_traced_sizes_give_the_cache_shape_at_any_sample_size():
+    """`TracedSizes` of a shallow graph traced over ranges: the residual's shape at another sample size, and in
+    words, against the token count counted by hand (patch 2: (h / 2) * (w / 2) tokens of 16 channels)."""
+    from deepcache_compile.calls import CallFlattener
+    from deepcache_compile.graph.trace import trace_unet
+    from deepcache_compile.shapes import ShapeRanges, TracedSizes
+
+    model, call = make_transformer("sd3"), make_transformer_call("sd3")
+    traced = trace_unet(model, CallFlattener(model)((), call), ShapeRanges((2, 4), (4, 24), (4, 24), 2))
+    one = TracedSizes.of(split_at_branch(traced.gm, find_cuts(traced.gm)[0]).shallow)
+    two = TracedSizes.of(split_at_branch(traced.gm, find_cuts(traced.gm, last_blocks=1)[0]).shallow)
+    assert one.at((3, 4, 12, 20))[-1] == (3, 6 * 10, 16) and one.describe(4) == "[batch, height*width/4, 16]"
+    assert two.at((3, 4, 12, 20))[-1] == (3, 6 * 10 * 16 + 5 * 16)  # image and text streams, one row each
+    assert one.symbolic_dims()[1] == {0} and one.symbolic_dims()[4] == {0, 1}
+
+
 def test_inductor_backend_runs_a_transformer():
     model = make_transformer("pixart")
     eager = compile_deepcache(model, branch=0, interval=2)

@@ -31,7 +31,7 @@ from ..policy import StepState
 from ..runtime.generation import keep_cache
 from ..runtime.pair import dynamic_example, int8_split, select_branch, shape_ranges, trace_in_ranges
 from ..schedule import nonuniform_full_steps
-from ..shapes import ShapeRanges, is_batched
+from ..shapes import ShapeRanges, TracedSizes, is_batched
 from .formats import PartIO, get_format
 from .manifest import FORMAT_VERSION, MANIFEST, cpu_isa, sha256
 from .signing import SIGNATURE, sign_manifest
@@ -91,7 +91,8 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
     directory.mkdir(parents=True, exist_ok=True)
     call = _example(dc, example)
     ranges = shape_ranges(dc.unet, call, "export", batch=batch, height=height, width=width)
-    programs, branch, probe, compiled = _dynamic_programs(dc, call, ranges, attention, f"the {format} export")
+    programs, branch, probe, compiled, cache_shape = _dynamic_programs(dc, call, ranges, attention,
+                                                                       f"the {format} export")
     # A model traced only from a larger batch: the engines pad smaller calls up to it (the manifest's pad_batch).
     pad_batch = compiled.batch[0] if compiled.batch[0] > ranges.batch[0] else 1
     ranges = compiled
@@ -109,7 +110,7 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
         scheduler.save_config(directory)
         files["scheduler"] = [directory / "scheduler_config.json"]
     ops = sorted({op for program in programs.values() for op in native_ops(program.graph)})
-    manifest = _manifest(dc, format, ranges, branch, files, call, ops, parts, probe, pad_batch)
+    manifest = _manifest(dc, format, ranges, branch, files, call, ops, parts, probe, pad_batch, cache_shape)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     (directory / SIGNATURE).unlink(missing_ok=True)  # a signature from an earlier export here no longer applies
     if sign_key is not None:
@@ -131,13 +132,14 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
     """The programs to write: full and shallow, or, for a policy that decides from the head's probe, head, deep
     and tail (and the probe's index among the head's outputs; None for a pair), or with split="step" the one
     step program (and its `StepState`); and the ranges they were compiled for (from batch 2 where the model traces
-    only from there, `runtime.pair.trace_in_ranges`)."""
+    only from there, `runtime.pair.trace_in_ranges`); and the cache's shape in words of the sample's."""
     call = dynamic_example(call, ranges)  # a batch-1 example would specialize the programs to batch 1
     traced, pad_batch = trace_in_ranges(dc.unet, call, ranges, dc.deepcache_config)
     if pad_batch > 1:
         ranges = dataclasses.replace(ranges, batch=(pad_batch, ranges.batch[1]))
     branch = select_branch(traced.gm, dc.deepcache_config)
     inputs = call.tensors
+    cache_shape = TracedSizes.of(split_at_branch(traced.gm, branch).shallow).describe(len(inputs))
 
     forecast = dc.deepcache_config.forecast
     passes = PassOptions(forecast=forecast, attention=attention, who=who)
@@ -147,7 +149,8 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
 
     if dc.deepcache_config.graphs == "step":
         step = device_step(split_three(traced.gm, branch), dc.deepcache_config.policy, passes, len(inputs))
-        return {"step": export_program(step, step.example(*inputs), ranges, variadic=True)}, branch, step.state, ranges
+        return ({"step": export_program(step, step.example(*inputs), ranges, variadic=True)}, branch, step.state,
+                ranges, cache_shape)
     if dc.deepcache_config.policy.uses_probe:
         three = split_three(traced.gm, branch)
         with torch.no_grad():
@@ -155,7 +158,7 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
             (cache,) = three.deep(*inputs, *links)
         programs = {"head": export(three.head, "head", inputs), "deep": export(three.deep, "deep", (*inputs, *links)),
                     "tail": export(three.tail, "tail", (*inputs, *links, cache))}
-        return programs, branch, three.probe, ranges
+        return programs, branch, three.probe, ranges, cache_shape
     split = split_at_branch(traced.gm, branch)
     if dc.deepcache_config.quantize is not None:  # the int8 graphs, calibrated on the recorded calls in the ranges
         split = int8_split(dc.unet, split, call, dc.deepcache_config, ranges)
@@ -163,11 +166,11 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
         cache = split.full(*inputs)[1]
     extra = keep_cache(cache) if forecast else ()  # (slope, steps): zeros, 0 steps
     return ({"full": export(split.full, "full", inputs),
-             "shallow": export(split.shallow, "shallow", (*inputs, cache, *extra))}, branch, None, ranges)
+             "shallow": export(split.shallow, "shallow", (*inputs, cache, *extra))}, branch, None, ranges, cache_shape)
 
 
 def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, list[Path]], call: FlatCall,
-              ops: list[str], parts: dict[str, PartIO], probe: int | None, pad_batch: int) -> dict:
+              ops: list[str], parts: dict[str, PartIO], probe: int | None, pad_batch: int, cache_shape: str) -> dict:
     import diffusers
 
     from .. import __version__
@@ -212,7 +215,7 @@ def _manifest(dc, format: str, ranges: ShapeRanges, branch, files: dict[str, lis
         # The engines were compiled from this batch (the model traces only from there); a call of fewer rows
         # runs with its rows repeated up to it and the output cut back (1: no padding).
         "pad_batch": pad_batch,
-        "cache": _cache_rule(branch, sample),
+        "cache": _cache_rule(branch, sample, cache_shape),
         "unet": {"class": type(unet).__name__, "config": dict(unet.config), "dtype": str(sample.dtype),
                  "forward_params": list(CallFlattener(unet).parameters),
                  "add_embedding_in_features": add_embedding.in_features if add_embedding is not None else None},
@@ -241,12 +244,12 @@ def _policy(config, probe) -> dict | None:
             "max_skip": rule.max_skip, "decided": "device", "state": probe.to_manifest()}
 
 
-def _cache_rule(cut, sample: torch.Tensor) -> dict:
-    """The cached tensor's shape as a function of the sample's: a U-Net feature scales with the sample; a
-    transformer residual (one resolution per export) has the batch as its only varying dimension."""
+def _cache_rule(cut, sample: torch.Tensor, shape: str) -> dict:
+    """The cached tensor's shape as a function of the sample's (`shape`, from the traced graph): a U-Net feature
+    scales with the sample; a transformer residual's token count is the product of the patch rows and columns
+    (the batch alone varies where the export serves one resolution)."""
     dtype = str(cut.cache_dtype).removeprefix("torch.")
-    shape = cut.cache_shape
-    if len(shape) == 4:
-        return {"channels": shape[1], "stride": sample.shape[-2] // shape[-2], "dtype": dtype,
-                "shape": "[batch, channels, height // stride, width // stride]"}
-    return {"dtype": dtype, "shape": "[batch, " + ", ".join(str(d) for d in shape[1:]) + "]"}
+    if len(cut.cache_shape) == 4:
+        return {"channels": cut.cache_shape[1], "stride": sample.shape[-2] // cut.cache_shape[-2], "dtype": dtype,
+                "shape": shape}
+    return {"dtype": dtype, "shape": shape}

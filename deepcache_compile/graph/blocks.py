@@ -18,7 +18,7 @@ import re
 
 from torch import fx
 
-from .cuts import Cut, Stream, register_finder
+from .cuts import Cut, Stream, example_shape, register_finder
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _range_cut(gm: fx.GraphModule, blocks: list, first: int, stop: int, needed: 
             logger.debug("blocks [%d, %d): output %s has no stream input of its shape", first, stop, out.name)
             return None
         val = out.meta["val"]
-        streams.append(Stream(out.name, base.name, tuple(val.shape), val.dtype))
+        streams.append(Stream(out.name, base.name, example_shape(val), val.dtype))
     consumer = next(u for u in nodes[hi + 1:] if u in needed and any(a.name == streams[0].node for a in u.all_input_nodes))
     last = blocks[stop - 1][0]
     probe = next(n for n in nodes if n.name == streams[0].base)

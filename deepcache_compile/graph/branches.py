@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import fx
 
-from .cuts import Cut, CutNotFoundError, Stream, module_path, register_finder
+from .cuts import Cut, CutNotFoundError, Stream, example_shape, module_path, register_finder
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _branch(index: int, skip: fx.Node, main: fx.Node, cat: fx.Node) -> Cut:
     layer = next(iter(cat.users), cat)
     return Cut(
         index=index,
-        streams=(Stream(main.name, None, tuple(int(s) for s in val.shape), val.dtype),),
+        streams=(Stream(main.name, None, example_shape(val), val.dtype),),
         probe=skip.name,
         consumer=cat.name,
         producer_module=module_path(skip),

@@ -46,6 +46,12 @@ class Stream:
     dtype: torch.dtype
 
 
+def example_shape(val: torch.Tensor) -> tuple[int, ...]:
+    """A traced tensor's shape at the trace's example: symbolic sizes read as their example value without
+    guarding on it (`int()` of a symbolic size would fix the symbol to that value for the whole trace)."""
+    return tuple(s.node.hint if isinstance(s, torch.SymInt) else int(s) for s in val.shape)
+
+
 @dataclass(frozen=True)
 class Cut:
     """Where to cut a traced model and what a full step keeps.

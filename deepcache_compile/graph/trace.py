@@ -7,6 +7,7 @@ result is a `TracedUNet`: a GraphModule whose placeholders are the flat tensors 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
@@ -18,7 +19,7 @@ from torch.fx.experimental import proxy_tensor
 from torch.utils import _pytree as pytree
 
 from ..calls import FlatCall
-from ..shapes import ShapeRanges
+from ..shapes import ShapeRanges, TracedSizes
 from ..tracing import GATE
 
 logger = logging.getLogger(__name__)
@@ -98,14 +99,75 @@ def trace_unet(unet: nn.Module, call: FlatCall, ranges: ShapeRanges | None = Non
     was_training = unet.training
     unet.eval()
     try:
-        ep = export_program(wrapper, call.tensors, ranges, variadic=True)
+        with _position_tables_from_size(unet, ranges):
+            ep = export_program(wrapper, call.tensors, ranges, variadic=True)
     except Exception as err:  # torch.export raises many types; all mean the same to the user
         raise UNetTraceError(_explain_export_failure(err)) from err
     finally:
         unet.train(was_training)
     gm = _positional(_functional(ep).module())
     logger.info("traced %s: %d nodes, inputs %s", type(unet).__name__, len(gm.graph.nodes), call.names)
+    if ranges is not None:
+        _check_another_size(wrapper, gm, call, ranges)
     return TracedUNet(gm=gm, call=call)
+
+
+def _check_another_size(model: nn.Module, gm: fx.GraphModule, call: FlatCall, ranges: ShapeRanges) -> None:
+    """Runs a trace over a range of sizes once at another size, against the model: torch.export keeps a size
+    that Python code turned into a constant without saying so (DiT's output takes the square root of the token
+    count and serves square samples only), and such a graph would fail or be wrong at other sizes.
+
+    The size: the smallest height, and the width one multiple above the smallest where the range allows (a
+    non-square sample). Costs one small eager call of each, once per trace."""
+    sample = call.tensors[0]
+    height, width = ranges.height[0], min(ranges.width[0] + ranges.multiple, ranges.width[1])
+    if (height, width) == tuple(sample.shape[-2:]):
+        return
+    shape = (*sample.shape[:-2], height, width)
+    gen = torch.Generator(device=sample.device).manual_seed(0)
+    inputs = []
+    for t in call.tensors:
+        new = ShapeRanges.shape_for(tuple(t.shape), tuple(sample.shape), shape)
+        inputs.append(t if new == tuple(t.shape) else
+                      torch.randn(new, generator=gen, device=t.device).to(t.dtype))
+    with torch.no_grad():
+        expected = model(*inputs)[0]
+        try:
+            actual = gm(*inputs)[0]
+        except RuntimeError as err:
+            actual = err
+    if isinstance(actual, Exception) or actual.shape != expected.shape or not torch.allclose(
+            actual, expected, rtol=1e-3, atol=1e-5):
+        what = f"fails there ({str(actual).splitlines()[0]})" if isinstance(actual, Exception) else "differs there"
+        raise UNetTraceError(
+            f"{type(model.unet).__name__} traced over heights {ranges.height} and widths {ranges.width} {what} "
+            f"at {height} x {width}: the model fixes a size in Python code that the trace kept as a constant "
+            "(e.g. DiT's output reshapes by the square root of the token count: square samples only). Leave "
+            "height/width out of the ranges (one resolution per pair) or give a range of one size")
+
+
+@contextlib.contextmanager
+def _position_tables_from_size(model: nn.Module, ranges: ShapeRanges | None):
+    """Over a range of sizes, diffusers' `PatchEmbed` computes its sine-cosine position table from the size.
+
+    It keeps the table of its configured size and compares the input's size with it in Python
+    (`if self.height != height or self.width != width`), which a trace over a range turns into a guard: the
+    program would serve the configured size only. For the trace its stored size is hidden, so the table is
+    computed from the symbolic size (the function that made the stored table; equal values at that size)."""
+    hidden = []
+    if ranges is not None and (ranges.height[0] < ranges.height[1] or ranges.width[0] < ranges.width[1]):
+        from diffusers.models.embeddings import PatchEmbed
+
+        hidden = [m for m in model.modules() if isinstance(m, PatchEmbed) and m.pos_embed is not None
+                  and not m.pos_embed_max_size]
+    saved = [(m.height, m.width) for m in hidden]
+    for m in hidden:
+        m.height = m.width = None
+    try:
+        yield
+    finally:
+        for m, (height, width) in zip(hidden, saved):
+            m.height, m.width = height, width
 
 
 def export_program(module: nn.Module, inputs: tuple, ranges: ShapeRanges | None = None, variadic: bool = False):
@@ -115,7 +177,8 @@ def export_program(module: nn.Module, inputs: tuple, ranges: ShapeRanges | None 
     with GATE.trace():  # export flips process-wide backend flags: no step may run meanwhile (see tracing.py)
         if ranges is None:
             return _untrack_fakes(torch.export.export(module, inputs, strict=False))
-        dynamic_shapes = ranges.export_dims(inputs)
+        traced = TracedSizes.of(module) if isinstance(module, fx.GraphModule) else None
+        dynamic_shapes = ranges.export_dims(inputs, traced)
         dynamic_shapes = (dynamic_shapes,) if variadic else dynamic_shapes
         from torch.fx.experimental import _config as fx_config
 
@@ -128,7 +191,11 @@ def _functional(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgra
     from data flow, and a write into a buffer (Wan's rotary tables fill a tensor with `copy_`) is none."""
     if not any(_mutates(node) for node in ep.graph.nodes):
         return ep
-    with GATE.trace():
+    from torch.fx.experimental import _config as fx_config
+
+    # As in export_program: a size-1 or equal pair of example sizes must not become a guard. Re-tracing a
+    # view of a (2, h, w) grid as (2, 1, w, h) (diffusers' position tables) otherwise equates h and w.
+    with GATE.trace(), fx_config.patch(backed_size_oblivious=True):
         return _untrack_fakes(ep.run_decompositions({}))
 
 
@@ -160,9 +227,23 @@ def _positional(gm: fx.GraphModule) -> fx.GraphModule:
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
     gm.graph._codegen = fx.graph.CodeGen()
+    _drop_kept_squeezes(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _drop_kept_squeezes(gm: fx.GraphModule) -> None:
+    """Removes `squeeze` calls that the trace found to keep every dimension (PixArt squeezes its token axis,
+    which is never 1): over symbolic sizes the trace has already decided so, and ONNX's Squeeze, given the
+    symbolic axis, would fail on every size but 1."""
+    squeezes = (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims)
+    for node in [n for target in squeezes for n in gm.graph.find_nodes(op="call_function", target=target)]:
+        source = node.args[0]
+        before, after = source.meta.get("val"), node.meta.get("val")
+        if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dim() == after.dim():
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
 
 
 def _explain_export_failure(err: Exception) -> str:

@@ -23,7 +23,7 @@ from ..graph.partition import SplitGraphs, ThreeGraphs, split_at_branch, split_t
 from ..graph.passes import PassOptions, apply_passes
 from ..graph.step import DeviceStep, device_step as step_module
 from ..graph.trace import TracedUNet, UNetTraceError, forget_last_trace, trace_unet
-from ..shapes import ShapeRanges, sample_size, with_batch
+from ..shapes import ShapeRanges, TracedSizes, sample_size, with_batch
 from ..artifacts.cache import CompileCache
 from .backends import get_backend, graph_options
 from .generation import FORCE_CACHED, FORCE_FULL, GenerationState, StepGraphs, keep_cache, run_step, step_mode
@@ -98,7 +98,9 @@ class CompiledPair:
         """Runs the shallow graph after checking that `cache` fits it (the dispatcher skips this check)."""
         shape, dtype = self.branch.cache_shape, self.branch.cache_dtype
         if self.ranges is not None:
-            shape = ShapeRanges.shape_for(shape, tuple(self.traced.example_inputs[0].shape), tuple(inputs[0].shape))
+            traced = TracedSizes.of(self.split.shallow)
+            shape = traced.at(tuple(inputs[0].shape))[len(inputs)] if traced else ShapeRanges.shape_for(
+                shape, tuple(self.traced.example_inputs[0].shape), tuple(inputs[0].shape))
         if tuple(cache.shape) != shape or cache.dtype != dtype:
             raise ValueError(
                 f"cache of shape {tuple(cache.shape)} and dtype {cache.dtype} does not match the shallow graph's "
@@ -117,9 +119,8 @@ def shape_ranges(unet: nn.Module, call: FlatCall, what: str, **ranges: tuple[int
     """`ShapeRanges` from the user's (min, max) `ranges` (batch, height, width), resolved for this U-Net: one
     static trace of `call` finds its downsampling factor. `what` names the caller in error messages.
 
-    Transformers (no U-Net skips; a 4-D sample cut into patches) serve one resolution per pair, the example's:
-    their token count is the product of two symbolic sizes, and diffusers' patch embeddings compute position
-    tables from the size in Python, which a trace fixes. Their batch stays dynamic."""
+    Transformers (no U-Net skips; a sample cut into patches) serve the example's resolution unless `height` or
+    `width` ranges are given (in latent pixels, multiples of the patch); their batch is dynamic either way."""
     sample = call.tensors[0]
     with _fx_sources_added() as added:
         gm = trace_unet(unet, call).gm
@@ -145,17 +146,21 @@ def _transformer_ranges(model: nn.Module, sample: torch.Tensor, what: str, batch
         tokens, channels = sample.shape[1:]
         return ShapeRanges.resolve(1, tokens, batch=batch, height=(tokens, tokens), width=(channels, channels),
                                    what=what)
-    if sample.dim() != 4 or not isinstance(patch, int):
+    if isinstance(patch, (tuple, list)) and sample.dim() == 5 and patch[-1] == patch[-2]:
+        patch = patch[-1]  # video (Wan): frames stay the example's, the spatial patch is square
+    if sample.dim() not in (4, 5) or not isinstance(patch, int):
         raise ValueError(f"{what}: {type(model).__name__} takes a sample of shape {tuple(sample.shape)}; dynamic "
-                         "ranges cover 4-D (batch, channels, height, width) samples cut into square patches: "
-                         "compile it without dynamic= (one pair per shape)")
+                         "ranges cover (batch, channels, [frames,] height, width) samples cut into square "
+                         "patches: compile it without dynamic= (one pair per shape)")
     size = tuple(sample.shape[-2:])
     for name, given, own in (("height", height, size[0]), ("width", width, size[1])):
-        if given is not None and tuple(given) != (own, own):
-            raise ValueError(f"{what}: {type(model).__name__} serves one resolution per pair, the example's: pass "
-                             f"{name}=({own}, {own}) or leave it out (another size: another pair)")
-    return ShapeRanges.resolve(patch, sample_size(model), batch=batch, height=(size[0],) * 2,
-                               width=(size[1],) * 2, what=what)
+        if given is not None and (own < given[0] or own > given[1]):
+            raise ValueError(f"{what}: {name}={tuple(given)} leaves out the example's {name} {own}: give an example "
+                             f"inside the range")
+    # One resolution (the example's) unless a range is given: its token count is then the product of two
+    # symbolic sizes (see graph.trace._position_tables_from_size for what diffusers' patch embeddings need).
+    return ShapeRanges.resolve(patch, max(size), batch=batch, height=tuple(height or (size[0],) * 2),
+                               width=tuple(width or (size[1],) * 2), what=what)
 
 
 def compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig,

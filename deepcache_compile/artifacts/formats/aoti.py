@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from torch.fx.experimental import _config as fx_config
 
 from . import RANGES_KEY, ranges_text
 
@@ -41,7 +42,11 @@ def package(program: torch.export.ExportedProgram, path: Path, inductor_configs:
         configs["aot_inductor.metadata"] = {**configs.get("aot_inductor.metadata", {}), **metadata}
     if not weights:
         configs["aot_inductor.package_constants_in_so"] = False
-    torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
+    # As the program was exported (graph.trace.export_program): equal example sizes must not become a guard.
+    # Inductor re-traces views, and a view of a (2, h, w) grid as (2, 1, w, h) (diffusers' position tables)
+    # would otherwise equate h and w at a square example, and the package would serve square sizes only.
+    with fx_config.patch(backed_size_oblivious=True):
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
     return path
 
 

@@ -23,11 +23,11 @@ import threading
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.fx.experimental import _config as fx_config
 
 from ...options import check_options
-from ...shapes import ShapeRanges, with_batch
+from ...shapes import ShapeRanges, TracedSizes, with_batch
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +43,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], 
     # sym_max while materializing strides), so dynamic pairs default to weights as inputs.
     freezing = options.pop("freezing", example_inputs[0].device.type == "cpu" and ranges is None)
     options.setdefault("fullgraph", True)
-    examples = [example_inputs] if ranges is None else _dynamic_examples(example_inputs, ranges)
+    examples = [example_inputs] if ranges is None else _dynamic_examples(example_inputs, ranges, gm)
     if ranges is not None:
         options["dynamic"] = False  # only the dimensions marked by _dynamic_examples are symbolic
     compiled = torch.compile(gm, backend="inductor", **options)
     # Compile now, under the chosen freezing setting, instead of on the first denoising step.
-    with torch._inductor.config.patch(freezing=freezing), fx_config.patch(use_duck_shape=False), torch.no_grad():
+    with torch._inductor.config.patch(freezing=freezing), _symbolic_sizes(), torch.no_grad():
         for inputs in examples:
             compiled(*inputs)
     logger.info("inductor compiled %s (freezing=%s, %d specializations)", type(gm).__name__, freezing, len(examples))
@@ -56,6 +56,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], 
     if _cudagraphs(options, example_inputs[0].device):
         run = _Replayed(run)
     return run
+
+
+def _symbolic_sizes():
+    """How sizes are made symbolic while compiling: one symbol per marked dimension (no duck sizing: equal example
+    sizes stay independent), and a view's re-trace does not equate two sizes because the example's are equal
+    (`backed_size_oblivious`, as graph.trace.export_program exports: a (2, h, w) grid viewed as (2, 1, w, h) in
+    diffusers' position tables would otherwise guard h == w at a square example, and recompile for the others)."""
+    return fx_config.patch(use_duck_shape=False, backed_size_oblivious=True)
 
 
 def _cudagraphs(options: dict, device: torch.device) -> bool:
@@ -107,8 +115,7 @@ def _past_recompile_limit(compiled):
                     "more specialization for %s (up to %d)", torch._dynamo.config.recompile_limit,
                     [tuple(t.shape) for t in inputs[:1]], SPECIALIZATION_LIMIT)
         try:
-            with _PAST_LIMIT, torch._dynamo.config.patch(recompile_limit=SPECIALIZATION_LIMIT), fx_config.patch(
-                    use_duck_shape=False):
+            with _PAST_LIMIT, torch._dynamo.config.patch(recompile_limit=SPECIALIZATION_LIMIT), _symbolic_sizes():
                 return compiled(*inputs)
         except torch._dynamo.exc.FailOnRecompileLimitHit as err:
             raise RuntimeError(
@@ -121,17 +128,20 @@ def _past_recompile_limit(compiled):
     return run
 
 
-def _dynamic_examples(example_inputs: tuple[torch.Tensor, ...], ranges: ShapeRanges) -> list[tuple]:
-    """Copies of the example inputs with their batch and spatial dimensions marked dynamic; plus, where the
-    batch range starts at 1, a batch-1 copy: Inductor specializes size-1 batches, so that case is a second
-    specialization, compiled now rather than at the first batch-1 call."""
+def _dynamic_examples(example_inputs: tuple[torch.Tensor, ...], ranges: ShapeRanges, gm: nn.Module) -> list[tuple]:
+    """Copies of the example inputs with the dimensions that vary over the ranges marked dynamic (batch, spatial
+    sizes, and what the trace made symbolic: a transformer residual's token count); plus, where the batch range
+    starts at 1, a batch-1 copy: Inductor specializes size-1 batches, so that case is a second specialization,
+    compiled now rather than at the first batch-1 call."""
     examples = [example_inputs]
     if ranges.batch[0] == 1 and example_inputs[0].shape[0] > 1:
         examples.append(with_batch(example_inputs, 1))
+    traced = TracedSizes.of(gm) if isinstance(gm, fx.GraphModule) else None
+    bounds = ranges.bounds(example_inputs, traced if traced and len(traced.shapes) == len(example_inputs) else None)
     marked = []
     for inputs in examples:
         inputs = tuple(t.clone() for t in inputs)  # the marks stay on these copies
-        for t, (lo, hi) in zip(inputs, ranges.bounds(example_inputs)):
+        for t, (lo, hi) in zip(inputs, bounds):
             for d in range(t.dim()):
                 if lo[d] != hi[d] and (d > 0 or t.shape[0] > 1):
                     torch._dynamo.maybe_mark_dynamic(t, d)
