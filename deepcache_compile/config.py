@@ -28,8 +28,9 @@ class DeepCacheConfig:
         max_signatures: how many input signatures (shape/dtype/optional-input sets) keep a compiled pair.
         verify: check each compiled pair once against the eager graphs (non-eager backends).
         dynamic: None (or False) for one compiled pair per exact input shape; else the (min, max) ranges one
-            dynamic pair serves: a dict with any of "batch", "height", "width" (height/width in U-Net input pixels;
-            defaults in `ShapeRanges.resolve`), `{}` (or True) for the defaults. Stored as None or a dict.
+            dynamic pair serves: a dict with any of "batch", "height", "width" (height/width in U-Net input pixels,
+            a transformer's latent pixels; defaults in `ShapeRanges.resolve`, a transformer's one resolution) and,
+            for packed-token samples (Flux), "tokens"; `{}` (or True) for the defaults. Stored as None or a dict.
         outside_ranges: what a call the dynamic pair cannot serve gets (a size outside the ranges or not a
             multiple of the U-Net's downsampling factor): "error", or "static" (a static pair for its shape).
         on_weight_change: what a generation does when it finds the U-Net's weights changed since its pairs were
@@ -126,10 +127,10 @@ class DeepCacheConfig:
             raise ValueError(f"cache_dir: the {self.backend} backend keeps no compiled files to cache; the aoti "
                              "backend does (backend='aoti'), and engine files load without compiling (dc.export)")
         if self.dynamic is not None:
-            unknown = set(self.dynamic) - {"batch", "height", "width"}
+            unknown = set(self.dynamic) - {"batch", "height", "width", "tokens"}
             if unknown:
                 raise ValueError(f"dynamic={self.dynamic!r} has unknown keys {sorted(unknown)}: use 'batch', "
-                                 "'height' and 'width', each a (min, max) pair")
+                                 "'height' and 'width' ('tokens' for packed-token samples), each a (min, max) pair")
             for key, value in self.dynamic.items():
                 if not (isinstance(value, (tuple, list)) and len(value) == 2
                         and all(isinstance(v, int) and v >= 1 for v in value) and value[0] <= value[1]):

@@ -4,7 +4,10 @@ the engines that load them.
 
 The rule: a tensor whose first dimension equals the sample's batch is batched; a tensor of rank >= 4 has
 spatial dimensions that are fixed fractions (1, 1/2, 1/4, ...) of the sample's height and width (ControlNet
-residuals, the cached feature). Every other dimension (text length, channels) is fixed by the example.
+residuals, the cached feature). A sample of packed tokens, `(batch, tokens, channels)` (Flux), has its token
+count where a 4-D sample has its height (`ShapeRanges.height` counts tokens, `multiple` 1), and so does the
+first dimension of an unbatched 2-D tensor of that many rows (Flux's `img_ids`). Every other dimension (text
+length, channels) is fixed by the example.
 
 Where a graph traced over the ranges is at hand, its placeholders' symbolic sizes are the truth the rule
 approximates, and they also cover what the rule cannot say: a transformer's cached residual has
@@ -96,6 +99,9 @@ class ShapeRanges:
             spec: dict[int, Any] = {}
             if is_batched(t, sample):
                 spec[0] = b
+            tokens = _token_axis(tuple(t.shape), tuple(sample.shape), t is sample)
+            if tokens is not None and h is not None:
+                spec[tokens] = h
             if t.dim() >= 4 and t.shape[-2] * self.multiple >= sample.shape[-2]:  # 1 x 1 (broadcast) stays 1
                 if h is not None:  # a one-size range stays static
                     spec[t.dim() - 2] = h * (t.shape[-2] * self.multiple // sample.shape[-2])
@@ -124,8 +130,11 @@ class ShapeRanges:
         """The shape a tensor traced with shape `traced` beside `example_sample` takes beside a sample of shape
         `sample` (the rule in the module docstring)."""
         shape = list(traced)
+        tokens = _token_axis(tuple(traced), tuple(example_sample), tuple(traced) == tuple(example_sample))
         if shape and shape[0] == example_sample[0]:
             shape[0] = sample[0]
+        if tokens is not None:
+            shape[tokens] = sample[1]
         if len(shape) >= 4:
             for d in (-2, -1):
                 shape[d] = sample[d] * shape[d] // example_sample[d]
@@ -187,6 +196,19 @@ class TracedSizes:
         return "[" + ", ".join(str(e if _constant(e) else sympy.simplify(e.subs(names))) for e in self.shapes[index]) + "]"
 
 
+def _token_axis(shape: tuple[int, ...], sample: tuple[int, ...], is_sample: bool) -> int | None:
+    """Beside a sample of packed tokens `(batch, tokens, channels)`: the dimension of a tensor of `shape` that is
+    the token count (the sample's own second; the first of an unbatched 2-D tensor of as many rows, Flux's
+    `img_ids`); None for other tensors and other samples."""
+    if len(sample) != 3:
+        return None
+    if is_sample:
+        return 1
+    if len(shape) == 2 and shape[0] == sample[1] and shape[0] != sample[0]:
+        return 0
+    return None
+
+
 def _constant(size) -> bool:
     return isinstance(size, int) or getattr(size, "is_number", False)
 
@@ -220,10 +242,13 @@ def shape_class(shapes: tuple[tuple[int, ...], ...]) -> tuple:
     """
     sample = shapes[0]
     key = []
-    for shape in shapes:
+    for i, shape in enumerate(shapes):
         dims: list = list(shape)
+        tokens = _token_axis(tuple(shape), tuple(sample), i == 0)
         if dims and dims[0] == sample[0]:
             dims[0] = "batch"
+        if tokens is not None:
+            dims[tokens] = "tokens"
         if len(dims) >= 4:
             dims[-2], dims[-1] = Fraction(shape[-2], sample[-2]), Fraction(shape[-1], sample[-1])
         key.append(tuple(dims))

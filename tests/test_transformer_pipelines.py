@@ -245,9 +245,10 @@ def test_joint_attention_exports_serve_batch_one_padded(family, tmp_path):
                 max_image_seq_len=4096)))  # FLUX.1-dev's scheduler config
     dc = compile_deepcache(model, branch=0, interval=2)
     dc.export(tmp_path, format="aoti", example=make_transformer_call(family, batch=2), batch=(1, 4),
-              scheduler=scheduler)
+              scheduler=scheduler, **(dict(tokens=(16, 64)) if family == "flux" else {}))
     manifest = json.loads((tmp_path / "deepcache.json").read_text())
     assert manifest["pad_batch"] == 2 and manifest["ranges"]["batch"] == [2, 4]
+    assert manifest["ranges"]["height"] == ([16, 64] if family == "flux" else [8, 8])  # Flux: tokens
     assert [i["batched"] for i in manifest["inputs"]] == ([True] * 4 if family == "sd3" else
                                                           [True, True, True, True, False, False])  # Flux's ids
     native = library_path().is_file()
@@ -284,36 +285,41 @@ def test_joint_attention_exports_serve_batch_one_padded(family, tmp_path):
             x = scheduler.step(velocity, t, x).prev_sample
         inputs = {"sample": call["hidden_states"], "encoder_hidden_states": call["encoder_hidden_states"],
                   "pooled_projections": call["pooled_projections"]}
-    else:
-        x, inputs = _flux_pipeline_latents(engine, scheduler)
-    save_file(inputs, tmp_path / "in.safetensors")
+        assert engine.history == "FSFSFS"
+        runs = [(x, inputs)]
+    else:  # one export, two image sizes: 16 and 48 tokens, each sampled as FluxPipeline sets it (mu per size)
+        runs = [_flux_pipeline_latents(engine, scheduler, *size) for size in ((16, 16), (24, 32))]
     program = Path(__file__).parents[1] / "build" / "deepcache-generate"
-    result = subprocess.run([str(program), str(tmp_path), str(tmp_path / "in.safetensors"),
-                             str(tmp_path / "out.safetensors"), "--steps", "6"], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split()[1] == engine.history == "FSFSFS"
-    torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["sample"], x, rtol=1e-5, atol=1e-5)
+    for x, inputs in runs:
+        save_file(inputs, tmp_path / "in.safetensors")
+        result = subprocess.run([str(program), str(tmp_path), str(tmp_path / "in.safetensors"),
+                                 str(tmp_path / "out.safetensors"), "--steps", "6"], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split()[1] == "FSFSFS"
+        torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["sample"], x, rtol=1e-5, atol=1e-5)
 
 
-def _flux_pipeline_latents(engine, scheduler) -> tuple[torch.Tensor, dict]:
-    """FluxPipeline (16 x 16 px, 6 steps, output_type="latent") with `engine` as its transformer: its final packed
-    latents, and deepcache-generate's inputs made from what the pipeline passed the transformer at its first step
-    (the initial noise as `sample`, text, pooled text and the token ids)."""
+def _flux_pipeline_latents(engine, scheduler, height: int = 16, width: int = 16) -> tuple[torch.Tensor, dict]:
+    """FluxPipeline (height x width px, 6 steps, output_type="latent") with `engine` as its transformer: its final
+    packed latents, and deepcache-generate's inputs made from what the pipeline passed the transformer at its first
+    step (the initial noise as `sample`, text, pooled text and the token ids)."""
     pipe = diffusers.FluxPipeline(transformer=engine, scheduler=scheduler, vae=_vae(2), text_encoder=None,
                                   tokenizer=None, text_encoder_2=None, tokenizer_2=None)
     pipe.set_progress_bar_config(disable=True)
+    engine.reset()
     gen = torch.Generator().manual_seed(5)
-    noise = torch.randn(1, 16, 8, generator=gen)
+    noise = torch.randn(1, height // 4 * (width // 4), 8, generator=gen)  # VAE x2, then 2 x 2 packing
     calls, forward = [], engine.forward
     engine.forward = lambda *args, **kwargs: calls.append(kwargs) or forward(*args, **kwargs)
     with torch.no_grad():
-        latents = pipe(prompt_embeds=torch.randn(1, 5, 12, generator=gen), num_inference_steps=6, height=16,
-                       width=16, pooled_prompt_embeds=torch.randn(1, 10, generator=gen), latents=noise,
+        latents = pipe(prompt_embeds=torch.randn(1, 5, 12, generator=gen), num_inference_steps=6, height=height,
+                       width=width, pooled_prompt_embeds=torch.randn(1, 10, generator=gen), latents=noise,
                        output_type="latent").images
     del engine.forward
     first = calls[0]
     assert len(calls) == 6 and torch.equal(first["hidden_states"], noise) and first["guidance"] is None
+    assert engine.history == "FSFSFS"
     inputs = {"sample": noise, **{k: first[k] for k in ("encoder_hidden_states", "pooled_projections", "img_ids",
                                                          "txt_ids")}}
     return latents, inputs

@@ -120,19 +120,27 @@ SIZES = [(8, 8, 2), (12, 20, 2), (16, 8, 1), (24, 24, 3)]
 
 
 def _sized_call(family: str, height: int, width: int, batch: int, seed: int, timestep: float) -> dict:
+    """A call at latent size height x width; for Flux, the (height / 2) * (width / 2) tokens its pipeline packs."""
     call = make_transformer_call(family, batch=batch, seed=seed, timestep=timestep)
+    gen = torch.Generator().manual_seed(seed)
+    if family == "flux":
+        tokens = height // 2 * (width // 2)
+        call["hidden_states"] = torch.randn(batch, tokens, 8, generator=gen)
+        call["img_ids"] = torch.randn(tokens, 3, generator=gen)
+        return call
     frames = call["hidden_states"].shape[1:-2]
-    call["hidden_states"] = torch.randn(batch, *frames, height, width, generator=torch.Generator().manual_seed(seed))
+    call["hidden_states"] = torch.randn(batch, *frames, height, width, generator=gen)
     return call
 
 
 @pytest.mark.parametrize("family, backend", [("pixart", "eager"), ("sd3", "eager"), ("wan", "eager"),
-                                             ("pixart", "inductor"), ("pixart", "onnxruntime")])
+                                             ("flux", "eager"), ("pixart", "inductor"), ("pixart", "onnxruntime"),
+                                             ("flux", "aoti")])
 def test_one_pair_serves_a_range_of_resolutions(family, backend, monkeypatch):
-    """dynamic=dict(height=..., width=...): one trace and one compilation per graph serve every token count in
-    the ranges (the position tables computed from the size, the cached residual's token count `h * w / 4`);
-    full steps equal the model (bitwise on eager), cached steps the eager block-cache reference, and no size
-    compiles again."""
+    """dynamic=dict(height=..., width=...) (Flux: tokens=...): one trace and one compilation per graph serve every
+    size in the ranges (the position tables computed from the size, the cached residual's token count `h * w / 4`
+    or Flux's packed token count); full steps equal the model (bitwise on eager), cached steps the eager
+    block-cache reference, and no size compiles again."""
     if backend == "onnxruntime":
         pytest.importorskip("onnxruntime")
     from deepcache_compile.runtime import pair as pair_module
@@ -141,8 +149,8 @@ def test_one_pair_serves_a_range_of_resolutions(family, backend, monkeypatch):
     compiles, real = [], pair_module.get_backend
     monkeypatch.setattr(pair_module, "get_backend", lambda name: lambda gm, inputs, options, **kw: (
         compiles.append(type(gm).__name__), real(name)(gm, inputs, options, **kw))[1])
-    dc = compile_deepcache(model, branch=0, interval=2, backend=backend,
-                           dynamic=dict(batch=(1, 4), height=(4, 24), width=(4, 24)))
+    sizes = dict(tokens=(4, 144)) if family == "flux" else dict(height=(4, 24), width=(4, 24))
+    dc = compile_deepcache(model, branch=0, interval=2, backend=backend, dynamic=dict(batch=(1, 4), **sizes))
     reference = BlockCacheReference(model, first=1)
     graphs = None
     for i, (height, width, batch) in enumerate(SIZES):
@@ -151,7 +159,7 @@ def test_one_pair_serves_a_range_of_resolutions(family, backend, monkeypatch):
             with torch.no_grad():
                 out = dc(**call).sample
             expected = reference(step == 0, **call)
-            if step == 0 and backend == "eager" and batch > 1:  # batch 1 of SD3 runs padded to 2 rows
+            if step == 0 and backend == "eager" and batch > 1:  # batch 1 of SD3 and Flux runs padded to 2 rows
                 assert torch.equal(out, expected), (height, width, batch)
             torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
         assert dc.history == "FS"

@@ -58,8 +58,8 @@ def _three_io(links: int) -> dict[str, PartIO]:
 
 def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example: dict | None = None,
                      batch: tuple[int, int] | None = None, height: tuple[int, int] | None = None,
-                     width: tuple[int, int] | None = None, fp16: bool = False, options: dict | None = None,
-                     scheduler=None, sign_key=None) -> Path:
+                     width: tuple[int, int] | None = None, tokens: tuple[int, int] | None = None,
+                     fp16: bool = False, options: dict | None = None, scheduler=None, sign_key=None) -> Path:
     """Writes the full/shallow pair of a `DeepCacheUNet` as engine files plus `deepcache.json`.
 
     Args:
@@ -68,7 +68,9 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
         format: one of "pt2", "aoti", "onnx", "tensorrt".
         example: keyword arguments of one U-Net call; default: the last call the module saw.
         batch, height, width: (min, max) ranges to accept (`ShapeRanges.resolve`); height/width in U-Net input
-            pixels. Defaults: batch 1..16, height/width 2*multiple .. max(2*sample_size, 8*multiple).
+            pixels. Defaults: batch 1..16, height/width 2*multiple .. max(2*sample_size, 8*multiple); a
+            transformer's: its example's resolution (a range: latent pixels, multiples of its patch).
+        tokens: for a transformer of packed tokens (Flux), the (min, max) token count (default: the example's).
         fp16: build TensorRT engines with fp16 kernels (the same as `options={"fp16": True}`).
         options: the format's write options (aoti: `inductor_configs`, and `attention`: "auto" (default),
             "native" or "sdpa", bf16 attention on the project's CPU kernel as for the aoti backend, recorded
@@ -90,7 +92,8 @@ def export_deepcache(dc, directory: str | Path, format: str = "pt2", *, example:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     call = _example(dc, example)
-    ranges = shape_ranges(dc.unet, call, "export", batch=batch, height=height, width=width)
+    ranges = shape_ranges(dc.unet, call, "export", batch=batch, height=height, width=width,
+                          **({"tokens": tokens} if tokens is not None else {}))
     programs, branch, probe, compiled, cache_shape = _dynamic_programs(dc, call, ranges, attention,
                                                                        f"the {format} export")
     # A model traced only from a larger batch: the engines pad smaller calls up to it (the manifest's pad_batch).

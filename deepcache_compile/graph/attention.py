@@ -33,6 +33,7 @@ from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
 from ..kernels import native_attention_missing
+from .cuts import same_sizes
 
 __all__ = ["ATTENTION_CHOICES", "attention_calls", "substitute_attention", "with_native_attention"]
 
@@ -111,8 +112,9 @@ def _kernel_args(node: fx.Node) -> tuple | None:
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         return None
     query, key, value = tensors
-    shapes_ok = (all(t.dim() == 4 for t in tensors) and query.shape[:2] == key.shape[:2] == value.shape[:2]
-                 and query.shape[3] == key.shape[3] == value.shape[3] and key.shape[2] == value.shape[2])
+    shapes_ok = (all(t.dim() == 4 for t in tensors) and same_sizes(query.shape[:2], key.shape[:2])
+                 and same_sizes(key.shape[:2], value.shape[:2]) and same_sizes(query.shape[3:], key.shape[3:])
+                 and same_sizes(key.shape[2:], value.shape[2:]))
     if not (shapes_ok and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
             and kwargs.get("attn_mask") is None and not kwargs.get("dropout_p") and not kwargs.get("is_causal")
             and not kwargs.get("enable_gqa") and isinstance(query.shape[3], int)):

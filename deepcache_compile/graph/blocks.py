@@ -18,7 +18,7 @@ import re
 
 from torch import fx
 
-from .cuts import Cut, Stream, example_shape, register_finder
+from .cuts import Cut, Stream, example_shape, register_finder, same_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -130,5 +130,5 @@ def _stream_input(out: fx.Node, candidates: list[fx.Node]) -> fx.Node | None:
 
 def _same_type(a, b) -> bool:
     return a is not None and b is not None and hasattr(a, "shape") and hasattr(b, "shape") \
-        and tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype
+        and same_sizes(a.shape, b.shape) and a.dtype == b.dtype
 

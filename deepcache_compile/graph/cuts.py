@@ -52,6 +52,15 @@ def example_shape(val: torch.Tensor) -> tuple[int, ...]:
     return tuple(s.node.hint if isinstance(s, torch.SymInt) else int(s) for s in val.shape)
 
 
+def same_sizes(a, b) -> bool:
+    """Whether two traced shapes are the same sizes, symbolic ones compared as expressions: `==` on symbolic
+    sizes would guard the trace on the answer (equal example sizes would become one symbol, or a constant)."""
+    def exprs(shape):
+        return tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in shape)
+
+    return len(a) == len(b) and exprs(a) == exprs(b)
+
+
 @dataclass(frozen=True)
 class Cut:
     """Where to cut a traced model and what a full step keeps.

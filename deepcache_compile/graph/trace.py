@@ -19,7 +19,7 @@ from torch.fx.experimental import proxy_tensor
 from torch.utils import _pytree as pytree
 
 from ..calls import FlatCall
-from ..shapes import ShapeRanges, TracedSizes
+from ..shapes import ShapeRanges, TracedSizes, is_batched
 from ..tracing import GATE
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def trace_unet(unet: nn.Module, call: FlatCall, ranges: ShapeRanges | None = Non
         True
     """
     batched = () if ranges is None else tuple(
-        i for i, dims in enumerate(ranges.export_dims(call.tensors)) if i > 0 and dims and 0 in dims)
+        i for i, t in enumerate(call.tensors) if i > 0 and is_batched(t, call.tensors[0]))
     wrapper = _FlatUNet(unet, call.spec, call.spec.num_leaves, call.constants, batched)
     was_training = unet.training
     unet.eval()

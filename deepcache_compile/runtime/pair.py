@@ -130,6 +130,8 @@ def shape_ranges(unet: nn.Module, call: FlatCall, what: str, **ranges: tuple[int
         multiple = downsampling_factor(find_branches(gm), sample.shape[-2])
     except BranchNotFoundError:
         return _transformer_ranges(unet, sample, what, **ranges)
+    if ranges.pop("tokens", None) is not None:
+        raise ValueError(f"{what}: tokens= ranges a transformer's packed tokens; a U-Net takes height= and width=")
     resolved = ShapeRanges.resolve(multiple, sample_size(unet), **ranges, what=what)
     for name, (lo, hi), size in (("height", resolved.height, sample.shape[-2]), ("width", resolved.width,
                                                                                  sample.shape[-1])):
@@ -140,18 +142,26 @@ def shape_ranges(unet: nn.Module, call: FlatCall, what: str, **ranges: tuple[int
 
 
 def _transformer_ranges(model: nn.Module, sample: torch.Tensor, what: str, batch=None, height=None,
-                        width=None) -> ShapeRanges:
+                        width=None, tokens=None) -> ShapeRanges:
     patch = getattr(model.config, "patch_size", None)
     if sample.dim() == 3 and height is None and width is None:  # packed tokens (Flux): (batch, tokens, channels)
-        tokens, channels = sample.shape[1:]
-        return ShapeRanges.resolve(1, tokens, batch=batch, height=(tokens, tokens), width=(channels, channels),
-                                   what=what)
+        own, channels = sample.shape[1:]
+        if tokens is not None and not tokens[0] <= own <= tokens[1]:
+            raise ValueError(f"{what}: tokens={tuple(tokens)} leaves out the example's {own} tokens: give an example "
+                             "inside the range")
+        return ShapeRanges.resolve(1, own, batch=batch, height=tuple(tokens or (own, own)),
+                                   width=(channels, channels), what=what)
+    if tokens is not None:
+        raise ValueError(f"{what}: tokens= ranges the token count of a packed-token sample (batch, tokens, "
+                         f"channels); {type(model).__name__} takes a sample of shape {tuple(sample.shape)}: give "
+                         "height= and width= ranges instead")
     if isinstance(patch, (tuple, list)) and sample.dim() == 5 and patch[-1] == patch[-2]:
         patch = patch[-1]  # video (Wan): frames stay the example's, the spatial patch is square
     if sample.dim() not in (4, 5) or not isinstance(patch, int):
         raise ValueError(f"{what}: {type(model).__name__} takes a sample of shape {tuple(sample.shape)}; dynamic "
                          "ranges cover (batch, channels, [frames,] height, width) samples cut into square "
-                         "patches: compile it without dynamic= (one pair per shape)")
+                         "patches and packed tokens (batch, tokens, channels; tokens=): compile it without "
+                         "dynamic= (one pair per shape)")
     size = tuple(sample.shape[-2:])
     for name, given, own in (("height", height, size[0]), ("width", width, size[1])):
         if given is not None and (own < given[0] or own > given[1]):
@@ -192,7 +202,9 @@ def _compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig, rang
     elif config.backend != "eager" and config.verify and quantized_elsewhere(unet):
         tolerance = INT8_TOLERANCE
     backend = get_backend(config.backend)
-    shapes = {"ranges": ranges} if ranges is not None else {}  # static-only backends need not know the word
+    # Static-only backends need not know the word; a model traced from batch 2 is compiled from there too.
+    shapes = {"ranges": ranges if padded_to == 1 else dataclasses.replace(ranges, batch=(padded_to, ranges.batch[1]))
+              } if ranges is not None else {}
     if config.cache_dir is not None:
         shapes["cache"] = CompileCache.at(config.cache_dir)
     passes = PassOptions(forecast=config.forecast, who=f"the {config.backend} backend",
