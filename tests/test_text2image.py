@@ -78,12 +78,14 @@ def sd3(tmp_path_factory):
 
 @pytest.mark.parametrize("family", ["sd", "pixart", "sd3"])
 def test_requests_served_together_equal_the_pipeline_run_alone(family, request):
-    """Stable Diffusion (U-Net, CLIP, sizes 32 and 48 px), PixArt-Sigma (transformer, T5 with its text mask,
-    16 px: one token count) and SD3 (MMDiT, two CLIP encoders; traced from batch 2, a 1-row call padded)."""
+    """Stable Diffusion (U-Net, CLIP, sizes 32 and 48 px), PixArt-Sigma (transformer, T5 with its text mask, one
+    pair serving 16-32 px: 16 and 32 x 16 px requests) and SD3 (MMDiT, two CLIP encoders, 16 px; traced from batch
+    2, a 1-row call padded)."""
     folder = request.getfixturevalue({"sd": "folder"}.get(family, family))
-    service = serve(folder)
+    service = serve(folder, **(dict(min_size=16, max_size=32) if family == "pixart" else {}))
     try:
-        jobs = JOBS if family == "sd" else PIXART_JOBS
+        jobs = JOBS if family == "sd" else PIXART_JOBS + [("a tall house", "dark", 3.0, 5, 3, 32, 16, 1, 5)] \
+            if family == "pixart" else PIXART_JOBS
         results, submitted = asyncio.run(_generate_all(service, jobs))
         for job, out in zip(jobs, results):
             assert close(out, alone(folder, job)), job
@@ -135,12 +137,29 @@ def test_flux_requests_equal_the_pipeline_run_alone(flux, batching):
             assert stats["calls"] == 4 + 3
         with pytest.raises(ValueError, match="negative_prompt: FluxPipeline takes none"):
             service.submit(prompt="a car", negative_prompt="blur")
-        with pytest.raises(ValueError, match="compiled for 16x16 only"):
+        with pytest.raises(ValueError, match="64 tokens, and this server serves 16..16 tokens"):
             service.submit(prompt="a car", height=32, width=32)
     finally:
         service.close()
-    with pytest.raises(ValueError, match="serves one size"):
-        serve(flux, min_size=16, max_size=32)
+
+
+def test_a_flux_service_serves_a_range_of_sizes_with_one_pair(flux):
+    """min_size=16, max_size=32: one Flux pair over 16..64 packed tokens serves 16 x 16 and 32 x 16 px requests,
+    each equal to the pipeline run alone; a size past the range is refused naming its token count."""
+    jobs = [("a red car", None, 3.5, 4, 0, 16, 16, 1, 2), ("a tall house", None, 5.0, 3, 1, 32, 16, 1, 3)]
+    service = serve(flux, min_size=16, max_size=32)
+    try:
+        results, pairs = [], []
+        for job in jobs:  # one after the other: the second size compiles nothing
+            results += asyncio.run(_generate_all(service, [job]))[0]
+            pairs.append(len(service.dc.pairs))
+        for job, out in zip(jobs, results):
+            assert close(out, alone(flux, job)), job
+        assert pairs[1] == pairs[0] and service.dc.shape_ranges.height == (16, 64)
+        with pytest.raises(ValueError, match="96 tokens, and this server serves 16..64 tokens"):
+            service.submit(prompt="a car", height=48, width=32)
+    finally:
+        service.close()
 
 
 def test_generation_batching_runs_one_setting_as_one_pipeline_call(folder):

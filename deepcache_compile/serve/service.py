@@ -57,8 +57,8 @@ class ServeOptions:
         steps: the default number of denoising steps of a request.
         max_batch: the most sample rows in one U-Net call (the dynamic pair's batch range is 1..max_batch).
         min_size, max_size: the image sizes (pixels, both sides) the pair serves; default half and twice the
-            model's sample size. A transformer pipeline serves one size (one token count): `max_size` (with
-            `min_size` left out or equal), default the pipeline's own.
+            model's sample size. A transformer pipeline serves its own default size, `max_size` alone, or every
+            size from `min_size` to `max_size` (Flux: the token counts of those sides).
         threads: torch intra-op threads of the replica (Ray gives an actor as many CPUs as it asks for).
         batch_wait_s: how long `batching="generation"` waits to fill a batch; for text-to-image, how long the text
             encoders and the VAE decoder wait for other requests' calls to batch with.

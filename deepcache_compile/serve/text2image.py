@@ -250,7 +250,7 @@ class TextToImageService:
                          daemon=True).start()
         self._run([self.submit(prompt="warm up", steps=1)])  # compiles the pair now, not in the first request
         self._forget_warm_up()
-        if self.denoiser == "unet":
+        if not self._packed:  # a U-Net's downsampling, a transformer's patch
             self.size_step *= self.dc.shape_ranges.multiple
 
     def _load(self, options) -> tuple[Any, Any]:
@@ -271,17 +271,19 @@ class TextToImageService:
         return pipe, self.dc if self.dc is not None else getattr(pipe, self.denoiser)
 
     def _served_size(self, pipe, model) -> int:
-        """The default image size (pixels a side); for a transformer the one it serves (`ServeOptions.max_size`,
-        else the pipeline's default)."""
+        """The default image size (pixels a side): the pipeline's; a transformer given `max_size` alone serves that
+        one size, given `min_size` and `max_size` the pipeline's size where it is inside them, else `max_size`."""
         size = (getattr(pipe, "default_sample_size", None) or model.config.sample_size) * pipe.vae_scale_factor
         if self.denoiser != "transformer" or self.options.max_size is None:
             return size
         lo, hi = self.options.min_size, self.options.max_size
-        if lo not in (None, hi):
-            raise ValueError(f"min_size={lo}, max_size={hi}: a transformer pipeline serves one size (one token "
-                             "count): give max_size alone")
         self._check_multiple("max_size", hi)
-        return hi
+        if lo is None or lo == hi:
+            return hi
+        self._check_multiple("min_size", lo)
+        if not 0 < lo < hi:
+            raise ValueError(f"min_size={lo}, max_size={hi}: give 0 < min_size <= max_size")
+        return size if lo <= size <= hi else hi
 
     def _forget_warm_up(self) -> None:
         self.counts.clear()
@@ -293,14 +295,17 @@ class TextToImageService:
                 stand._call.calls = stand._call.rows = 0
 
     def _ranges(self, pipe) -> dict:
-        """The dynamic pair's ranges: batch 1..max_batch; U-Nets also sizes (latent pixels) from min_size/max_size,
-        or `compile_deepcache`'s defaults; transformers serve one token count (their default size)."""
+        """The dynamic pair's ranges: batch 1..max_batch, and sizes (latent pixels; Flux: the packed token counts)
+        from min_size/max_size where both are given; otherwise `compile_deepcache`'s defaults for a U-Net, one
+        size (the default) for a transformer."""
         ranges = {"batch": (1, self.options.max_batch)}
+        lo, hi = self.options.min_size, self.options.max_size
+        if not (lo and hi and (self.denoiser == "unet" or lo < hi)):
+            return ranges
+        if self._packed:  # (h / step) * (w / step) tokens for sides of lo..hi pixels
+            return ranges | {"tokens": ((lo // self.size_step) ** 2, (hi // self.size_step) ** 2)}
         factor = pipe.vae_scale_factor
-        if self.denoiser == "unet" and self.options.min_size and self.options.max_size:
-            ranges |= {"height": (self.options.min_size // factor, self.options.max_size // factor)}
-            ranges |= {"width": ranges["height"]}
-        return ranges
+        return ranges | {"height": (lo // factor, hi // factor), "width": (lo // factor, hi // factor)}
 
     def close(self) -> None:
         """Stops the step worker (requests in flight are not finished)."""
@@ -352,13 +357,14 @@ class TextToImageService:
     def _check_size(self, height: int, width: int) -> None:
         self._check_multiple("height", height)
         self._check_multiple("width", width)
-        if self.denoiser == "transformer":
-            if (height, width) != (self.default_size, self.default_size):
-                raise ValueError(f"height={height}, width={width}: this server's transformer is compiled for "
-                                 f"{self.default_size}x{self.default_size} only (one token count)")
-            return
         factor, ranges = self.pipe.vae_scale_factor, self.dc.shape_ranges
         if ranges is None:  # the warm-up, before the pair exists: it compiles at the default size
+            return
+        if self._packed:
+            tokens, (lo, hi) = (height // self.size_step) * (width // self.size_step), ranges.height
+            if not lo <= tokens <= hi:
+                raise ValueError(f"height={height}, width={width}: {tokens} tokens, and this server serves {lo}..{hi} "
+                                 "tokens (start it with other min_size / max_size for more)")
             return
         for name, value, (lo, hi) in (("height", height, ranges.height), ("width", width, ranges.width)):
             if not lo * factor <= value <= hi * factor:
