@@ -170,10 +170,11 @@ class TracedSizes:
         """Per input, the dimensions whose size varies over the ranges."""
         return tuple(frozenset(d for d, s in enumerate(shape) if not _constant(s)) for shape in self.shapes)
 
-    def at(self, sample: Sequence[int]) -> list[tuple[int, ...]]:
+    def at(self, sample: Sequence[int], others: dict | None = None) -> list[tuple[int, ...]]:
         """Every input's shape beside a sample of shape `sample`: the symbols solved from the sample's sizes
-        (each a multiple of one symbol), the other sizes evaluated."""
-        values = {}
+        (each a multiple of one symbol), the other sizes evaluated; `others` gives symbols the sample does not
+        (e.g. one torch.export chose for a `Dim.AUTO` size, by its range's end)."""
+        values = {symbol: sympy.Integer(v) for symbol, v in (others or {}).items()}
         for expr, size in zip(self.shapes[0], sample):
             if not _constant(expr) and len(expr.free_symbols) == 1:
                 (symbol,) = expr.free_symbols

@@ -198,6 +198,29 @@ def test_traced_sizes_give_the_cache_shape_at_any_sample_size():
     assert one.symbolic_dims()[1] == {0} and one.symbolic_dims()[4] == {0, 1}
 
 
+def test_tensorrt_profiles_span_the_residual_token_counts():
+    """The TensorRT engine file's optimization profile (written without TensorRT: shapes only) for a PixArt shallow
+    program over 4-24 latent pixels a side: the cached residual from 2 x 2 to 12 x 12 tokens, the sample and text
+    from the ranges' ends, opt at the example."""
+    from deepcache_compile.artifacts.formats.tensorrt import profile
+    from deepcache_compile.calls import CallFlattener
+    from deepcache_compile.graph.trace import export_program, trace_unet
+    from deepcache_compile.shapes import ShapeRanges
+
+    model, call = make_transformer("pixart"), make_transformer_call("pixart")
+    ranges = ShapeRanges((2, 4), (4, 24), (4, 24), 2)
+    flat = CallFlattener(model)((), call)
+    traced = trace_unet(model, flat, ranges)
+    split = split_at_branch(traced.gm, find_cuts(traced.gm)[0])
+    with torch.no_grad():
+        cache = split.full(*flat.tensors)[1]
+    program = export_program(split.shallow, (*flat.tensors, cache), ranges)
+    shapes = profile(program, (*flat.names, "cache"), ranges)
+    assert shapes["cache"] == ((2, 2 * 2, 16), (2, 4 * 4, 16), (4, 12 * 12, 16))
+    assert shapes[flat.names[0]] == ((2, 4, 4, 4), (2, 4, 8, 8), (4, 4, 24, 24))
+    assert shapes[flat.names[1]] == ((2, 5, 12), (2, 5, 12), (4, 5, 12))
+
+
 def test_inductor_backend_runs_a_transformer():
     model = make_transformer("pixart")
     eager = compile_deepcache(model, branch=0, interval=2)

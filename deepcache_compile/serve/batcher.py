@@ -240,9 +240,9 @@ class StepBatcher:
         `max_batch`, a size outside the pair's ranges, a probe policy on pairs without the three-graph split)
         raises here, before the request joins any batch."""
         policy = self._policy(steps, interval, schedule)
-        self._check_rows(latents, conditions)
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(steps)
+        self._check_rows(latents, conditions, scheduler.timesteps[:1].expand(latents.shape[0]))
         with self._lock:
             request = Request(next(self._ids), latents, conditions, scheduler, policy, steps)
             self._requests[request.id] = request
@@ -274,7 +274,7 @@ class StepBatcher:
         rows = sample.shape[0]
         timestep = timestep.reshape(1).expand(rows) if timestep.numel() == 1 else timestep
         if request.step == 0:
-            self._check_rows(sample, conditions)
+            self._check_rows(sample, conditions, timestep)
         with self._lock:
             request.latents, request.timestep, request.conditions = sample, timestep, conditions
             request.answered.clear()
@@ -297,10 +297,11 @@ class StepBatcher:
                              "split='three' (or refresh='adaptive')")
         return policy
 
-    def _check_rows(self, latents: torch.Tensor, conditions: dict[str, Any]) -> None:
+    def _check_rows(self, latents: torch.Tensor, conditions: dict[str, Any], timestep: torch.Tensor) -> None:
         """Refuses more rows than a call takes, NaN, and sizes outside the pair's ranges (compiling the pair at the
-        first request, rather than in a tick). A condition whose first dimension is not the rows has no batch
-        dimension (Flux's token ids): requests share a call only where theirs are equal (`Request.group`)."""
+        first request, rather than in a tick, for a timestep of the dtype the calls will pass: a pair is compiled
+        per input dtype). A condition whose first dimension is not the rows has no batch dimension (Flux's token
+        ids): requests share a call only where theirs are equal (`Request.group`)."""
         rows = latents.shape[0]
         if rows > self.max_batch:
             raise ValueError(f"this request has {rows} rows, more than the {self.max_batch} one batched "
@@ -309,8 +310,8 @@ class StepBatcher:
                  if isinstance(leaf, torch.Tensor)]
         check_finite((latents, *(t for _, t in named)), ("latents", *(n for n, _ in named)))
         if self.served.ranges is None:
-            self.dc.prepare(**{self.served.sample: latents},
-                            timestep=torch.zeros(rows, dtype=torch.long, device=latents.device), **conditions)
+            self.dc.prepare(**{self.served.sample: latents}, timestep=timestep.to(latents.device).contiguous(),
+                            **conditions)
         self.served.ranges.check(tuple(latents.shape), owner="this server's pair",
                                    fix="this server accepts {what} in the pair's ranges only")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ...shapes import TracedSizes
 from .onnx import write_onnx
 
 SUFFIX = ".plan"
@@ -45,9 +46,25 @@ def profile(program: torch.export.ExportedProgram, input_names, ranges) -> dict:
     example = [p.meta["val"] for p in program.graph.nodes if p.op == "placeholder"][-len(input_names):]
     hint = [tuple(int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in v.shape) for v in example]
     sample = hint[0]
+    traced = TracedSizes(tuple(tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in v.shape)
+                               for v in example))
+    # Every size from the program's symbols: solved from the sample's, or, for one export chose itself (a
+    # transformer residual's h * w tokens, given as Dim.AUTO), the end of the range it derived for it.
+    derived = {sym: (int(r.lower), int(r.upper)) for sym, r in program.range_constraints.items()
+               if r.is_int and r.lower.is_finite and r.upper.is_finite}
+    try:
+        ends = traced.at((ranges.batch[0], *sample[1:-2], ranges.height[0], ranges.width[0]),
+                         {sym: lo for sym, (lo, _) in derived.items()}), traced.at(
+            (ranges.batch[1], *sample[1:-2], ranges.height[1], ranges.width[1]),
+            {sym: hi for sym, (_, hi) in derived.items()})
+    except ValueError:  # a size with no finite range: the rule of shapes.py
+        ends = None
     shapes = {}
-    for name, val, opt in zip(input_names, example, hint):
+    for i, (name, val, opt) in enumerate(zip(input_names, example, hint)):
         if not any(isinstance(s, torch.SymInt) for s in val.shape):
+            continue
+        if ends is not None:
+            shapes[name] = (ends[0][i], opt, ends[1][i])
             continue
         lo, hi = list(opt), list(opt)
         if opt[0] == sample[0]:
