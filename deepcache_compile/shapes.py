@@ -194,7 +194,8 @@ class TracedSizes:
             if not _constant(expr) and len(expr.free_symbols) == 1:
                 (symbol,) = expr.free_symbols
                 names[symbol] = sympy.Symbol(name) / (expr / symbol)
-        return "[" + ", ".join(str(e if _constant(e) else sympy.simplify(e.subs(names))) for e in self.shapes[index]) + "]"
+        sizes = (str(e if _constant(e) else sympy.simplify(e.subs(names))) for e in self.shapes[index])
+        return "[" + ", ".join(sizes) + "]"
 
 
 def _token_axis(shape: tuple[int, ...], sample: tuple[int, ...], is_sample: bool) -> int | None:
