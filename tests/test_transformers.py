@@ -182,6 +182,16 @@ def test_a_model_that_fixes_its_size_in_python_is_refused_over_a_resolution_rang
         assert fixed(**make_transformer_call("dit")).sample.shape == (2, 8, 8, 8)
 
 
+def test_a_range_past_a_cropped_position_table_is_refused():
+    """SD3 crops its position table (16 patches of 2 in the tiny config: 32 latent pixels a side at most); the model
+    raises past it, so a range past it is refused before tracing, naming the largest size."""
+    dc = compile_deepcache(make_transformer("sd3"), branch=0, dynamic=dict(batch=(2, 4), height=(4, 48),
+                                                                          width=(4, 32)))
+    message = r"height=\(4, 48\) reaches past .*at most 32 latent pixels.*height=\(4, 32\)"
+    with pytest.raises(ValueError, match=message):
+        dc(**make_transformer_call("sd3"))
+
+
 def test_traced_sizes_give_the_cache_shape_at_any_sample_size():
     """`TracedSizes` of a shallow graph traced over ranges: the residual's shape at another sample size, and in
     words, against the token count counted by hand (patch 2: (h / 2) * (w / 2) tokens of 16 channels)."""

@@ -167,10 +167,26 @@ def _transformer_ranges(model: nn.Module, sample: torch.Tensor, what: str, batch
         if given is not None and (own < given[0] or own > given[1]):
             raise ValueError(f"{what}: {name}={tuple(given)} leaves out the example's {name} {own}: give an example "
                              f"inside the range")
+    _check_position_table(model, what, height, width)
     # One resolution (the example's) unless a range is given: its token count is then the product of two
     # symbolic sizes (see graph.trace._position_tables_from_size for what diffusers' patch embeddings need).
     return ShapeRanges.resolve(patch, max(size), batch=batch, height=tuple(height or (size[0],) * 2),
                                width=tuple(width or (size[1],) * 2), what=what)
+
+
+def _check_position_table(model: nn.Module, what: str, height, width) -> None:
+    """Refuses sizes past a cropped position table (diffusers' `PatchEmbed` with `pos_embed_max_size`, SD3): the
+    model raises there, and a graph traced over the range would fail with a size mismatch instead."""
+    from diffusers.models.embeddings import PatchEmbed
+
+    for m in model.modules():
+        if isinstance(m, PatchEmbed) and m.pos_embed_max_size:
+            most = m.pos_embed_max_size * m.patch_size
+            for name, given in (("height", height), ("width", width)):
+                if given is not None and given[1] > most:
+                    raise ValueError(f"{what}: {name}={tuple(given)} reaches past {type(model).__name__}'s position "
+                                     f"table ({m.pos_embed_max_size} patches of {m.patch_size}: at most {most} "
+                                     f"latent pixels): use {name}=({given[0]}, {most})")
 
 
 def compile_pair(unet: nn.Module, call: FlatCall, config: DeepCacheConfig,
