@@ -24,7 +24,7 @@ import sympy
 import torch
 from torch import fx
 
-__all__ = ["ShapeRanges", "TracedSizes", "sample_size", "shape_class", "with_batch"]
+__all__ = ["ShapeRanges", "TracedSizes", "sample_size", "shape_class", "size_exprs", "with_batch"]
 
 
 @dataclass(frozen=True)
@@ -156,15 +156,15 @@ class TracedSizes:
     shapes: tuple[tuple[Any, ...], ...]
 
     @classmethod
-    def of(cls, gm: fx.GraphModule) -> "TracedSizes | None":
-        """The sizes of `gm`'s placeholders; None where one carries no traced tensor (not traced by export)."""
-        shapes = []
-        for node in gm.graph.find_nodes(op="placeholder"):
-            val = node.meta.get("val")
-            if not isinstance(val, torch.Tensor):
-                return None
-            shapes.append(tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in val.shape))
-        return cls(tuple(shapes))
+    def of(cls, module, inputs: tuple | None = None) -> "TracedSizes | None":
+        """The sizes of a graph module's placeholders; None for another module, where a placeholder carries no
+        traced tensor (not traced by export), or where `inputs` (the call it is for) has another count."""
+        if not isinstance(module, fx.GraphModule):
+            return None
+        vals = [node.meta.get("val") for node in module.graph.find_nodes(op="placeholder")]
+        if not all(isinstance(v, torch.Tensor) for v in vals) or (inputs is not None and len(inputs) != len(vals)):
+            return None
+        return cls(tuple(size_exprs(v.shape) for v in vals))
 
     def symbolic_dims(self) -> tuple[frozenset[int], ...]:
         """Per input, the dimensions whose size varies over the ranges."""
@@ -175,27 +175,36 @@ class TracedSizes:
         (each a multiple of one symbol), the other sizes evaluated; `others` gives symbols the sample does not
         (e.g. one torch.export chose for a `Dim.AUTO` size, by its range's end)."""
         values = {symbol: sympy.Integer(v) for symbol, v in (others or {}).items()}
-        for expr, size in zip(self.shapes[0], sample):
-            if not _constant(expr) and len(expr.free_symbols) == 1:
-                (symbol,) = expr.free_symbols
-                values[symbol] = sympy.Integer(size) / (expr / symbol)
+        values |= self._solve(self.shapes[0], [sympy.Integer(size) for size in sample])
         unsolved = {str(s) for shape in self.shapes for e in shape if not _constant(e)
                     for s in e.free_symbols} - {str(s) for s in values}
         if unsolved:
             raise ValueError(f"traced sizes {self.shapes} use symbols the sample's sizes do not give ({unsolved})")
         return [tuple(int(e) if _constant(e) else int(e.subs(values)) for e in shape) for shape in self.shapes]
 
-
     def describe(self, index: int) -> str:
         """Input `index`'s shape in words of the sample's (batch, height, width), e.g. `[batch, height*width/4,
         1152]` for a transformer residual beside a sample cut into 2 x 2 patches."""
-        names = {}
-        for expr, name in zip(self.shapes[0][:1] + self.shapes[0][-2:], ("batch", "height", "width")):
-            if not _constant(expr) and len(expr.free_symbols) == 1:
-                (symbol,) = expr.free_symbols
-                names[symbol] = sympy.Symbol(name) / (expr / symbol)
+        names = self._solve(self.shapes[0][:1] + self.shapes[0][-2:], sympy.symbols("batch height width"))
         sizes = (str(e if _constant(e) else sympy.simplify(e.subs(names))) for e in self.shapes[index])
         return "[" + ", ".join(sizes) + "]"
+
+    @staticmethod
+    def _solve(exprs: Sequence, sizes: Sequence) -> dict:
+        """The symbol of each size expression that is a multiple of one symbol, as its size over that multiple
+        (`2*s1` of size 24 -> {s1: 12}; sizes may be sympy symbols: `2*s1` of `height` -> {s1: height/2})."""
+        values = {}
+        for expr, size in zip(exprs, sizes):
+            if not _constant(expr) and len(expr.free_symbols) == 1:
+                (symbol,) = expr.free_symbols
+                values[symbol] = size / (expr / symbol)
+        return values
+
+
+def size_exprs(shape) -> tuple:
+    """A traced shape's sizes as ints or, where symbolic, their sympy expressions (comparing or converting the
+    `SymInt`s themselves would guard the trace on the answer)."""
+    return tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in shape)
 
 
 def _token_axis(shape: tuple[int, ...], sample: tuple[int, ...], is_sample: bool) -> int | None:

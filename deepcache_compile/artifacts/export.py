@@ -22,7 +22,7 @@ import torch
 
 from ..calls import CallFlattener, FlatCall
 from ..graph.passes import PassOptions, apply_passes
-from ..graph.partition import split_at_branch, split_three
+from ..graph.partition import cache_value, split_at_branch, split_three
 from ..graph.step import device_step
 from ..graph.trace import export_program
 from ..kernels import native_ops
@@ -31,7 +31,7 @@ from ..policy import StepState
 from ..runtime.generation import keep_cache
 from ..runtime.pair import dynamic_example, int8_split, select_branch, shape_ranges, trace_in_ranges
 from ..schedule import nonuniform_full_steps
-from ..shapes import ShapeRanges, TracedSizes, is_batched
+from ..shapes import ShapeRanges, TracedSizes, is_batched, size_exprs
 from .formats import PartIO, get_format
 from .manifest import FORMAT_VERSION, MANIFEST, cpu_isa, sha256
 from .signing import SIGNATURE, sign_manifest
@@ -142,7 +142,8 @@ def _dynamic_programs(dc, call: FlatCall, ranges: ShapeRanges, attention: str, w
         ranges = dataclasses.replace(ranges, batch=(pad_batch, ranges.batch[1]))
     branch = select_branch(traced.gm, dc.deepcache_config)
     inputs = call.tensors
-    cache_shape = TracedSizes.of(split_at_branch(traced.gm, branch).shallow).describe(len(inputs))
+    sizes = TracedSizes.of(traced.gm)
+    cache_shape = TracedSizes((*sizes.shapes, size_exprs(cache_value(traced.gm, branch).shape))).describe(len(inputs))
 
     forecast = dc.deepcache_config.forecast
     passes = PassOptions(forecast=forecast, attention=attention, who=who)

@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from torch import fx
 
+from ..shapes import size_exprs
+
 __all__ = ["Cut", "Stream", "CutNotFoundError", "find_cuts", "register_finder", "select_cut"]
 
 
@@ -55,10 +57,7 @@ def example_shape(val: torch.Tensor) -> tuple[int, ...]:
 def same_sizes(a, b) -> bool:
     """Whether two traced shapes are the same sizes, symbolic ones compared as expressions: `==` on symbolic
     sizes would guard the trace on the answer (equal example sizes would become one symbol, or a constant)."""
-    def exprs(shape):
-        return tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in shape)
-
-    return len(a) == len(b) and exprs(a) == exprs(b)
+    return len(a) == len(b) and size_exprs(a) == size_exprs(b)
 
 
 @dataclass(frozen=True)

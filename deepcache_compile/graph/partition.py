@@ -28,8 +28,8 @@ from .cuts import Cut
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SplitGraphs", "ThreeGraphs", "split_at_branch", "split_three", "add_forecast", "prune_dead_nodes",
-           "assign_parts"]
+__all__ = ["SplitGraphs", "ThreeGraphs", "split_at_branch", "split_three", "add_forecast", "cache_value",
+           "prune_dead_nodes", "assign_parts"]
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ def _emit(root: fx.GraphModule, part: dict[fx.Node, str], parts: set[str], outpu
     cache = None
     if restore:
         cache = graph.placeholder("cache")
-        cache.meta["val"] = _cache_val([by_name[s.node].meta["val"] for s in cut.streams])
+        cache.meta["val"] = cache_value(root, cut)
     cut_nodes = {by_name[s.node]: i for i, s in enumerate(cut.streams)}
     for node in root.graph.nodes:
         if node in env or node.op == "output":
@@ -246,7 +246,10 @@ def unpack_stream(cache: torch.Tensor, index: int, *like: torch.Tensor) -> torch
     return cache.narrow(1, start, sizes[index]).reshape(like[index].shape)
 
 
-def _cache_val(values: list):
+def cache_value(root: fx.GraphModule, cut: Cut):
+    """The traced value (`meta["val"]`) of the cache a full step keeps at `cut`: the one stream's, or the streams
+    packed (`pack_streams`); symbolic where `root` was traced over ranges."""
+    values = [_node(root, s.node).meta["val"] for s in cut.streams]
     return values[0] if len(values) == 1 else pack_streams(*values)
 
 

@@ -177,8 +177,7 @@ def export_program(module: nn.Module, inputs: tuple, ranges: ShapeRanges | None 
     with GATE.trace():  # export flips process-wide backend flags: no step may run meanwhile (see tracing.py)
         if ranges is None:
             return _untrack_fakes(torch.export.export(module, inputs, strict=False))
-        traced = TracedSizes.of(module) if isinstance(module, fx.GraphModule) else None
-        dynamic_shapes = ranges.export_dims(inputs, traced)
+        dynamic_shapes = ranges.export_dims(inputs, TracedSizes.of(module, inputs))
         dynamic_shapes = (dynamic_shapes,) if variadic else dynamic_shapes
         from torch.fx.experimental import _config as fx_config
 

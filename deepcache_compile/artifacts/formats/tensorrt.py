@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ...shapes import TracedSizes
+from ...shapes import TracedSizes, size_exprs
 from .onnx import write_onnx
 
 SUFFIX = ".plan"
@@ -46,8 +46,7 @@ def profile(program: torch.export.ExportedProgram, input_names, ranges) -> dict:
     example = [p.meta["val"] for p in program.graph.nodes if p.op == "placeholder"][-len(input_names):]
     hint = [tuple(int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in v.shape) for v in example]
     sample = hint[0]
-    traced = TracedSizes(tuple(tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in v.shape)
-                               for v in example))
+    traced = TracedSizes(tuple(size_exprs(v.shape) for v in example))
     # Every size from the program's symbols: solved from the sample's, or, for one export chose itself (a
     # transformer residual's h * w tokens, given as Dim.AUTO), the end of the range it derived for it.
     derived = {sym: (int(r.lower), int(r.upper)) for sym, r in program.range_constraints.items()

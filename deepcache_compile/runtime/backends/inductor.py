@@ -136,8 +136,7 @@ def _dynamic_examples(example_inputs: tuple[torch.Tensor, ...], ranges: ShapeRan
     examples = [example_inputs]
     if ranges.batch[0] == 1 and example_inputs[0].shape[0] > 1:
         examples.append(with_batch(example_inputs, 1))
-    traced = TracedSizes.of(gm) if isinstance(gm, fx.GraphModule) else None
-    bounds = ranges.bounds(example_inputs, traced if traced and len(traced.shapes) == len(example_inputs) else None)
+    bounds = ranges.bounds(example_inputs, TracedSizes.of(gm, example_inputs))
     marked = []
     for inputs in examples:
         inputs = tuple(t.clone() for t in inputs)  # the marks stay on these copies

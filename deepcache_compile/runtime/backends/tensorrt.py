@@ -26,7 +26,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], 
         raise ValueError("the tensorrt backend runs on CUDA: move the U-Net and its inputs to a CUDA device")
     program = export_program(gm, example_inputs, ranges)
     options = {"enabled_precisions": {example_inputs[0].dtype}, **options}
-    inputs = list(example_inputs) if ranges is None else _dynamic_inputs(example_inputs, ranges, TracedSizes.of(gm))
+    inputs = list(example_inputs) if ranges is None else _dynamic_inputs(example_inputs, ranges,
+                                                                          TracedSizes.of(gm, example_inputs))
     compiled = torch_tensorrt.dynamo.compile(program, inputs=inputs, **options)
     def run(*tensors):
         return tuple(compiled(*tensors))
@@ -41,6 +42,5 @@ def _dynamic_inputs(example_inputs: tuple[torch.Tensor, ...], ranges: ShapeRange
     where it has them: a transformer residual's token count), opt at the example."""
     import torch_tensorrt
 
-    traced = traced if traced is not None and len(traced.shapes) == len(example_inputs) else None
     return [torch_tensorrt.Input(min_shape=lo, opt_shape=tuple(t.shape), max_shape=hi, dtype=t.dtype)
             for t, (lo, hi) in zip(example_inputs, ranges.bounds(example_inputs, traced))]
